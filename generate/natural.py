@@ -1,0 +1,76 @@
+"""Natural corruptions (ImageNet-C): 15 corruptions x 5 severities.
+
+The reference is PyPI ``imagecorruptions`` 1.1.2, mended for current libraries
+by :mod:`qrobust.generate.imagecorruptions_compat`. :func:`corrupt` is the one
+public entry: a deterministic function of (image, corruption, severity, seed).
+It reseeds NumPy's legacy global generator because that is what the reference
+draws from, and restores the caller's generator state afterwards.
+"""
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from qrobust.generate import imagecorruptions_compat
+from qrobust.shared.registry import Registry
+
+# The 15 ImageNet-C test corruptions, in the benchmark's order (noise, blur, weather, digital).
+CORRUPTION_NAMES = (
+    "gaussian_noise", "shot_noise", "impulse_noise",
+    "defocus_blur", "glass_blur", "motion_blur", "zoom_blur",
+    "snow", "frost", "fog", "brightness",
+    "contrast", "elastic_transform", "pixelate", "jpeg_compression",
+)
+SEVERITIES = (1, 2, 3, 4, 5)
+MIN_SIDE = 32  # the reference rejects smaller images
+
+
+def _reference(name: str):
+    """A corruption computed by the mended reference function."""
+
+    def run(image: np.ndarray, severity: int) -> np.ndarray:
+        fn = imagecorruptions_compat.reference_function(name)
+        return np.uint8(fn(Image.fromarray(image), severity))
+
+    run.__name__ = name
+    run.__doc__ = f"{name} via the reference imagecorruptions implementation."
+    return run
+
+
+CORRUPTIONS: Registry = Registry("corruption")
+for _name in CORRUPTION_NAMES:
+    CORRUPTIONS.add(_name, _reference(_name))
+
+
+def corrupt(image: np.ndarray, name: str, severity: int, seed: int) -> np.ndarray:
+    """Apply corruption ``name`` at ``severity`` (1..5) to an RGB uint8 (H, W, 3) image.
+
+    Returns a new uint8 array of the same shape, equal bit for bit to
+    ``np.random.seed(seed); imagecorruptions.corrupt(image, corruption_name=name,
+    severity=severity)`` with the compatibility mends applied. The caller's
+    global NumPy random state is left as it was.
+
+    >>> import numpy as np
+    >>> x = np.full((64, 64, 3), 128, np.uint8)
+    >>> corrupt(x, "brightness", 1, seed=0).shape
+    (64, 64, 3)
+
+    Raises ``ValueError`` for a bad image or severity and
+    :class:`~qrobust.shared.registry.UnknownNameError` for an unknown name.
+    """
+    fn = CORRUPTIONS.get(name)
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError("expected an RGB uint8 array of shape (H, W, 3)")
+    if min(image.shape[:2]) < MIN_SIDE:
+        raise ValueError(f"image sides must be at least {MIN_SIDE} pixels, got {image.shape[:2]}")
+    if severity not in SEVERITIES:
+        raise ValueError(f"severity must be one of {SEVERITIES}, got {severity!r}")
+    if not 0 <= int(seed) < 2**32:
+        raise ValueError("seed must be in [0, 2**32)")
+    state = np.random.get_state()
+    try:
+        np.random.seed(int(seed))
+        out = fn(image, severity)
+    finally:
+        np.random.set_state(state)
+    return out

@@ -1,0 +1,166 @@
+"""The ``qrobust`` command.
+
+This is the command layer: the one place that reaches both programs. It names
+their entry points by dotted path, imported only when a subcommand runs, so
+``qrobust --help`` stays fast and nothing imports back up.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+EXIT_PROBLEMS = 1   # the command ran and found problems (e.g. verify mismatches)
+EXIT_USAGE = 2      # bad arguments or inputs
+
+
+def _resolve(dotted: str):
+    module, _, name = dotted.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _parser(sub, name: str, help: str, example: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help, description=help, epilog=f"example:\n  {example}",
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def _add_generate(sub) -> None:
+    p = _parser(sub, "generate", "Build a noise corpus (WebDataset shards + manifest.json) from an image folder.",
+                "qrobust generate --suite robustmq --source /data/imagenet/val --out corpora/robustmq "
+                "--only 'natural/glass_blur-*' --workers 8")
+    p.add_argument("--suite", required=True, help="packaged suite name (robustmq, demo) or a suite .toml path")
+    p.add_argument("--source", required=True, help="image folder: class subfolders, or flat with a label file")
+    p.add_argument("--out", required=True, help="corpus folder (created; an interrupted run resumes here)")
+    p.add_argument("--labels", help="label file for a flat folder (LOC_val_solution.csv, or 'filename label' lines)")
+    p.add_argument("--classes", help="file whose lines start with every class name (e.g. LOC_synset_mapping.txt)")
+    p.add_argument("--only", action="append", metavar="GLOB",
+                   help="build only variants whose id matches (repeatable, or comma-separated), e.g. 'natural/fog-*'")
+    p.add_argument("--limit", type=int, help="first N samples by key")
+    p.add_argument("--per-class", type=int, help="first K samples of every class, by key")
+    p.add_argument("--workers", type=int, help="worker processes (default: all cores)")
+    p.add_argument("--encoding", choices=("jpg", "png"),
+                   help="storage of the natural family (default from the suite: JPEG q85, as ImageNet-C)")
+    p.add_argument("--seed", type=int, help="override the suite seed")
+    p.add_argument("--strict", action="store_true", help="stop at the first unusable input instead of rejecting it")
+    p.set_defaults(run=_cmd_generate)
+
+
+def _cmd_generate(args) -> int:
+    generate = _resolve("qrobust.generate.run:generate")
+    only = [g for item in (args.only or []) for g in item.split(",") if g]
+    manifest = generate(args.suite, args.source, args.out, labels=args.labels, classes=args.classes, only=only,
+                        limit=args.limit, per_class=args.per_class, workers=args.workers,
+                        encoding=args.encoding, seed=args.seed, strict=args.strict, progress=not args.quiet)
+    n_shards = sum(len(v["shards"]) for v in manifest["variants"].values())
+    print(f"{args.out}: {len(manifest['variants'])} variants, {manifest['samples']['count']} samples, "
+          f"{n_shards} shards, {len(manifest['rejected'])} rejected inputs")
+    return 0
+
+
+def _add_verify(sub) -> None:
+    p = _parser(sub, "verify", "Re-hash and recount a corpus against its manifest; exit 1 naming every mismatch.",
+                "qrobust verify corpora/robustmq")
+    p.add_argument("corpus")
+    p.add_argument("--size-only", action="store_true", help="check presence and byte sizes only (fast)")
+    p.add_argument("--workers", type=int, help="hashing threads")
+    p.set_defaults(run=_cmd_verify)
+
+
+def _cmd_verify(args) -> int:
+    manifest_mod = importlib.import_module("qrobust.shared.manifest")
+    manifest = manifest_mod.load_manifest(args.corpus)
+    n = sum(len(v["shards"]) for v in manifest["variants"].values())
+    bar = None
+    if not args.quiet:
+        from tqdm import tqdm
+
+        bar = tqdm(total=n, desc="verify", unit="shard", file=sys.stderr)
+    try:
+        problems = manifest_mod.verify_corpus(args.corpus, rehash=not args.size_only, workers=args.workers,
+                                              progress=bar.update if bar else None)
+    finally:
+        if bar:
+            bar.close()
+    for p in problems:
+        print(f"MISMATCH {p}")
+    if problems:
+        print(f"{args.corpus}: {len(problems)} problem(s) in {n} shards")
+        return EXIT_PROBLEMS
+    print(f"{args.corpus}: OK ({len(manifest['variants'])} variants, {n} shards)")
+    return 0
+
+
+def _add_ls(sub) -> None:
+    p = _parser(sub, "ls", "List registered things: corruptions, suites, or the variants of a suite.",
+                "qrobust ls variants --suite robustmq 'natural/glass*'")
+    p.add_argument("what", choices=("corruptions", "suites", "variants"))
+    p.add_argument("pattern", nargs="?", default="*", help="glob filter")
+    p.add_argument("--suite", default="robustmq", help="suite for `ls variants`")
+    p.set_defaults(run=_cmd_ls)
+
+
+def _cmd_ls(args) -> int:
+    import fnmatch
+
+    if args.what == "corruptions":
+        names = _resolve("qrobust.generate.natural:CORRUPTIONS").names(args.pattern)
+    elif args.what == "suites":
+        names = [n for n in _resolve("qrobust.shared.spec:packaged_suites")() if fnmatch.fnmatchcase(n, args.pattern)]
+    else:
+        suite = _resolve("qrobust.shared.spec:load_suite")(args.suite)
+        names = [v.id for v in suite.variants if fnmatch.fnmatchcase(v.id, args.pattern)]
+    print("\n".join(names))
+    return 0 if names else EXIT_PROBLEMS
+
+
+def _add_demo(sub) -> None:
+    p = _parser(sub, "demo", "Run the benchmark end to end on the built-in demo data (photos shipped with "
+                "scikit-image): build the data set, generate the demo corpus, verify it.",
+                "qrobust demo --out demo-out")
+    p.add_argument("--out", default="demo-out", help="output folder (a second run reuses what is there)")
+    p.add_argument("--workers", type=int, help="worker processes (default: all cores)")
+    p.set_defaults(run=_cmd_demo)
+
+
+def _cmd_demo(args) -> int:
+    return _resolve("qrobust.shared.demo:run_demo")(args.out, workers=args.workers, progress=not args.quiet)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qrobust", description="How robust is this (quantized) model? The RobustMQ benchmark.",
+        epilog="example:\n  qrobust demo --out demo-out\n\n`qrobust COMMAND --help` shows each command's options.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    from qrobust import __version__
+
+    parser.add_argument("--version", action="version", version=f"qrobust {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in (_add_generate, _add_verify, _add_ls, _add_demo):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "run", None):
+        parser.print_help()
+        return EXIT_USAGE
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="qrobust: %(message)s", stream=sys.stderr)
+    from qrobust.shared.errors import USER_ERRORS
+
+    try:
+        return args.run(args)
+    except USER_ERRORS as e:
+        print(f"qrobust {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"qrobust {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

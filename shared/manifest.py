@@ -1,0 +1,197 @@
+"""The corpus format: ``manifest.json`` and its shards (the only bond between
+``generate`` and ``score``).
+
+::
+
+    <corpus>/manifest.json
+    <corpus>/<family>/<name>/<name>-000000.tar    one WebDataset shard set per variant
+
+A shard sample is ``<key>.cls`` (the integer label, as text) plus one payload
+(``<key>.jpg`` / ``<key>.png``); samples appear in key order, the same in
+every variant. The manifest records how the corpus was made (suite, source
+fingerprint, label map, library versions) and, per shard, its byte size,
+sha256, sample count and a sha256 over its keys, which :func:`verify_corpus`
+checks.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import posixpath
+import tarfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from qrobust.shared.errors import QrobustError
+
+SCHEMA = "qrobust.manifest/1"
+MANIFEST_NAME = "manifest.json"
+PARTIAL_SUFFIX = ".partial"
+
+
+class ManifestError(QrobustError, ValueError):
+    """A manifest is missing, malformed, or points outside its corpus."""
+
+
+def shard_name(variant_id: str, index: int) -> str:
+    """Relative path of shard ``index`` of a variant: ``natural/fog-3/fog-3-000000.tar``."""
+    return f"{variant_id}/{variant_id.split('/')[-1]}-{index:06d}.tar"
+
+
+def keys_digest(keys: list[str]) -> str:
+    return hashlib.sha256("\n".join(keys).encode()).hexdigest()
+
+
+def member_key(name: str) -> str:
+    """The sample key of a tar member, split as webdataset does (at the first dot of the basename)."""
+    folder, base = posixpath.split(name)
+    stem = base.split(".", 1)[0]
+    return posixpath.join(folder, stem) if folder else stem
+
+
+def shard_summary(path: str | os.PathLike) -> dict:
+    """sha256, byte size, sample count and keys digest of one shard file.
+
+    Raises :class:`ValueError` if the file is not a readable tar, or if its
+    samples are not in strictly increasing key order (a reordered or duplicated
+    sample).
+    """
+    data = Path(path).read_bytes()
+    keys: list[str] = []
+    members: set[str] = set()
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            for member in tar:
+                key = member_key(member.name)
+                if not keys or keys[-1] != key:
+                    if keys and key < keys[-1]:
+                        raise ValueError(f"sample {key!r} out of key order (after {keys[-1]!r})")
+                    keys.append(key)
+                    members.clear()
+                if member.name in members:
+                    raise ValueError(f"member {member.name!r} appears twice")
+                members.add(member.name)
+    except tarfile.TarError as e:
+        raise ValueError(f"not a readable tar: {e}") from None
+    return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "count": len(keys),
+            "keys_sha256": keys_digest(keys)}
+
+
+def dumps(manifest: dict) -> str:
+    return json.dumps(manifest, indent=1, sort_keys=True) + "\n"
+
+
+def write_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write a text file under a temporary name, fsync, then rename over the target."""
+    path = Path(path)
+    tmp = path.with_name(path.name + PARTIAL_SUFFIX)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def safe_relative(corpus: Path, name: str) -> Path:
+    """Resolve a shard path from a manifest, refusing anything outside the corpus."""
+    if not isinstance(name, str) or not name or name.startswith("/") or "\\" in name \
+            or ":" in name or ".." in name.split("/"):
+        raise ManifestError(f"shard path {name!r} is not a plain path inside the corpus")
+    return corpus / name
+
+
+def load_manifest(corpus: str | os.PathLike) -> dict:
+    """Read and check the structure of ``<corpus>/manifest.json``.
+
+    Raises :class:`ManifestError` for a missing or malformed manifest or one
+    whose shard paths leave the corpus.
+    """
+    corpus = Path(corpus)
+    path = corpus / MANIFEST_NAME
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ManifestError(f"{path} not found: is {corpus} a qrobust corpus (made by `qrobust generate`)?") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ManifestError(f"{path}: cannot read: {e}") from None
+    if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
+        raise ManifestError(f"{path}: schema is {manifest.get('schema') if isinstance(manifest, dict) else None!r}, "
+                            f"expected {SCHEMA!r}")
+    variants = manifest.get("variants")
+    if not isinstance(variants, dict):
+        raise ManifestError(f"{path}: no variants table")
+    for vid, entry in variants.items():
+        shards = entry.get("shards") if isinstance(entry, dict) else None
+        if not isinstance(shards, list):
+            raise ManifestError(f"{path}: variant {vid!r} has no shard list")
+        for shard in shards:
+            if not isinstance(shard, dict) or not {"name", "sha256", "bytes", "count"} <= set(shard):
+                raise ManifestError(f"{path}: variant {vid!r} has a malformed shard entry")
+            safe_relative(corpus, shard["name"])
+    return manifest
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_shard(corpus: Path, shard: dict, rehash: bool) -> list[str]:
+    name = shard["name"]
+    path = corpus / name
+    if not path.is_file():
+        return [f"{name}: missing"]
+    size = path.stat().st_size
+    if size != shard["bytes"]:
+        return [f"{name}: {size} bytes, manifest says {shard['bytes']}"]
+    if not rehash:
+        return []
+    try:
+        found = shard_summary(path)
+    except (OSError, ValueError) as e:
+        return [f"{name}: {e}"]
+    problems = []
+    if found["sha256"] != shard["sha256"]:
+        problems.append(f"{name}: sha256 mismatch (content changed)")
+    if found["count"] != shard["count"]:
+        problems.append(f"{name}: {found['count']} samples, manifest says {shard['count']}")
+    elif "keys_sha256" in shard and found["keys_sha256"] != shard["keys_sha256"]:
+        problems.append(f"{name}: sample keys differ from the manifest's")
+    return problems
+
+
+def verify_corpus(corpus: str | os.PathLike, *, rehash: bool = True, workers: int | None = None,
+                  progress=None) -> list[str]:
+    """Check every shard of a corpus against its manifest; return the problems found.
+
+    Each problem is one line naming the file: missing, extra, wrong size,
+    wrong sha256, wrong sample count, keys out of order, and variants whose
+    counts disagree with the manifest. An empty list means the corpus is
+    intact. Raises :class:`ManifestError` if the manifest itself is unusable.
+    """
+    corpus = Path(corpus)
+    manifest = load_manifest(corpus)
+    problems: list[str] = []
+    shards = [s for entry in manifest["variants"].values() for s in entry["shards"]]
+    for vid, entry in sorted(manifest["variants"].items()):
+        total = sum(s["count"] for s in entry["shards"])
+        if total != entry.get("count"):
+            problems.append(f"{vid}: shards hold {total} samples, manifest says {entry.get('count')}")
+    with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
+        for found in pool.map(lambda s: _check_shard(corpus, s, rehash), shards):
+            problems.extend(found)
+            if progress is not None:
+                progress(1)
+    listed = {s["name"] for s in shards}
+    for family_dir in sorted(p for p in corpus.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for path in sorted(family_dir.rglob("*")):
+            if path.is_file():
+                rel = path.relative_to(corpus).as_posix()
+                if rel not in listed:
+                    problems.append(f"{rel}: extra file not in the manifest")
+    return problems

@@ -1,0 +1,196 @@
+"""Suite specs: which variants a corpus holds, and their parameters, as data.
+
+A suite is a TOML file (the packaged ones live in ``manifests/``): a name, a
+seed, the geometry of the clean references, the shard size, and one table per
+noise family. This module turns it into a list of :class:`Variant` with stable
+ids ``family/name``; the generator renders them, the manifest records them.
+"""
+from __future__ import annotations
+
+import copy
+import fnmatch
+import sys
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from qrobust.shared.errors import QrobustError
+from qrobust.shared.registry import Registry
+
+ENCODINGS = ("jpg", "png")
+FAMILY_ORDER = ("clean", "natural", "sequence", "systematic")
+
+
+class SpecError(QrobustError, ValueError):
+    """A suite file is malformed, or a selection or override does not fit it."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One model-independent perturbation: everything needed to render it for any sample."""
+
+    id: str                      # "natural/glass_blur-3"
+    family: str                  # "natural"
+    name: str                    # "glass_blur-3"
+    params: dict = field(hash=False)    # family-specific, e.g. {"corruption": "glass_blur", "severity": 3}
+    encoding: dict = field(hash=False)  # {"format": "jpg", "quality": 85} or {"format": "png"}
+    group: str = ""              # variants of one group are rendered in one pass over the samples
+
+    def as_record(self) -> dict:
+        return {"family": self.family, "name": self.name, "params": dict(self.params),
+                "encoding": dict(self.encoding)}
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    description: str
+    seed: int
+    resize: int
+    crop: int
+    samples_per_shard: int
+    variants: tuple[Variant, ...]
+    spec: dict = field(hash=False)   # the resolved TOML (overrides applied), recorded in the manifest
+    path: str = ""
+
+    def select(self, only: list[str] | None = None) -> list[Variant]:
+        """The variants whose id matches any of the globs in ``only`` (all if none).
+
+        Raises :class:`SpecError` naming any glob that matches nothing.
+        """
+        if not only:
+            return list(self.variants)
+        ids = [v.id for v in self.variants]
+        for pattern in only:
+            if not any(fnmatch.fnmatchcase(i, pattern) for i in ids):
+                raise SpecError(
+                    f"--only {pattern!r} matches no variant of suite {self.name!r}; ids look like "
+                    f"{', '.join(ids[:1] + ids[-1:])} (see `qrobust ls variants --suite {self.name}`)")
+        return [v for v in self.variants if any(fnmatch.fnmatchcase(v.id, p) for p in only)]
+
+
+FAMILIES: Registry[Callable[[dict], list[Variant]]] = Registry("noise family")
+
+
+def _encoding(table: dict, family: str, allowed=ENCODINGS) -> dict:
+    fmt = table.get("encoding", "png")
+    if fmt not in allowed:
+        raise SpecError(f"[{family}] encoding must be one of {', '.join(allowed)}, got {fmt!r}")
+    if fmt == "jpg":
+        q = table.get("jpeg_quality", 85)
+        if not isinstance(q, int) or not 1 <= q <= 100:
+            raise SpecError(f"[{family}] jpeg_quality must be an integer in 1..100, got {q!r}")
+        return {"format": "jpg", "quality": q}
+    return {"format": fmt}
+
+
+def _string_list(table: dict, key: str, family: str) -> list[str]:
+    value = table.get(key)
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise SpecError(f"[{family}] {key} must be a non-empty list of strings")
+    if len(set(value)) != len(value):
+        raise SpecError(f"[{family}] {key} lists a name twice")
+    return value
+
+
+@FAMILIES.register("clean")
+def _clean_variants(table: dict) -> list[Variant]:
+    known = ("onecrop",)
+    encoding = _encoding(table, "clean")
+    out = []
+    for name in _string_list(table, "variants", "clean"):
+        if name not in known:
+            raise SpecError(f"[clean] unknown variant {name!r}; known: {', '.join(known)}")
+        out.append(Variant(f"clean/{name}", "clean", name, {}, encoding, group=f"clean/{name}"))
+    return out
+
+
+@FAMILIES.register("natural")
+def _natural_variants(table: dict) -> list[Variant]:
+    encoding = _encoding(table, "natural")
+    severities = table.get("severities", [1, 2, 3, 4, 5])
+    if not isinstance(severities, list) or not severities or not all(
+            isinstance(s, int) and 1 <= s <= 5 for s in severities):
+        raise SpecError("[natural] severities must be a list of integers in 1..5")
+    out = []
+    for corruption in _string_list(table, "corruptions", "natural"):
+        for s in severities:
+            out.append(Variant(f"natural/{corruption}-{s}", "natural", f"{corruption}-{s}",
+                               {"corruption": corruption, "severity": s}, encoding,
+                               group=f"natural/{corruption}"))
+    return out
+
+
+def _positive_int(value: Any, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise SpecError(f"{what} must be a positive integer, got {value!r}")
+    return value
+
+
+def suite_path(name_or_path: str) -> Path:
+    """A packaged suite by name (``robustmq``, ``demo``) or a TOML file by path."""
+    p = Path(name_or_path)
+    if p.suffix == ".toml" or "/" in name_or_path or p.exists():
+        if not p.is_file():
+            raise SpecError(f"suite file {p} does not exist")
+        return p
+    packaged = resources.files("qrobust") / "manifests" / f"{name_or_path}.toml"
+    if not packaged.is_file():
+        raise SpecError(f"unknown suite {name_or_path!r}; packaged suites: {', '.join(packaged_suites())}, "
+                        "or pass a path to a .toml file")
+    return Path(str(packaged))
+
+
+def packaged_suites() -> list[str]:
+    folder = resources.files("qrobust") / "manifests"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def load_suite(name_or_path: str, *, seed: int | None = None, encoding: str | None = None) -> Suite:
+    """Read and validate a suite. ``seed`` and ``encoding`` override the file
+    (``encoding`` applies to the natural family, the one stored lossily by default).
+
+    Raises :class:`SpecError` with the offending key for anything malformed.
+    """
+    path = suite_path(name_or_path)
+    try:
+        spec = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise SpecError(f"{path}: not valid TOML: {e}") from None
+    spec = copy.deepcopy(spec)
+    allowed = {"name", "description", "seed", "geometry", "shards", *FAMILY_ORDER}
+    unknown = set(spec) - allowed
+    if unknown:
+        raise SpecError(f"{path}: unknown keys {', '.join(sorted(unknown))}")
+    if seed is not None:
+        spec["seed"] = seed
+    if encoding is not None:
+        if "natural" not in spec:
+            raise SpecError("--encoding applies to the natural family, which this suite does not have")
+        spec["natural"]["encoding"] = encoding
+    geometry = spec.get("geometry", {})
+    resize = _positive_int(geometry.get("resize"), "[geometry] resize")
+    crop = _positive_int(geometry.get("crop"), "[geometry] crop")
+    if crop > resize:
+        raise SpecError(f"[geometry] crop {crop} is larger than resize {resize}")
+    seed_value = spec.get("seed", 0)
+    if not isinstance(seed_value, int) or seed_value < 0:
+        raise SpecError(f"seed must be a non-negative integer, got {seed_value!r}")
+    per_shard = _positive_int(spec.get("shards", {}).get("samples", 1000), "[shards] samples")
+    variants: list[Variant] = []
+    for family in FAMILY_ORDER:
+        if family in spec:
+            if family not in FAMILIES:
+                raise SpecError(f"{path}: family [{family}] is not supported by this version of qrobust")
+            variants.extend(FAMILIES.get(family)(spec[family]))
+    if not variants:
+        raise SpecError(f"{path}: the suite defines no variants")
+    return Suite(name=str(spec.get("name", path.stem)), description=str(spec.get("description", "")),
+                 seed=seed_value, resize=resize, crop=crop, samples_per_shard=per_shard,
+                 variants=tuple(variants), spec=spec, path=str(path))
