@@ -62,6 +62,7 @@ def _import_reference() -> types.ModuleType:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # deprecation notices of its old imports
+            importlib.import_module("imagecorruptions")  # the package imports .corruptions
             return importlib.import_module("imagecorruptions.corruptions")
     finally:
         if saved is _MISSING:
@@ -131,6 +132,12 @@ def original():
     finally:
         for name, value in _state["patched"].items():
             setattr(module, name, value)
+
+
+def package() -> types.ModuleType:
+    """The mended ``imagecorruptions`` package (its ``corrupt`` is the reference call)."""
+    apply()
+    return sys.modules["imagecorruptions"]
 
 
 def reference_function(name: str):
