@@ -7,6 +7,7 @@ same bytes. Here each shard is written by ``webdataset.TarWriter`` with
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 from pathlib import Path
@@ -77,6 +78,8 @@ class ShardFile:
 
     def discard(self) -> None:
         if not self._file.closed:
+            with contextlib.suppress(Exception):
+                self._tar.close()  # else tarfile's finalizer writes into the closed file later
             self._file.close()
         self.partial.unlink(missing_ok=True)
 

@@ -93,7 +93,7 @@ def _cmd_verify(args) -> int:
 
 def _add_ls(sub) -> None:
     p = _parser(sub, "ls", "List registered things: corruptions, suites, or the variants of a suite.",
-                "qrobust ls variants --suite robustmq 'natural/glass*'")
+                "qrobust ls variants 'natural/glass*' --suite robustmq")
     p.add_argument("what", choices=("corruptions", "suites", "variants"))
     p.add_argument("pattern", nargs="?", default="*", help="glob filter")
     p.add_argument("--suite", default="robustmq", help="suite for `ls variants`")

@@ -1,0 +1,212 @@
+"""`qrobust generate` / `qrobust verify` end to end on real photos."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from helpers import make_class_folder, save_jpeg, write_suite
+from qrobust.generate.natural import corrupt
+from qrobust.shared.cli import main
+from qrobust.shared.manifest import load_manifest, verify_corpus
+from qrobust.shared.preprocess import onecrop
+from qrobust.shared.seeding import sample_seed
+from qrobust.shared.sources import load_rgb
+
+
+def run(*args) -> int:
+    return main(["-q", *map(str, args)])
+
+
+def shard_hashes(corpus: Path) -> dict:
+    return {s["name"]: s["sha256"] for v in load_manifest(corpus)["variants"].values() for s in v["shards"]}
+
+
+def read_shard(path: Path) -> list[tuple[str, int, np.ndarray]]:
+    """(key, label, pixels) of every sample, decoded independently of qrobust."""
+    out, members = [], {}
+    with tarfile.open(path) as tar:
+        for m in tar:
+            key, ext = m.name.split(".", 1)
+            members.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    for key, d in members.items():
+        payload = d.get("jpg") or d.get("png")
+        out.append((key, int(d["cls"]), np.asarray(Image.open(io.BytesIO(payload)).convert("RGB"))))
+    return out
+
+
+@pytest.fixture(scope="module")
+def robustmq_corpus(tmp_path_factory):
+    """The paper's suite at 224 px on two real photos of two classes."""
+    tmp = tmp_path_factory.mktemp("robustmq")
+    src = tmp / "src"
+    for name in ("astronaut", "chelsea"):
+        from qrobust.shared.demo_data import photo
+        save_jpeg(src / f"n0000000{len(name)}" / f"{name}.JPEG", photo(name).convert("RGB"))
+    assert run("generate", "--suite", "robustmq", "--source", src, "--out", tmp / "corpus", "--workers", 2) == 0
+    return src, tmp / "corpus"
+
+
+def test_robustmq_writes_76_variants_that_verify(robustmq_corpus, capsys):
+    src, corpus = robustmq_corpus
+    manifest = load_manifest(corpus)
+    assert len(manifest["variants"]) == 76
+    assert all(v["count"] == 2 for v in manifest["variants"].values())
+    assert manifest["samples"]["count"] == 2 and manifest["rejected"] == []
+    assert manifest["geometry"] == {"resize": 256, "crop": 224}
+    assert {"numpy", "Pillow", "imagecorruptions", "opencv", "qrobust"} <= set(manifest["versions"])
+    assert run("verify", corpus) == 0
+    assert "OK" in capsys.readouterr().out
+
+
+def test_shards_hold_the_reference_pixels(robustmq_corpus):
+    src, corpus = robustmq_corpus
+    manifest = load_manifest(corpus)
+    clean = read_shard(corpus / manifest["variants"]["clean/onecrop"]["shards"][0]["name"])
+    keys = [k for k, _, _ in clean]
+    assert keys == ["astronaut", "chelsea"] and [c for _, c, _ in clean] == [1, 0]
+    base = onecrop(load_rgb(src / "n00000009" / "astronaut.JPEG"), 256, 224)
+    assert np.array_equal(clean[0][2], base)  # PNG: lossless
+    glass = read_shard(corpus / manifest["variants"]["natural/glass_blur-2"]["shards"][0]["name"])
+    expected = corrupt(base, "glass_blur", 2, sample_seed(0, "natural/glass_blur-2", "astronaut"))
+    buf = io.BytesIO()
+    Image.fromarray(expected).save(buf, format="JPEG", quality=85, optimize=True)
+    assert np.array_equal(glass[0][2], np.asarray(Image.open(buf)))  # the q85 JPEG of the reference output
+
+
+def test_second_run_does_nothing(robustmq_corpus):
+    src, corpus = robustmq_corpus
+    before = {p: p.stat().st_mtime_ns for p in corpus.rglob("*.tar")}
+    manifest = (corpus / "manifest.json").read_bytes()
+    assert run("generate", "--suite", "robustmq", "--source", src, "--out", corpus, "--workers", 2) == 0
+    assert {p: p.stat().st_mtime_ns for p in corpus.rglob("*.tar")} == before
+    assert (corpus / "manifest.json").read_bytes() == manifest
+
+
+def test_workers_do_not_change_bytes(tmp_path, class_folder, small_suite):
+    for n in (1, 2):
+        assert run("generate", "--suite", small_suite, "--source", class_folder, "--out", tmp_path / f"w{n}",
+                   "--workers", n) == 0
+    assert shard_hashes(tmp_path / "w1") == shard_hashes(tmp_path / "w2")
+    assert (tmp_path / "w1" / "manifest.json").read_text() == (tmp_path / "w2" / "manifest.json").read_text()
+    assert len(shard_hashes(tmp_path / "w1")) == 7 * 3  # 7 variants x 3 shards of 2 samples
+
+
+def test_killed_run_resumes_to_identical_bytes(tmp_path, class_folder):
+    suite = write_suite(tmp_path / "s.toml", corruptions=("glass_blur", "zoom_blur", "fog"), severities=(1, 2, 3),
+                        shard=1)
+    args = ["generate", "--suite", suite, "--source", class_folder, "--workers", 2]
+    assert run(*args, "--out", tmp_path / "ref") == 0
+    out = tmp_path / "killed"
+    for attempt in range(3):  # kill at different points, then finish
+        proc = subprocess.Popen([sys.executable, "-m", "qrobust.shared.cli", "-q", *map(str, args), "--out", out],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.time() + 60
+        target = 3 + 8 * attempt
+        while time.time() < deadline and len(list(out.rglob("*.tar"))) < target and proc.poll() is None:
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert run(*args, "--out", out) == 0
+    assert not list(out.rglob("*.partial"))
+    assert shard_hashes(out) == shard_hashes(tmp_path / "ref")
+    assert (out / "manifest.json").read_text() == (tmp_path / "ref" / "manifest.json").read_text()
+
+
+def test_bad_inputs_are_converted_or_rejected(tmp_path, small_suite, capsys):
+    src = make_class_folder(tmp_path / "src", per_class=1, names=("astronaut", "coffee"))
+    from qrobust.shared.demo_data import photo
+    rgb = photo("chelsea").convert("RGB").resize((90, 60))
+    save_jpeg(src / "coffee" / "cmyk.jpg", rgb.convert("CMYK"))
+    save_jpeg(src / "coffee" / "gray.jpg", rgb.convert("L"))
+    rgb.convert("RGBA").save(src / "coffee" / "rgba.png")
+    good = (src / "astronaut" / "astronaut_0.jpg").read_bytes()
+    (src / "astronaut" / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    (src / "astronaut" / "empty.jpg").write_bytes(b"")
+    (src / "astronaut" / "text.jpg").write_text("definitely not a jpeg")
+    (src / "astronaut" / "readme.md").write_text("notes")
+    out = tmp_path / "out"
+    assert run("generate", "--suite", small_suite, "--source", src, "--out", out, "--workers", 2) == 0
+    manifest = load_manifest(out)
+    rejected = {Path(r["path"]).name: r["reason"] for r in manifest["rejected"]}
+    assert set(rejected) == {"truncated.jpg", "empty.jpg", "text.jpg", "readme.md"}
+    assert rejected["empty.jpg"] == "empty file" and "not a readable image" in rejected["text.jpg"]
+    assert "truncated" in rejected["truncated.jpg"]
+    assert manifest["samples"]["count"] == 5  # 2 photos + cmyk, gray, rgba converted
+    clean = read_shard(out / manifest["variants"]["clean/onecrop"]["shards"][0]["name"])
+    assert [k for k, _, _ in clean] == ["astronaut_0", "cmyk"]
+    assert all(v["count"] == 5 for v in manifest["variants"].values())
+    assert run("verify", out) == 0
+    capsys.readouterr()
+    assert run("generate", "--suite", small_suite, "--source", src, "--out", tmp_path / "strict", "--strict") == 2
+    assert "--strict" in capsys.readouterr().err
+
+
+def test_verify_names_every_mismatch(tmp_path, class_folder, small_suite, capsys):
+    out = tmp_path / "c"
+    assert run("generate", "--suite", small_suite, "--source", class_folder, "--out", out, "--workers", 2) == 0
+    shards = sorted(out.rglob("*.tar"))
+    flipped, truncated, missing = shards[0], shards[1], shards[2]
+    data = bytearray(flipped.read_bytes())
+    data[700] ^= 0x01
+    flipped.write_bytes(bytes(data))
+    truncated.write_bytes(truncated.read_bytes()[:-1024])
+    missing.unlink()
+    (shards[3].parent / "extra-000099.tar").write_bytes(b"")
+    capsys.readouterr()
+    assert run("verify", out) == 1
+    text = capsys.readouterr().out
+    rel = lambda p: p.relative_to(out).as_posix()  # noqa: E731
+    assert f"{rel(flipped)}: sha256 mismatch" in text
+    assert f"{rel(truncated)}: " in text and "bytes, manifest says" in text
+    assert f"{rel(missing)}: missing" in text
+    assert "extra-000099.tar: extra file" in text
+    assert len(verify_corpus(out)) == 4
+
+
+def test_verify_detects_reordered_samples_and_edited_manifest(tmp_path, class_folder, small_suite):
+    out = tmp_path / "c"
+    assert run("generate", "--suite", small_suite, "--source", class_folder, "--out", out, "--workers", 1) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    entry = manifest["variants"]["natural/fog-1"]
+    shard = out / entry["shards"][0]["name"]
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar]
+    with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as tar:  # swap the two samples, same size
+        for m, data in members[2:] + members[:2]:
+            tar.addfile(m, io.BytesIO(data))
+    entry["shards"][0]["bytes"] = shard.stat().st_size
+    manifest["variants"]["natural/fog-3"]["count"] += 1  # an edit by hand
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    problems = "\n".join(verify_corpus(out))
+    assert "out of key order" in problems and "natural/fog-3: shards hold" in problems
+
+
+def test_rerun_with_other_settings_is_refused(tmp_path, class_folder, small_suite, capsys):
+    out = tmp_path / "c"
+    assert run("generate", "--suite", small_suite, "--source", class_folder, "--out", out, "--only", "clean/*") == 0
+    assert len(load_manifest(out)["variants"]) == 1
+    assert run("generate", "--suite", small_suite, "--source", class_folder, "--out", out, "--seed", 3) == 2
+    assert "other settings (suite differ)" in capsys.readouterr().err
+    # the same settings with another --only add variants to the same corpus
+    assert run("generate", "--suite", small_suite, "--source", class_folder, "--out", out,
+               "--only", "natural/fog-*") == 0
+    assert sorted(load_manifest(out)["variants"]) == ["clean/onecrop", "natural/fog-1", "natural/fog-3"]
+
+
+def test_limit_and_per_class(tmp_path, class_folder, small_suite):
+    out = tmp_path / "c"
+    assert run("generate", "--suite", small_suite, "--source", class_folder, "--out", out, "--per-class", 1,
+               "--limit", 2, "--only", "clean/onecrop") == 0
+    clean = read_shard(out / "clean/onecrop/onecrop-000000.tar")
+    assert [(k, c) for k, c, _ in clean] == [("astronaut_0", 0), ("chelsea_0", 1)]
