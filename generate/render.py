@@ -16,7 +16,7 @@ from qrobust.generate import natural
 from qrobust.shared import preprocess
 from qrobust.shared.registry import Registry
 from qrobust.shared.sources import SourceSample, load_rgb
-from qrobust.shared.spec import Suite, Variant
+from qrobust.shared.spec import SpecError, Suite, Variant
 
 
 class SampleContext:
@@ -51,8 +51,12 @@ def render_natural(variant: Variant, ctx: SampleContext, seed: int) -> np.ndarra
     return natural.corrupt(ctx.onecrop, variant.params["corruption"], variant.params["severity"], seed)
 
 
-def check_renderable(variant: Variant) -> None:
-    """Fail early (before any work) on a variant no renderer can make, e.g. a misspelled corruption."""
+def check_renderable(variant: Variant, suite: Suite) -> None:
+    """Fail early (before any work) on a variant no renderer can make, e.g. a misspelled
+    corruption or a crop too small for the reference corruptions."""
     RENDERERS.get(variant.family)
     if variant.family == "natural":
         natural.CORRUPTIONS.get(variant.params["corruption"])
+        if suite.crop < natural.MIN_SIDE:
+            raise SpecError(f"[geometry] crop {suite.crop} is below {natural.MIN_SIDE} px, "
+                            "the smallest image the natural corruptions accept")

@@ -44,6 +44,7 @@ class Job:
     group: tuple[str, ...]             # variant ids rendered together
     shard: int                         # shard index, the same for every variant of the group
     samples: tuple[SourceSample, ...]  # this shard's slice of the sample list, in key order
+    expected: tuple = ()               # per variant: sha256 an earlier manifest recorded, or None
 
 
 # ---------------------------------------------------------------- worker side
@@ -51,7 +52,20 @@ class Job:
 _worker: dict = {}
 
 
+def _die_with_parent() -> None:
+    """Linux: end this worker when the main process dies (even by SIGKILL), so no
+    orphan keeps writing into a corpus that a resumed run is finishing."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _init_worker(suite: Suite, out: str, progress) -> None:
+    _die_with_parent()
     try:
         import cv2
 
@@ -85,26 +99,49 @@ def _scan(samples: list[SourceSample]) -> dict[str, str]:
     return bad
 
 
-def _run_job(job: Job) -> list[tuple[str, int, dict]]:
-    """Build the missing shards of one job; return (variant id, shard index, summary) for all of them."""
+def _existing_summary(path: Path, expected: str | None, notes: list[str]) -> dict | None:
+    """Summary of a shard already on disk, or None (after removing it) if it must be rebuilt:
+    unreadable, or not what the earlier manifest recorded."""
+    if not path.is_file():
+        return None
+    try:
+        summary = mf.shard_summary(path)
+    except (OSError, ValueError) as e:
+        notes.append(f"rebuilding {path}: {e}")
+    else:
+        if expected is None or summary["sha256"] == expected:
+            return summary
+        notes.append(f"rebuilding {path}: content differs from the manifest")
+    path.unlink(missing_ok=True)
+    return None
+
+
+def _run_job(job: Job) -> tuple[list[tuple[str, int, dict]], list[str]]:
+    """Build the missing shards of one job.
+
+    Returns (variant id, shard index, summary) for every shard of the job, and
+    notes on shards that had to be rebuilt."""
     from qrobust.generate.render import RENDERERS, SampleContext
     from qrobust.generate.writer import ShardFile, encode_image
 
     suite: Suite = _worker["suite"]
     out: Path = _worker["out"]
     variants: list[Variant] = [_worker["variants"][vid] for vid in job.group]
-    results = []
-    todo = []
-    for v in variants:
+    results, todo, notes = [], [], []
+    expected = job.expected or (None,) * len(variants)
+    for v, sha in zip(variants, expected):
         path = out / mf.shard_name(v.id, job.shard)
-        if path.is_file():
-            results.append((v.id, job.shard, mf.shard_summary(path)))
+        summary = _existing_summary(path, sha, notes)
+        if summary is not None:
+            results.append((v.id, job.shard, summary))
         else:
             todo.append((v, path))
     if not todo:
-        return results
-    writers = [ShardFile(path) for _, path in todo]
+        return results, notes
+    writers: list[ShardFile] = []
     try:
+        for _, path in todo:
+            writers.append(ShardFile(path))
         for s in job.samples:
             ctx = SampleContext(s, suite)
             for (v, _), writer in zip(todo, writers):
@@ -120,7 +157,7 @@ def _run_job(job: Job) -> list[tuple[str, int, dict]]:
     finally:
         for w in writers:
             w.discard()  # no-op for published shards; removes the partial file after an error
-    return sorted(results, key=lambda r: job.group.index(r[0]))
+    return sorted(results, key=lambda r: job.group.index(r[0])), notes
 
 
 # ---------------------------------------------------------------- main side
@@ -209,33 +246,67 @@ def _run_pool(pool: ProcessPoolExecutor, fn, calls: list, q, progress: _Progress
     progress.drain(q)
 
 
-def plan_jobs(suite: Suite, variants: list[Variant], samples: list[SourceSample]) -> list[Job]:
-    """Jobs in suite order: every shard index of every variant group."""
+def plan_jobs(suite: Suite, variants: list[Variant], samples: list[SourceSample],
+              recorded: dict[str, str] | None = None) -> list[Job]:
+    """Jobs in suite order: every shard index of every variant group.
+
+    ``recorded`` maps shard names to the sha256 an earlier manifest of this
+    corpus recorded; existing shards that differ are rebuilt."""
+    recorded = recorded or {}
     groups: dict[str, list[str]] = {}
     for v in variants:
         groups.setdefault(v.group, []).append(v.id)
     per = suite.samples_per_shard
-    return [Job(tuple(ids), i, tuple(samples[start:start + per]))
+    return [Job(tuple(ids), i, tuple(samples[start:start + per]),
+                tuple(recorded.get(mf.shard_name(vid, i)) for vid in ids))
             for ids in groups.values()
             for i, start in enumerate(range(0, len(samples), per))]
 
 
-def _check_plan(out: Path, plan: dict) -> None:
+def _old_manifest(out: Path) -> dict | None:
+    if not (out / mf.MANIFEST_NAME).is_file():
+        return None
+    try:
+        return mf.load_manifest(out)
+    except mf.ManifestError as e:
+        raise GenerateError(f"{e}; move it away to rebuild the corpus from its shards") from None
+
+
+def _check_plan(out: Path, plan: dict, old_manifest: dict | None) -> None:
+    """Refuse an --out that holds anything but a corpus of this very plan; record the plan."""
     path = out / STATE_DIR / "plan.json"
-    if path.is_file():
-        old = json.loads(path.read_text())
-        if old != plan:
-            differ = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
-            raise GenerateError(
-                f"{out} already holds a corpus made with other settings ({', '.join(differ)} differ); "
-                "use a new --out, or delete that folder to rebuild it")
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    mf.write_atomic(path, json.dumps(plan, indent=1, sort_keys=True))
+    old = json.loads(path.read_text()) if path.is_file() else (mf.plan_of(old_manifest) if old_manifest else None)
+    if old is None and any(p.name != STATE_DIR for p in out.iterdir()):
+        raise GenerateError(f"{out} is not empty and holds no qrobust corpus; choose a new or empty --out")
+    if old is not None and old != plan:
+        differ = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
+        raise GenerateError(
+            f"{out} already holds a corpus made with other settings ({', '.join(differ)} differ); "
+            "use a new --out, or delete that folder to rebuild it")
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        mf.write_atomic(path, json.dumps(plan, indent=1, sort_keys=True))
+
+
+@contextlib.contextmanager
+def _exclusive(out: Path):
+    """One generate at a time per corpus folder (an advisory lock, released at exit)."""
+    (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
+    with open(out / STATE_DIR / "lock", "w") as f:
+        try:
+            import fcntl
+
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # not POSIX: no lock
+            pass
+        except OSError:
+            raise GenerateError(f"another `qrobust generate` is writing {out}; wait for it or use another --out") \
+                from None
+        yield
 
 
 def _remove_partials(out: Path) -> None:
-    for p in out.rglob("*" + mf.PARTIAL_SUFFIX):
+    for p in out.rglob(f"*{mf.PARTIAL_SUFFIX}-*"):
         p.unlink(missing_ok=True)
 
 
@@ -255,21 +326,36 @@ def generate(suite: str, source: str, out: str, *, labels: str | None = None, cl
     Raises :class:`GenerateError` (and the spec/source errors) with a message
     saying what to change.
     """
+    if workers is not None and workers < 1:
+        raise GenerateError("--workers must be at least 1")
     the_suite = load_suite(suite, seed=seed, encoding=encoding)
     variants = the_suite.select(only)
     from qrobust.generate.render import check_renderable
 
     for v in variants:
-        check_renderable(v)
+        check_renderable(v, the_suite)
     listed = open_source(source, labels=labels, classes=classes).select(limit=limit, per_class=per_class)
     if strict and listed.rejected:
         r = listed.rejected[0]
         raise GenerateError(f"--strict: {r.path}: {r.reason}")
     out_path = Path(out)
-    out_path.mkdir(parents=True, exist_ok=True)
+    try:
+        out_path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise GenerateError(f"--out {out} exists and is not a folder") from None
+    except OSError as e:
+        raise GenerateError(f"cannot create --out {out}: {e.strerror}") from None
     plan = {"suite": the_suite.spec, "source": listed.fingerprint(), "classes": listed.classes,
             "selection": {"limit": limit, "per_class": per_class}}
-    _check_plan(out_path, plan)
+    old_manifest = _old_manifest(out_path)
+    _check_plan(out_path, plan, old_manifest)
+    with _exclusive(out_path):
+        return _generate_locked(the_suite, variants, listed, out_path, old_manifest, plan, workers=workers,
+                                strict=strict, progress=progress, source=source)
+
+
+def _generate_locked(the_suite: Suite, variants: list[Variant], listed: SourceDataset, out_path: Path,
+                     old_manifest: dict | None, plan: dict, *, workers, strict, progress, source) -> dict:
     _remove_partials(out_path)
     if not workers:
         workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -287,7 +373,9 @@ def generate(suite: str, source: str, out: str, *, labels: str | None = None, cl
             raise GenerateError("scanning the source failed: " + "; ".join(errors[:3]))
         if not dataset.samples:
             raise GenerateError(f"no usable samples in {source}")
-        jobs = plan_jobs(the_suite, variants, dataset.samples)
+        recorded = {s["name"]: s["sha256"] for v in (old_manifest or {}).get("variants", {}).values()
+                    for s in v["shards"]}
+        jobs = plan_jobs(the_suite, variants, dataset.samples, recorded)
         sizes = [len(j.group) * len(j.samples) for j in jobs]
         done_images = sum(n for j, n in zip(jobs, sizes)
                           if all((out_path / mf.shard_name(v, j.shard)).is_file() for v in j.group))
@@ -299,10 +387,13 @@ def generate(suite: str, source: str, out: str, *, labels: str | None = None, cl
             _run_pool(pool, _run_job, [(j,) for j in jobs], q, bar, results, errors)
         finally:
             bar.close()
+    for _, notes in results:
+        for note in notes:
+            log.warning("%s", note)
     if errors:
         raise GenerateError(f"{len(errors)} job(s) failed; finished shards are kept, rerun to resume. "
                             f"First: {errors[0]}")
-    manifest = build_manifest(the_suite, variants, listed, dataset, results, out_path, limit, per_class)
+    manifest = build_manifest(the_suite, variants, listed, dataset, [r for r, _ in results], old_manifest, plan)
     mf.write_atomic(out_path / mf.MANIFEST_NAME, mf.dumps(manifest))
     return manifest
 
@@ -340,19 +431,13 @@ def _scan_sources(pool, listed: SourceDataset, out: Path, q, progress: bool, str
 
 
 def build_manifest(suite: Suite, variants: list[Variant], listed: SourceDataset, dataset: SourceDataset,
-                   results: list, out: Path, limit, per_class) -> dict:
+                   results: list, old_manifest: dict | None, plan: dict) -> dict:
     """Assemble the manifest from this run's shard summaries plus variants finished by earlier runs."""
     by_variant: dict[str, list[tuple[int, dict]]] = {}
     for job_result in results:
         for vid, index, summary in job_result:
             by_variant.setdefault(vid, []).append((index, summary))
-    entries = {}
-    old_path = out / mf.MANIFEST_NAME
-    if old_path.is_file():
-        try:
-            entries.update(mf.load_manifest(out)["variants"])  # same plan (checked), so still valid
-        except mf.ManifestError:
-            pass
+    entries = dict(old_manifest["variants"]) if old_manifest else {}  # same plan (checked): still valid
     for v in variants:
         shards = [dict(summary, name=mf.shard_name(v.id, i)) for i, summary in sorted(by_variant.get(v.id, []))]
         entries[v.id] = dict(v.as_record(), count=sum(s["count"] for s in shards), shards=shards)
@@ -362,10 +447,12 @@ def build_manifest(suite: Suite, variants: list[Variant], listed: SourceDataset,
         "geometry": {"resize": suite.resize, "crop": suite.crop},
         "seed": suite.seed,
         "source": {"root": listed.root, "layout": listed.layout, "label_file": listed.label_file,
-                   "fingerprint": listed.fingerprint(), "selection": {"limit": limit, "per_class": per_class}},
+                   "fingerprint": plan["source"], "selection": plan["selection"],
+                   "label_entries_without_file": listed.label_entries_without_file},
         "classes": listed.classes,
         "samples": {"count": len(dataset.samples), "keys_sha256": mf.keys_digest([s.key for s in dataset.samples])},
         "rejected": [{"path": r.path, "reason": r.reason} for r in dataset.rejected],
         "versions": _versions(),
+        "plan_sha256": mf.plan_digest(plan),
         "variants": dict(sorted(entries.items())),
     }

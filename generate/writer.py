@@ -3,7 +3,7 @@
 ``webdataset.ShardWriter`` writes in place and stamps the current time, so a
 crash leaves a truncated shard under its final name and no two runs give the
 same bytes. Here each shard is written by ``webdataset.TarWriter`` with
-``mtime=0`` to ``<name>.partial`` and renamed when complete.
+``mtime=0`` to ``<name>.partial-<pid>`` and renamed when complete.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 from webdataset import TarWriter
 
-from qrobust.shared.manifest import PARTIAL_SUFFIX, shard_summary
+from qrobust.shared.manifest import fsync_dir, partial_path, shard_summary
 
 PNG_LEVEL = 1  # OpenCV PNG level 1: lossless like any level, 5-7x faster to write than Pillow's default
 
@@ -47,7 +47,7 @@ def encode_image(image: np.ndarray, encoding: dict) -> tuple[str, bytes]:
 class ShardFile:
     """One shard being written: ``add`` samples in key order, then ``publish``.
 
-    Until ``publish`` the data lives in ``<path>.partial``; ``publish`` fsyncs,
+    Until ``publish`` the data lives in ``<path>.partial-<pid>``; ``publish`` fsyncs,
     renames it to ``path`` and returns its summary (sha256, bytes, count,
     keys digest). ``discard`` (or leaving the ``with`` block on an error)
     removes the partial file.
@@ -56,7 +56,7 @@ class ShardFile:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.partial = self.path.with_name(self.path.name + PARTIAL_SUFFIX)
+        self.partial = partial_path(self.path)
         self._file = open(self.partial, "wb")
         self._tar = TarWriter(self._file, encoder=False, mtime=0, user="qrobust", group="qrobust")
         self._last_key: str | None = None
@@ -74,6 +74,7 @@ class ShardFile:
         self._file.close()
         summary = shard_summary(self.partial)
         os.replace(self.partial, self.path)
+        fsync_dir(self.path.parent)
         return summary
 
     def discard(self) -> None:

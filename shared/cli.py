@@ -27,8 +27,8 @@ def _parser(sub, name: str, help: str, example: str) -> argparse.ArgumentParser:
 
 def _add_generate(sub) -> None:
     p = _parser(sub, "generate", "Build a noise corpus (WebDataset shards + manifest.json) from an image folder.",
-                "qrobust generate --suite robustmq --source /data/imagenet/val --out corpora/robustmq "
-                "--only 'natural/glass_blur-*' --workers 8")
+                "qrobust generate --suite demo --source demo-out/data/val --out corpora/demo "
+                "--only 'natural/glass_blur-*' --workers 2   # after `qrobust demo`")
     p.add_argument("--suite", required=True, help="packaged suite name (robustmq, demo) or a suite .toml path")
     p.add_argument("--source", required=True, help="image folder: class subfolders, or flat with a label file")
     p.add_argument("--out", required=True, help="corpus folder (created; an interrupted run resumes here)")

@@ -31,6 +31,24 @@ MANIFEST_NAME = "manifest.json"
 PARTIAL_SUFFIX = ".partial"
 
 
+def partial_path(path: Path) -> Path:
+    """Where ``path`` is written before it is renamed into place: unique to this
+    process, so a run that resumes while an old one still writes never shares a file."""
+    return path.with_name(f"{path.name}{PARTIAL_SUFFIX}-{os.getpid()}")
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class ManifestError(QrobustError, ValueError):
     """A manifest is missing, malformed, or points outside its corpus."""
 
@@ -58,6 +76,11 @@ def shard_summary(path: str | os.PathLike) -> dict:
     samples are not in strictly increasing key order (a reordered or duplicated
     sample).
     """
+    return read_shard_keys(path)[0]
+
+
+def read_shard_keys(path: str | os.PathLike) -> tuple[dict, list[str]]:
+    """:func:`shard_summary` and the shard's sample keys in order."""
     data = Path(path).read_bytes()
     keys: list[str] = []
     members: set[str] = set()
@@ -76,7 +99,19 @@ def shard_summary(path: str | os.PathLike) -> dict:
     except tarfile.TarError as e:
         raise ValueError(f"not a readable tar: {e}") from None
     return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "count": len(keys),
-            "keys_sha256": keys_digest(keys)}
+            "keys_sha256": keys_digest(keys)}, keys
+
+
+def plan_of(manifest: dict) -> dict:
+    """The settings a corpus was made with, as recorded in its manifest; equal
+    plans make equal shards, so resumption and verification compare these."""
+    source = manifest.get("source", {})
+    return {"suite": manifest.get("suite", {}).get("spec"), "source": source.get("fingerprint"),
+            "classes": manifest.get("classes"), "selection": source.get("selection")}
+
+
+def plan_digest(plan: dict) -> str:
+    return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
 
 
 def dumps(manifest: dict) -> str:
@@ -86,12 +121,16 @@ def dumps(manifest: dict) -> str:
 def write_atomic(path: str | os.PathLike, text: str) -> None:
     """Write a text file under a temporary name, fsync, then rename over the target."""
     path = Path(path)
-    tmp = path.with_name(path.name + PARTIAL_SUFFIX)
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = partial_path(path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
 
 
 def safe_relative(corpus: Path, name: str) -> Path:
@@ -124,12 +163,16 @@ def load_manifest(corpus: str | os.PathLike) -> dict:
         raise ManifestError(f"{path}: no variants table")
     for vid, entry in variants.items():
         shards = entry.get("shards") if isinstance(entry, dict) else None
-        if not isinstance(shards, list):
-            raise ManifestError(f"{path}: variant {vid!r} has no shard list")
-        for shard in shards:
-            if not isinstance(shard, dict) or not {"name", "sha256", "bytes", "count"} <= set(shard):
+        if not isinstance(shards, list) or not isinstance(entry.get("count"), int):
+            raise ManifestError(f"{path}: variant {vid!r} has no shard list or count")
+        for i, shard in enumerate(shards):
+            if not isinstance(shard, dict) or not {"name", "sha256", "bytes", "count"} <= set(shard) \
+                    or not all(isinstance(shard[k], int) and not isinstance(shard[k], bool) for k in ("bytes", "count")):
                 raise ManifestError(f"{path}: variant {vid!r} has a malformed shard entry")
             safe_relative(corpus, shard["name"])
+            if shard["name"] != shard_name(vid, i):
+                raise ManifestError(f"{path}: shard {i} of {vid!r} is {shard['name']!r}, "
+                                    f"expected {shard_name(vid, i)!r}")
     return manifest
 
 
@@ -141,20 +184,21 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def _check_shard(corpus: Path, shard: dict, rehash: bool) -> list[str]:
+def _check_shard(corpus: Path, shard: dict, rehash: bool) -> tuple[list[str], list[str] | None]:
+    """(problems, keys read or None) for one shard."""
     name = shard["name"]
     path = corpus / name
     if not path.is_file():
-        return [f"{name}: missing"]
+        return [f"{name}: missing"], None
     size = path.stat().st_size
     if size != shard["bytes"]:
-        return [f"{name}: {size} bytes, manifest says {shard['bytes']}"]
+        return [f"{name}: {size} bytes, manifest says {shard['bytes']}"], None
     if not rehash:
-        return []
+        return [], None
     try:
-        found = shard_summary(path)
+        found, keys = read_shard_keys(path)
     except (OSError, ValueError) as e:
-        return [f"{name}: {e}"]
+        return [f"{name}: {e}"], None
     problems = []
     if found["sha256"] != shard["sha256"]:
         problems.append(f"{name}: sha256 mismatch (content changed)")
@@ -162,7 +206,7 @@ def _check_shard(corpus: Path, shard: dict, rehash: bool) -> list[str]:
         problems.append(f"{name}: {found['count']} samples, manifest says {shard['count']}")
     elif "keys_sha256" in shard and found["keys_sha256"] != shard["keys_sha256"]:
         problems.append(f"{name}: sample keys differ from the manifest's")
-    return problems
+    return problems, keys
 
 
 def verify_corpus(corpus: str | os.PathLike, *, rehash: bool = True, workers: int | None = None,
@@ -177,16 +221,29 @@ def verify_corpus(corpus: str | os.PathLike, *, rehash: bool = True, workers: in
     corpus = Path(corpus)
     manifest = load_manifest(corpus)
     problems: list[str] = []
+    if manifest.get("plan_sha256") != plan_digest(plan_of(manifest)):
+        problems.append(f"{MANIFEST_NAME}: edited by hand (suite, source, classes or selection do not match "
+                        "the plan digest recorded when the corpus was made)")
+    samples = manifest.get("samples", {})
     shards = [s for entry in manifest["variants"].values() for s in entry["shards"]]
     for vid, entry in sorted(manifest["variants"].items()):
         total = sum(s["count"] for s in entry["shards"])
-        if total != entry.get("count"):
-            problems.append(f"{vid}: shards hold {total} samples, manifest says {entry.get('count')}")
+        if total != entry["count"] or total != samples.get("count"):
+            problems.append(f"{vid}: shards hold {total} samples, manifest says {entry['count']} "
+                            f"(corpus: {samples.get('count')})")
+    keys_by_shard: dict[str, list[str] | None] = {}
     with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
-        for found in pool.map(lambda s: _check_shard(corpus, s, rehash), shards):
+        for shard, (found, keys) in zip(shards, pool.map(lambda s: _check_shard(corpus, s, rehash), shards)):
             problems.extend(found)
+            keys_by_shard[shard["name"]] = keys
             if progress is not None:
                 progress(1)
+    if rehash:  # every variant must hold exactly the corpus's samples, in order
+        for vid, entry in sorted(manifest["variants"].items()):
+            parts = [keys_by_shard[s["name"]] for s in entry["shards"]]
+            if all(p is not None for p in parts) and keys_digest([k for p in parts for k in p]) != \
+                    samples.get("keys_sha256"):
+                problems.append(f"{vid}: its samples differ from the corpus's sample list")
     listed = {s["name"] for s in shards}
     for family_dir in sorted(p for p in corpus.iterdir() if p.is_dir() and not p.name.startswith(".")):
         for path in sorted(family_dir.rglob("*")):

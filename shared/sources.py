@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import logging
 import os
 import warnings
 from dataclasses import dataclass, field, replace
@@ -29,6 +30,8 @@ import numpy as np
 from PIL import Image
 
 from qrobust.shared.errors import QrobustError
+
+log = logging.getLogger("qrobust.sources")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 LABEL_FILE_NAMES = ("LOC_val_solution.csv", "val.txt")
@@ -66,6 +69,7 @@ class SourceDataset:
     samples: list[SourceSample]
     rejected: list[Rejected] = field(default_factory=list)
     label_file: str | None = None
+    label_entries_without_file: int = 0  # label-file lines whose image is not in the folder
 
     def fingerprint(self) -> dict:
         """Sample count and a sha256 over the sorted (key, byte size, label) triples."""
@@ -119,10 +123,11 @@ def open_source(root: str | os.PathLike, labels: str | os.PathLike | None = None
         raise SourceError(f"source folder {root} does not exist or is not a folder")
     class_list = _read_class_list(Path(classes)) if classes else None
     if labels is None:
-        subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-        if subdirs:
-            return _class_folders(root, subdirs, class_list)
         found = [root / n for n in LABEL_FILE_NAMES if (root / n).is_file()]
+        has_images = any(f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS for f in root.iterdir())
+        subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+        if subdirs and not (found and has_images):
+            return _class_folders(root, subdirs, class_list)
         if not found:
             raise SourceError(
                 f"{root} has no class subfolders and no label file ({' or '.join(LABEL_FILE_NAMES)}); "
@@ -134,8 +139,10 @@ def open_source(root: str | os.PathLike, labels: str | os.PathLike | None = None
 def _read_class_list(path: Path) -> list[str]:
     try:
         names = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
-    except OSError as e:
+    except (OSError, UnicodeDecodeError) as e:
         raise SourceError(f"cannot read class list {path}: {e}") from None
+    if not names:
+        raise SourceError(f"class list {path} is empty")
     if len(set(names)) != len(names):
         raise SourceError(f"class list {path} names a class twice")
     return names
@@ -248,7 +255,11 @@ def _flat_with_labels(root: Path, label_file: Path, class_list: list[str] | None
             rejected.append(Rejected(str(f), f"no label in {label_file.name}"))
     if not entries:
         raise SourceError(f"none of the files in {root} is listed in {label_file}")
-    return _finish(root, "flat+labels", classes, entries, rejected, label_file)
+    dataset = _finish(root, "flat+labels", classes, entries, rejected, label_file)
+    dataset.label_entries_without_file = len(set(by_key) - {_key_for(p) for p, _ in entries})
+    if dataset.label_entries_without_file:
+        log.warning("%d entries of %s have no file in %s", dataset.label_entries_without_file, label_file.name, root)
+    return dataset
 
 
 def decode_rgb(data: bytes) -> Image.Image:

@@ -76,6 +76,10 @@ class Suite:
 
 
 FAMILIES: Registry[Callable[[dict], list[Variant]]] = Registry("noise family")
+FAMILY_KEYS = {  # the keys each family table may hold (a typo must not silently change the suite)
+    "clean": {"variants", "encoding", "jpeg_quality"},
+    "natural": {"corruptions", "severities", "encoding", "jpeg_quality"},
+}
 
 
 def _encoding(table: dict, family: str, allowed=ENCODINGS) -> dict:
@@ -174,6 +178,9 @@ def load_suite(name_or_path: str, *, seed: int | None = None, encoding: str | No
         if "natural" not in spec:
             raise SpecError("--encoding applies to the natural family, which this suite does not have")
         spec["natural"]["encoding"] = encoding
+    for table in ("geometry", "shards", *FAMILY_ORDER):
+        if table in spec and not isinstance(spec[table], dict):
+            raise SpecError(f"{path}: [{table}] must be a table")
     geometry = spec.get("geometry", {})
     resize = _positive_int(geometry.get("resize"), "[geometry] resize")
     crop = _positive_int(geometry.get("crop"), "[geometry] crop")
@@ -188,6 +195,9 @@ def load_suite(name_or_path: str, *, seed: int | None = None, encoding: str | No
         if family in spec:
             if family not in FAMILIES:
                 raise SpecError(f"{path}: family [{family}] is not supported by this version of qrobust")
+            unknown_keys = set(spec[family]) - FAMILY_KEYS.get(family, set(spec[family]))
+            if unknown_keys:
+                raise SpecError(f"{path}: unknown keys in [{family}]: {', '.join(sorted(unknown_keys))}")
             variants.extend(FAMILIES.get(family)(spec[family]))
     if not variants:
         raise SpecError(f"{path}: the suite defines no variants")

@@ -27,7 +27,7 @@ def test_every_help_ends_with_a_runnable_example(command, capsys):
     assert exit_.value.code == 0
     lines = capsys.readouterr().out.rstrip().splitlines()
     assert lines[-2] == "example:" and lines[-1].strip().startswith(f"qrobust {command}")
-    example = shlex.split(lines[-1])[1:]
+    example = shlex.split(lines[-1], comments=True)[1:]
     build_parser().parse_args(example)  # the example's arguments parse
 
 

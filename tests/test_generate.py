@@ -118,7 +118,7 @@ def test_killed_run_resumes_to_identical_bytes(tmp_path, class_folder):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert run(*args, "--out", out) == 0
-    assert not list(out.rglob("*.partial"))
+    assert not list(out.rglob("*.partial*"))
     assert shard_hashes(out) == shard_hashes(tmp_path / "ref")
     assert (out / "manifest.json").read_text() == (tmp_path / "ref" / "manifest.json").read_text()
 
@@ -210,3 +210,80 @@ def test_limit_and_per_class(tmp_path, class_folder, small_suite):
                "--limit", 2, "--only", "clean/onecrop") == 0
     clean = read_shard(out / "clean/onecrop/onecrop-000000.tar")
     assert [(k, c) for k, c, _ in clean] == [("astronaut_0", 0), ("chelsea_0", 1)]
+
+
+def test_rerun_rebuilds_damaged_shards_and_never_blesses_them(tmp_path, class_folder, small_suite, caplog):
+    out = tmp_path / "c"
+    args = ["generate", "--suite", small_suite, "--source", class_folder, "--out", out, "--workers", 1]
+    assert run(*args) == 0
+    good = shard_hashes(out)
+    shards = sorted(out.rglob("*.tar"))
+    data = bytearray(shards[0].read_bytes())
+    data[700] ^= 0x01
+    shards[0].write_bytes(bytes(data))
+    shards[1].write_bytes(shards[1].read_bytes()[:1000])
+    assert run(*args) == 0
+    assert shard_hashes(out) == good and verify_corpus(out) == []
+    assert sum("rebuilding" in r.message for r in caplog.records) == 2
+
+
+def test_settings_are_checked_even_without_the_state_folder(tmp_path, class_folder, small_suite, capsys):
+    import shutil
+
+    out = tmp_path / "c"
+    assert run("generate", "--suite", small_suite, "--source", class_folder, "--out", out) == 0
+    shutil.rmtree(out / ".qrobust")
+    assert run("generate", "--suite", small_suite, "--source", class_folder, "--out", out, "--seed", 9) == 2
+    assert "other settings" in capsys.readouterr().err
+    stranger = tmp_path / "stranger"
+    stranger.mkdir()
+    (stranger / "thesis.pdf").write_bytes(b"%PDF")
+    assert run("generate", "--suite", small_suite, "--source", class_folder, "--out", stranger) == 2
+    assert "not empty and holds no qrobust corpus" in capsys.readouterr().err
+    assert (stranger / "thesis.pdf").exists()
+
+
+def test_one_generate_per_corpus_folder(tmp_path, class_folder, small_suite, capsys):
+    import fcntl
+
+    out = tmp_path / "c"
+    (out / ".qrobust").mkdir(parents=True)
+    with open(out / ".qrobust" / "lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert run("generate", "--suite", small_suite, "--source", class_folder, "--out", out) == 2
+    assert "another `qrobust generate` is writing" in capsys.readouterr().err
+
+
+def test_verify_detects_edited_labels_and_swapped_shards(tmp_path, class_folder, small_suite):
+    out = tmp_path / "c"
+    assert run("generate", "--suite", small_suite, "--source", class_folder, "--out", out, "--workers", 1) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["classes"] = manifest["classes"][::-1]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert any("edited by hand" in p for p in verify_corpus(out))
+    manifest["classes"] = manifest["classes"][::-1]
+    first, second = (out / "natural/fog-1/fog-1-000000.tar"), (out / "natural/fog-1/fog-1-000001.tar")
+    a, b = first.read_bytes(), second.read_bytes()
+    first.write_bytes(b)
+    second.write_bytes(a)
+    entry = manifest["variants"]["natural/fog-1"]["shards"]
+    for s in entry[:2]:
+        s["bytes"], s["sha256"], s["keys_sha256"] = (out / s["name"]).stat().st_size, None, None
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    problems = "\n".join(verify_corpus(out))
+    assert "natural/fog-1: its samples differ from the corpus's sample list" in problems
+
+
+@pytest.mark.parametrize("table, message", [
+    ('[natural]\ncorruptions = ["fog"]\nseverites = [3]', "unknown keys in \\[natural\\]: severites"),
+    ('[natural]\ncorruptions = ["fog"]\n', "crop 16 is below 32"),
+])
+def test_suite_mistakes_stop_before_any_work(tmp_path, class_folder, table, message):
+    from qrobust.generate.run import generate
+    from qrobust.shared.errors import QrobustError
+
+    suite = tmp_path / "s.toml"
+    suite.write_text(f'name = "s"\n[geometry]\nresize = 20\ncrop = 16\n{table}\n')
+    with pytest.raises(QrobustError, match=message):
+        generate(str(suite), str(class_folder), str(tmp_path / "out"), progress=False)
+    assert not (tmp_path / "out").exists()

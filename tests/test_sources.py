@@ -133,3 +133,12 @@ def test_decompression_bomb_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     with pytest.raises(BadImage, match="decompression bomb"):
         decode_rgb(_encode(Image.new("RGB", (100, 100)), "PNG"))
+
+
+def test_label_file_wins_over_stray_subfolders_and_missing_files_are_counted(tmp_path):
+    _flat(tmp_path, ["a", "b"])
+    (tmp_path / "old stuff").mkdir()
+    (tmp_path / "val.txt").write_text("a.JPEG n1\nb.JPEG n2\nc.JPEG n1\n")
+    ds = open_source(tmp_path)
+    assert ds.layout == "flat+labels" and [s.key for s in ds.samples] == ["a", "b"]
+    assert ds.label_entries_without_file == 1
