@@ -1,9 +1,7 @@
 """``qrobust generate``: plan the shards of a corpus and build them in parallel.
 
-The unit of work is one shard index of one variant group: the same slice of
-samples (in key order) rendered for every variant of the group (e.g. the five
-severities of glass_blur share one decode), each variant into its own shard.
-Every (variant, sample) is seeded from (suite seed, variant id, key), shards
+The unit of work is one shard index of one variant group (see
+:mod:`qrobust.generate.jobs`, which runs in the worker processes). Every (variant, sample) is seeded from (suite seed, variant id, key), shards
 are published atomically and skipped when present, and the manifest is
 written last, so the corpus is byte-identical whatever the worker count and
 however often a run was interrupted and resumed.
@@ -18,13 +16,12 @@ import os
 import queue as queue_module
 import sys
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import dataclass
 from pathlib import Path
 
+from qrobust.generate import jobs
 from qrobust.shared import manifest as mf
 from qrobust.shared.errors import QrobustError
-from qrobust.shared.seeding import sample_seed
-from qrobust.shared.sources import BadImage, SourceDataset, SourceSample, open_source
+from qrobust.shared.sources import SourceDataset, SourceSample, open_source
 from qrobust.shared.spec import Suite, Variant, load_suite
 
 log = logging.getLogger("qrobust.generate")
@@ -39,128 +36,6 @@ class GenerateError(QrobustError, RuntimeError):
     """The run cannot go on (bad arguments, a different corpus in --out, --strict and a bad input)."""
 
 
-@dataclass(frozen=True)
-class Job:
-    group: tuple[str, ...]             # variant ids rendered together
-    shard: int                         # shard index, the same for every variant of the group
-    samples: tuple[SourceSample, ...]  # this shard's slice of the sample list, in key order
-    expected: tuple = ()               # per variant: sha256 an earlier manifest recorded, or None
-
-
-# ---------------------------------------------------------------- worker side
-
-_worker: dict = {}
-
-
-def _die_with_parent() -> None:
-    """Linux: end this worker when the main process dies (even by SIGKILL), so no
-    orphan keeps writing into a corpus that a resumed run is finishing."""
-    try:
-        import ctypes
-        import signal
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-def _init_worker(suite: Suite, out: str, progress) -> None:
-    _die_with_parent()
-    try:
-        import cv2
-
-        cv2.setNumThreads(1)
-    except ImportError:  # reported properly by the first corruption that needs it
-        pass
-    _worker.update(suite=suite, out=Path(out), progress=progress,
-                   variants={v.id: v for v in suite.variants})
-
-
-def _tick(n: int) -> None:
-    if _worker.get("progress") is not None and n:
-        _worker["progress"].put(n)
-
-
-def _scan(samples: list[SourceSample]) -> dict[str, str]:
-    """Decode and crop source samples; return {key: reason} for those that fail."""
-    from qrobust.shared.preprocess import onecrop
-    from qrobust.shared.sources import load_rgb
-
-    suite: Suite = _worker["suite"]
-    bad = {}
-    for s in samples:
-        try:
-            onecrop(load_rgb(s.path), suite.resize, suite.crop)
-        except BadImage as e:
-            bad[s.key] = str(e)
-        except (ValueError, MemoryError) as e:
-            bad[s.key] = f"cannot preprocess: {e}"
-        _tick(1)
-    return bad
-
-
-def _existing_summary(path: Path, expected: str | None, notes: list[str]) -> dict | None:
-    """Summary of a shard already on disk, or None (after removing it) if it must be rebuilt:
-    unreadable, or not what the earlier manifest recorded."""
-    if not path.is_file():
-        return None
-    try:
-        summary = mf.shard_summary(path)
-    except (OSError, ValueError) as e:
-        notes.append(f"rebuilding {path}: {e}")
-    else:
-        if expected is None or summary["sha256"] == expected:
-            return summary
-        notes.append(f"rebuilding {path}: content differs from the manifest")
-    path.unlink(missing_ok=True)
-    return None
-
-
-def _run_job(job: Job) -> tuple[list[tuple[str, int, dict]], list[str]]:
-    """Build the missing shards of one job.
-
-    Returns (variant id, shard index, summary) for every shard of the job, and
-    notes on shards that had to be rebuilt."""
-    from qrobust.generate.render import RENDERERS, SampleContext
-    from qrobust.generate.writer import ShardFile, encode_image
-
-    suite: Suite = _worker["suite"]
-    out: Path = _worker["out"]
-    variants: list[Variant] = [_worker["variants"][vid] for vid in job.group]
-    results, todo, notes = [], [], []
-    expected = job.expected or (None,) * len(variants)
-    for v, sha in zip(variants, expected):
-        path = out / mf.shard_name(v.id, job.shard)
-        summary = _existing_summary(path, sha, notes)
-        if summary is not None:
-            results.append((v.id, job.shard, summary))
-        else:
-            todo.append((v, path))
-    if not todo:
-        return results, notes
-    writers: list[ShardFile] = []
-    try:
-        for _, path in todo:
-            writers.append(ShardFile(path))
-        for s in job.samples:
-            ctx = SampleContext(s, suite)
-            for (v, _), writer in zip(todo, writers):
-                try:
-                    pixels = RENDERERS.get(v.family)(v, ctx, sample_seed(suite.seed, v.id, s.key))
-                except Exception as e:
-                    raise RuntimeError(f"{v.id} failed on sample {s.key} ({s.path}): {e}") from e
-                ext, payload = encode_image(pixels, v.encoding)
-                writer.add(s.key, s.label, ext, payload)
-            _tick(len(todo))
-        for (v, _), writer in zip(todo, writers):
-            results.append((v.id, job.shard, writer.publish()))
-    finally:
-        for w in writers:
-            w.discard()  # no-op for published shards; removes the partial file after an error
-    return sorted(results, key=lambda r: job.group.index(r[0])), notes
-
-
-# ---------------------------------------------------------------- main side
 
 
 @contextlib.contextmanager
@@ -247,7 +122,7 @@ def _run_pool(pool: ProcessPoolExecutor, fn, calls: list, q, progress: _Progress
 
 
 def plan_jobs(suite: Suite, variants: list[Variant], samples: list[SourceSample],
-              recorded: dict[str, str] | None = None) -> list[Job]:
+              recorded: dict[str, str] | None = None) -> list[jobs.Job]:
     """Jobs in suite order: every shard index of every variant group.
 
     ``recorded`` maps shard names to the sha256 an earlier manifest of this
@@ -257,7 +132,7 @@ def plan_jobs(suite: Suite, variants: list[Variant], samples: list[SourceSample]
     for v in variants:
         groups.setdefault(v.group, []).append(v.id)
     per = suite.samples_per_shard
-    return [Job(tuple(ids), i, tuple(samples[start:start + per]),
+    return [jobs.Job(tuple(ids), i, tuple(samples[start:start + per]),
                 tuple(recorded.get(mf.shard_name(vid, i)) for vid in ids))
             for ids in groups.values()
             for i, start in enumerate(range(0, len(samples), per))]
@@ -366,7 +241,7 @@ def _generate_locked(the_suite: Suite, variants: list[Variant], listed: SourceDa
     q = ctx.Queue()
     errors: list[str] = []
     with _single_threaded_children(), ProcessPoolExecutor(
-            max_workers=workers, mp_context=ctx, initializer=_init_worker,
+            max_workers=workers, mp_context=ctx, initializer=jobs.init_worker,
             initargs=(the_suite, str(out_path), q)) as pool:
         dataset = _scan_sources(pool, listed, out_path, q, progress, strict, errors)
         if errors:
@@ -375,16 +250,16 @@ def _generate_locked(the_suite: Suite, variants: list[Variant], listed: SourceDa
             raise GenerateError(f"no usable samples in {source}")
         recorded = {s["name"]: s["sha256"] for v in (old_manifest or {}).get("variants", {}).values()
                     for s in v["shards"]}
-        jobs = plan_jobs(the_suite, variants, dataset.samples, recorded)
-        sizes = [len(j.group) * len(j.samples) for j in jobs]
-        done_images = sum(n for j, n in zip(jobs, sizes)
+        planned = plan_jobs(the_suite, variants, dataset.samples, recorded)
+        sizes = [len(j.group) * len(j.samples) for j in planned]
+        done_images = sum(n for j, n in zip(planned, sizes)
                           if all((out_path / mf.shard_name(v, j.shard)).is_file() for v in j.group))
         log.info("%d variants x %d samples in %d jobs on %d workers (%d images already built)",
-                 len(variants), len(dataset.samples), len(jobs), workers, done_images)
+                 len(variants), len(dataset.samples), len(planned), workers, done_images)
         results: list = []
         bar = _Progress(sum(sizes), "generate", progress, initial=done_images)
         try:
-            _run_pool(pool, _run_job, [(j,) for j in jobs], q, bar, results, errors)
+            _run_pool(pool, jobs.run_job, [(j,) for j in planned], q, bar, results, errors)
         finally:
             bar.close()
     for _, notes in results:
@@ -413,7 +288,7 @@ def _scan_sources(pool, listed: SourceDataset, out: Path, q, progress: bool, str
         results: list = []
         bar = _Progress(n, "scan sources", progress)
         try:
-            _run_pool(pool, _scan, [(listed.samples[i:i + SCAN_CHUNK],) for i in range(0, n, SCAN_CHUNK)], q,
+            _run_pool(pool, jobs.scan, [(listed.samples[i:i + SCAN_CHUNK],) for i in range(0, n, SCAN_CHUNK)], q,
                       bar, results, errors)
         finally:
             bar.close()

@@ -1,0 +1,137 @@
+"""The worker side of ``qrobust generate``: what runs in each process of the pool.
+
+A :class:`Job` is one shard index of one variant group: the same slice of
+samples rendered for every variant of the group (the five severities of a
+corruption share one decode), each variant into its own shard. Workers also
+scan the sources once (decode + crop) so unusable files are known before any
+shard is planned.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from qrobust.shared import manifest as mf
+from qrobust.shared.seeding import sample_seed
+from qrobust.shared.sources import BadImage, SourceSample
+from qrobust.shared.spec import Suite, Variant
+
+
+@dataclass(frozen=True)
+class Job:
+    group: tuple[str, ...]             # variant ids rendered together
+    shard: int                         # shard index, the same for every variant of the group
+    samples: tuple[SourceSample, ...]  # this shard's slice of the sample list, in key order
+    expected: tuple = ()               # per variant: sha256 an earlier manifest recorded, or None
+
+
+
+_worker: dict = {}
+
+
+def _die_with_parent() -> None:
+    """Linux: end this worker when the main process dies (even by SIGKILL), so no
+    orphan keeps writing into a corpus that a resumed run is finishing."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def init_worker(suite: Suite, out: str, progress) -> None:
+    _die_with_parent()
+    try:
+        import cv2
+
+        cv2.setNumThreads(1)
+    except ImportError:  # reported properly by the first corruption that needs it
+        pass
+    _worker.update(suite=suite, out=Path(out), progress=progress,
+                   variants={v.id: v for v in suite.variants})
+
+
+def _tick(n: int) -> None:
+    if _worker.get("progress") is not None and n:
+        _worker["progress"].put(n)
+
+
+def scan(samples: list[SourceSample]) -> dict[str, str]:
+    """Decode and crop source samples; return {key: reason} for those that fail."""
+    from qrobust.shared.preprocess import onecrop
+    from qrobust.shared.sources import load_rgb
+
+    suite: Suite = _worker["suite"]
+    bad = {}
+    for s in samples:
+        try:
+            onecrop(load_rgb(s.path), suite.resize, suite.crop)
+        except BadImage as e:
+            bad[s.key] = str(e)
+        except (ValueError, MemoryError) as e:
+            bad[s.key] = f"cannot preprocess: {e}"
+        _tick(1)
+    return bad
+
+
+def _existing_summary(path: Path, expected: str | None, notes: list[str]) -> dict | None:
+    """Summary of a shard already on disk, or None (after removing it) if it must be rebuilt:
+    unreadable, or not what the earlier manifest recorded."""
+    if not path.is_file():
+        return None
+    try:
+        summary = mf.shard_summary(path)
+    except (OSError, ValueError) as e:
+        notes.append(f"rebuilding {path}: {e}")
+    else:
+        if expected is None or summary["sha256"] == expected:
+            return summary
+        notes.append(f"rebuilding {path}: content differs from the manifest")
+    path.unlink(missing_ok=True)
+    return None
+
+
+def run_job(job: Job) -> tuple[list[tuple[str, int, dict]], list[str]]:
+    """Build the missing shards of one job.
+
+    Returns (variant id, shard index, summary) for every shard of the job, and
+    notes on shards that had to be rebuilt."""
+    from qrobust.generate.render import RENDERERS, SampleContext
+    from qrobust.generate.writer import ShardFile, encode_image
+
+    suite: Suite = _worker["suite"]
+    out: Path = _worker["out"]
+    variants: list[Variant] = [_worker["variants"][vid] for vid in job.group]
+    results, todo, notes = [], [], []
+    expected = job.expected or (None,) * len(variants)
+    for v, sha in zip(variants, expected):
+        path = out / mf.shard_name(v.id, job.shard)
+        summary = _existing_summary(path, sha, notes)
+        if summary is not None:
+            results.append((v.id, job.shard, summary))
+        else:
+            todo.append((v, path))
+    if not todo:
+        return results, notes
+    writers: list[ShardFile] = []
+    try:
+        for _, path in todo:
+            writers.append(ShardFile(path))
+        for s in job.samples:
+            ctx = SampleContext(s, suite)
+            for (v, _), writer in zip(todo, writers):
+                try:
+                    pixels = RENDERERS.get(v.family)(v, ctx, sample_seed(suite.seed, v.id, s.key))
+                except Exception as e:
+                    raise RuntimeError(f"{v.id} failed on sample {s.key} ({s.path}): {e}") from e
+                ext, payload = encode_image(pixels, v.encoding)
+                writer.add(s.key, s.label, ext, payload)
+            _tick(len(todo))
+        for (v, _), writer in zip(todo, writers):
+            results.append((v.id, job.shard, writer.publish()))
+    finally:
+        for w in writers:
+            w.discard()  # no-op for published shards; removes the partial file after an error
+    return sorted(results, key=lambda r: job.group.index(r[0])), notes
