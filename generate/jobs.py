@@ -60,14 +60,13 @@ def _tick(n: int) -> None:
 
 def scan(samples: list[SourceSample]) -> dict[str, str]:
     """Decode and crop source samples; return {key: reason} for those that fail."""
-    from qrobust.shared.preprocess import onecrop
-    from qrobust.shared.sources import load_rgb
+    from qrobust.generate.render import SampleContext, check_sample
 
     suite: Suite = _worker["suite"]
     bad = {}
     for s in samples:
         try:
-            onecrop(load_rgb(s.path), suite.resize, suite.crop)
+            check_sample(SampleContext(s, suite))
         except BadImage as e:
             bad[s.key] = str(e)
         except (ValueError, MemoryError) as e:
@@ -99,7 +98,7 @@ def run_job(job: Job) -> tuple[list[tuple[str, int, dict]], list[str]]:
     Returns (variant id, shard index, summary) for every shard of the job, and
     notes on shards that had to be rebuilt."""
     from qrobust.generate.render import RENDERERS, SampleContext
-    from qrobust.generate.writer import ShardFile, encode_image
+    from qrobust.generate.writer import ShardFile, encode_payload
 
     suite: Suite = _worker["suite"]
     out: Path = _worker["out"]
@@ -126,7 +125,7 @@ def run_job(job: Job) -> tuple[list[tuple[str, int, dict]], list[str]]:
                     pixels = RENDERERS.get(v.family)(v, ctx, sample_seed(suite.seed, v.id, s.key))
                 except Exception as e:
                     raise RuntimeError(f"{v.id} failed on sample {s.key} ({s.path}): {e}") from e
-                ext, payload = encode_image(pixels, v.encoding)
+                ext, payload = encode_payload(pixels, v)
                 writer.add(s.key, s.label, ext, payload)
             _tick(len(todo))
         for (v, _), writer in zip(todo, writers):

@@ -19,6 +19,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from pathlib import Path
 
 from qrobust.generate import jobs
+from qrobust.generate.writer import encoding_record
 from qrobust.shared import manifest as mf
 from qrobust.shared.errors import QrobustError
 from qrobust.shared.sources import SourceDataset, SourceSample, open_source
@@ -51,32 +52,6 @@ def _single_threaded_children():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-
-
-def _versions() -> dict:
-    import importlib.metadata as md
-
-    import numpy
-    import PIL
-    from PIL import features
-
-    import qrobust
-
-    out = {"python": sys.version.split()[0], "qrobust": qrobust.__version__, "numpy": numpy.__version__,
-           "Pillow": PIL.__version__, "libjpeg_turbo": features.version("libjpeg_turbo")}
-    for dist in ("scipy", "scikit-image", "imagecorruptions", "webdataset", "opencv-python",
-                 "opencv-python-headless"):
-        try:
-            out[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            pass
-    try:
-        import cv2
-
-        out["opencv"] = cv2.__version__
-    except ImportError:
-        pass
-    return out
 
 
 class _Progress:
@@ -187,7 +162,8 @@ def _remove_partials(out: Path) -> None:
 
 def generate(suite: str, source: str, out: str, *, labels: str | None = None, classes: str | None = None,
              only: list[str] | None = None, limit: int | None = None, per_class: int | None = None,
-             workers: int | None = None, encoding: str | None = None, seed: int | None = None,
+             workers: int | None = None, encoding: str | None = None, sequence_encoding: str | None = None,
+             seed: int | None = None,
              strict: bool = False, progress: bool = True) -> dict:
     """Build (or finish) a corpus and return its manifest.
 
@@ -203,7 +179,7 @@ def generate(suite: str, source: str, out: str, *, labels: str | None = None, cl
     """
     if workers is not None and workers < 1:
         raise GenerateError("--workers must be at least 1")
-    the_suite = load_suite(suite, seed=seed, encoding=encoding)
+    the_suite = load_suite(suite, seed=seed, encoding=encoding, sequence_encoding=sequence_encoding)
     variants = the_suite.select(only)
     from qrobust.generate.render import check_renderable
 
@@ -315,7 +291,7 @@ def build_manifest(suite: Suite, variants: list[Variant], listed: SourceDataset,
     entries = dict(old_manifest["variants"]) if old_manifest else {}  # same plan (checked): still valid
     for v in variants:
         shards = [dict(summary, name=mf.shard_name(v.id, i)) for i, summary in sorted(by_variant.get(v.id, []))]
-        entries[v.id] = dict(v.as_record(), count=sum(s["count"] for s in shards), shards=shards)
+        entries[v.id] = dict(v.as_record(), encoding=encoding_record(v), count=sum(s["count"] for s in shards), shards=shards)
     return {
         "schema": mf.SCHEMA,
         "suite": {"name": suite.name, "description": suite.description, "spec": suite.spec},
@@ -327,7 +303,7 @@ def build_manifest(suite: Suite, variants: list[Variant], listed: SourceDataset,
         "classes": listed.classes,
         "samples": {"count": len(dataset.samples), "keys_sha256": mf.keys_digest([s.key for s in dataset.samples])},
         "rejected": [{"path": r.path, "reason": r.reason} for r in dataset.rejected],
-        "versions": _versions(),
+        "versions": mf.library_versions(),
         "plan_sha256": mf.plan_digest(plan),
         "variants": dict(sorted(entries.items())),
     }

@@ -17,6 +17,8 @@ from PIL import Image
 from webdataset import TarWriter
 
 from qrobust.shared.manifest import fsync_dir, partial_path, shard_summary
+from qrobust.shared.spec import Variant
+from qrobust.shared.video import encode_frames, recipe_for
 
 PNG_LEVEL = 1  # OpenCV PNG level 1: lossless like any level, 5-7x faster to write than Pillow's default
 
@@ -42,6 +44,23 @@ def encode_image(image: np.ndarray, encoding: dict) -> tuple[str, bytes]:
             raise RuntimeError("OpenCV failed to encode a PNG")
         return "png", buf.tobytes()
     raise ValueError(f"unknown encoding {fmt!r}")
+
+
+def encoding_record(variant: Variant) -> dict:
+    """How a variant's payloads are encoded, as the manifest records it (sequences: the full recipe)."""
+    fmt = variant.encoding["format"]
+    if variant.family == "sequence":
+        recipe = recipe_for(fmt, variant.params["perturbation"])
+        return {"format": fmt, **{k: v for k, v in recipe.items()}}
+    return dict(variant.encoding)
+
+
+def encode_payload(pixels: np.ndarray, variant: Variant) -> tuple[str, bytes]:
+    """Encode what a renderer made for ``variant``: an image, or a sequence's frames."""
+    if variant.family == "sequence":
+        recipe = recipe_for(variant.encoding["format"], variant.params["perturbation"])
+        return recipe["ext"], encode_frames(pixels, recipe)
+    return encode_image(pixels, variant.encoding)
 
 
 class ShardFile:

@@ -41,6 +41,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--workers", type=int, help="worker processes (default: all cores)")
     p.add_argument("--encoding", choices=("jpg", "png"),
                    help="storage of the natural family (default from the suite: JPEG q85, as ImageNet-C)")
+    p.add_argument("--sequence-encoding", choices=("reference", "lossless"),
+                   help="storage of the sequences: the reference H.264 recipe (lossy, as ImageNet-P) or "
+                        "lossless H.264 RGB (default from the suite: reference)")
     p.add_argument("--seed", type=int, help="override the suite seed")
     p.add_argument("--strict", action="store_true", help="stop at the first unusable input instead of rejecting it")
     p.set_defaults(run=_cmd_generate)
@@ -51,7 +54,8 @@ def _cmd_generate(args) -> int:
     only = [g for item in (args.only or []) for g in item.split(",") if g]
     manifest = generate(args.suite, args.source, args.out, labels=args.labels, classes=args.classes, only=only,
                         limit=args.limit, per_class=args.per_class, workers=args.workers,
-                        encoding=args.encoding, seed=args.seed, strict=args.strict, progress=not args.quiet)
+                        encoding=args.encoding, sequence_encoding=args.sequence_encoding, seed=args.seed,
+                        strict=args.strict, progress=not args.quiet)
     n_shards = sum(len(v["shards"]) for v in manifest["variants"].values())
     print(f"{args.out}: {len(manifest['variants'])} variants, {manifest['samples']['count']} samples, "
           f"{n_shards} shards, {len(manifest['rejected'])} rejected inputs")
@@ -63,6 +67,9 @@ def _add_verify(sub) -> None:
                 "qrobust verify corpora/robustmq")
     p.add_argument("corpus")
     p.add_argument("--size-only", action="store_true", help="check presence and byte sizes only (fast)")
+    p.add_argument("--check-env", action="store_true",
+                   help="also flag pixel-deciding libraries (Pillow, OpenCV, FFmpeg, ...) whose installed version "
+                        "differs from the one that built the corpus")
     p.add_argument("--workers", type=int, help="hashing threads")
     p.set_defaults(run=_cmd_verify)
 
@@ -82,6 +89,8 @@ def _cmd_verify(args) -> int:
     finally:
         if bar:
             bar.close()
+    if args.check_env:
+        problems += [f"environment: {d}" for d in manifest_mod.environment_differences(manifest)]
     for p in problems:
         print(f"MISMATCH {p}")
     if problems:

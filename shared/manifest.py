@@ -114,6 +114,48 @@ def plan_digest(plan: dict) -> str:
     return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
 
 
+# the libraries whose versions decide pixels: a corpus rebuilt with others may differ by a few levels
+PIXEL_LIBRARIES = ("numpy", "Pillow", "libjpeg_turbo", "scipy", "scikit-image", "imagecorruptions", "opencv",
+                   "av", "libavcodec", "libavformat", "libswscale")
+
+
+def library_versions() -> dict:
+    """Versions of Python, qrobust and every library that touches pixels or shards."""
+    import importlib.metadata as md
+    import sys
+
+    import numpy
+    import PIL
+    from PIL import features
+
+    import qrobust
+    from qrobust.shared.video import ffmpeg_versions
+
+    out = {"python": sys.version.split()[0], "qrobust": qrobust.__version__, "numpy": numpy.__version__,
+           "Pillow": PIL.__version__, "libjpeg_turbo": features.version("libjpeg_turbo")}
+    for dist in ("scipy", "scikit-image", "imagecorruptions", "webdataset", "opencv-python",
+                 "opencv-python-headless"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            pass
+    try:
+        import cv2
+
+        out["opencv"] = cv2.__version__
+    except ImportError:
+        pass
+    out.update(ffmpeg_versions())
+    return out
+
+
+def environment_differences(manifest: dict) -> list[str]:
+    """Pixel-deciding libraries whose installed version differs from the one that built the corpus."""
+    built, here = manifest.get("versions", {}), library_versions()
+    return [f"{lib}: corpus built with {built.get(lib)}, installed {here.get(lib)}"
+            for lib in PIXEL_LIBRARIES if built.get(lib) != here.get(lib)]
+
+
 def dumps(manifest: dict) -> str:
     return json.dumps(manifest, indent=1, sort_keys=True) + "\n"
 

@@ -24,6 +24,13 @@ from qrobust.shared.errors import QrobustError
 from qrobust.shared.registry import Registry
 
 ENCODINGS = ("jpg", "png")
+SEQUENCE_ENCODINGS = ("reference", "lossless")  # see qrobust.shared.video
+SEQUENCE_PERTURBATIONS = ("gaussian_noise", "shot_noise", "motion_blur", "zoom_blur", "snow", "brightness",
+                          "translate", "rotate", "tilt", "scale")
+NOISE_SEQUENCES = ("gaussian_noise", "shot_noise")  # the only ones with difficulty 2 and 3 videos
+SYSTEMATIC_DECODERS = ("pil", "opencv", "ffmpeg")
+SYSTEMATIC_RESIZES = ("pil-bilinear", "pil-nearest", "pil-box", "pil-hamming", "pil-cubic", "pil-lanczos",
+                      "opencv-bilinear", "opencv-nearest", "opencv-area", "opencv-cubic", "opencv-lanczos")
 FAMILY_ORDER = ("clean", "natural", "sequence", "systematic")
 
 
@@ -79,6 +86,8 @@ FAMILIES: Registry[Callable[[dict], list[Variant]]] = Registry("noise family")
 FAMILY_KEYS = {  # the keys each family table may hold (a typo must not silently change the suite)
     "clean": {"variants", "encoding", "jpeg_quality"},
     "natural": {"corruptions", "severities", "encoding", "jpeg_quality"},
+    "sequence": {"perturbations", "difficulties", "encoding"},
+    "systematic": {"decoders", "resizes", "encoding"},
 }
 
 
@@ -105,7 +114,7 @@ def _string_list(table: dict, key: str, family: str) -> list[str]:
 
 @FAMILIES.register("clean")
 def _clean_variants(table: dict) -> list[Variant]:
-    known = ("onecrop",)
+    known = ("onecrop", "square")
     encoding = _encoding(table, "clean")
     out = []
     for name in _string_list(table, "variants", "clean"):
@@ -128,6 +137,46 @@ def _natural_variants(table: dict) -> list[Variant]:
             out.append(Variant(f"natural/{corruption}-{s}", "natural", f"{corruption}-{s}",
                                {"corruption": corruption, "severity": s}, encoding,
                                group=f"natural/{corruption}"))
+    return out
+
+
+def _known_names(table: dict, key: str, family: str, known: tuple[str, ...]) -> list[str]:
+    names = _string_list(table, key, family)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise SpecError(f"[{family}] unknown {key}: {', '.join(unknown)}; known: {', '.join(known)}")
+    return names
+
+
+@FAMILIES.register("sequence")
+def _sequence_variants(table: dict) -> list[Variant]:
+    fmt = table.get("encoding", "reference")
+    if fmt not in SEQUENCE_ENCODINGS:
+        raise SpecError(f"[sequence] encoding must be one of {', '.join(SEQUENCE_ENCODINGS)}, got {fmt!r}")
+    difficulties = table.get("difficulties", [1])
+    if not isinstance(difficulties, list) or not difficulties or not all(d in (1, 2, 3) for d in difficulties):
+        raise SpecError("[sequence] difficulties must be a list drawn from 1, 2, 3")
+    out = []
+    for name in _known_names(table, "perturbations", "sequence", SEQUENCE_PERTURBATIONS):
+        # difficulty 2 and 3 are separate videos only for the noise sequences; the others
+        # are scored at a frame stride of the same video
+        for d in (difficulties if name in NOISE_SEQUENCES else [1]):
+            vname = name if d == 1 else f"{name}_{d}"
+            out.append(Variant(f"sequence/{vname}", "sequence", vname, {"perturbation": name, "difficulty": d},
+                               {"format": fmt}, group=f"sequence/{vname}"))
+    return out
+
+
+@FAMILIES.register("systematic")
+def _systematic_variants(table: dict) -> list[Variant]:
+    encoding = _encoding(table, "systematic", allowed=("png",))  # the noise is a few levels: lossless only
+    out = []
+    for decoder in _known_names(table, "decoders", "systematic", SYSTEMATIC_DECODERS):
+        out.append(Variant(f"systematic/decode-{decoder}", "systematic", f"decode-{decoder}",
+                           {"decoder": decoder, "resize": "pil-bilinear"}, encoding, group="systematic/decode"))
+    for resize in _known_names(table, "resizes", "systematic", SYSTEMATIC_RESIZES):
+        out.append(Variant(f"systematic/resize-{resize}", "systematic", f"resize-{resize}",
+                           {"decoder": "pil", "resize": resize}, encoding, group="systematic/resize"))
     return out
 
 
@@ -156,9 +205,10 @@ def packaged_suites() -> list[str]:
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".toml"))
 
 
-def load_suite(name_or_path: str, *, seed: int | None = None, encoding: str | None = None) -> Suite:
-    """Read and validate a suite. ``seed`` and ``encoding`` override the file
-    (``encoding`` applies to the natural family, the one stored lossily by default).
+def load_suite(name_or_path: str, *, seed: int | None = None, encoding: str | None = None,
+               sequence_encoding: str | None = None) -> Suite:
+    """Read and validate a suite. ``seed``, ``encoding`` (of the natural family, the
+    one stored as JPEG by default) and ``sequence_encoding`` override the file.
 
     Raises :class:`SpecError` with the offending key for anything malformed.
     """
@@ -178,6 +228,10 @@ def load_suite(name_or_path: str, *, seed: int | None = None, encoding: str | No
         if "natural" not in spec:
             raise SpecError("--encoding applies to the natural family, which this suite does not have")
         spec["natural"]["encoding"] = encoding
+    if sequence_encoding is not None:
+        if "sequence" not in spec:
+            raise SpecError("--sequence-encoding applies to the sequence family, which this suite does not have")
+        spec["sequence"]["encoding"] = sequence_encoding
     for table in ("geometry", "shards", *FAMILY_ORDER):
         if table in spec and not isinstance(spec[table], dict):
             raise SpecError(f"{path}: [{table}] must be a table")

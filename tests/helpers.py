@@ -49,13 +49,19 @@ crop = 36
 [shards]
 samples = {shard}
 [clean]
-variants = ["onecrop"]
+variants = ["onecrop", "square"]
 encoding = "png"
 [natural]
 corruptions = {corruptions}
 severities = {severities}
 encoding = "jpg"
 jpeg_quality = 85
+[sequence]
+perturbations = ["gaussian_noise", "rotate"]
+encoding = "lossless"
+[systematic]
+decoders = ["ffmpeg"]
+resizes = ["opencv-area"]
 """
 
 

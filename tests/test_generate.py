@@ -57,10 +57,12 @@ def robustmq_corpus(tmp_path_factory):
     return src, tmp / "corpus"
 
 
-def test_robustmq_writes_76_variants_that_verify(robustmq_corpus, capsys):
+def test_robustmq_writes_101_variants_that_verify(robustmq_corpus, capsys):
     src, corpus = robustmq_corpus
     manifest = load_manifest(corpus)
-    assert len(manifest["variants"]) == 76
+    assert len(manifest["variants"]) == 101
+    assert sum(v.startswith("sequence/") for v in manifest["variants"]) == 10
+    assert sum(v.startswith("systematic/") for v in manifest["variants"]) == 14
     assert all(v["count"] == 2 for v in manifest["variants"].values())
     assert manifest["samples"]["count"] == 2 and manifest["rejected"] == []
     assert manifest["geometry"] == {"resize": 256, "crop": 224}
@@ -99,7 +101,7 @@ def test_workers_do_not_change_bytes(tmp_path, class_folder, small_suite):
                    "--workers", n) == 0
     assert shard_hashes(tmp_path / "w1") == shard_hashes(tmp_path / "w2")
     assert (tmp_path / "w1" / "manifest.json").read_text() == (tmp_path / "w2" / "manifest.json").read_text()
-    assert len(shard_hashes(tmp_path / "w1")) == 7 * 3  # 7 variants x 3 shards of 2 samples
+    assert len(shard_hashes(tmp_path / "w1")) == 12 * 3  # 12 variants x 3 shards of 2 samples
 
 
 def test_killed_run_resumes_to_identical_bytes(tmp_path, class_folder):
@@ -195,13 +197,14 @@ def test_verify_detects_reordered_samples_and_edited_manifest(tmp_path, class_fo
 def test_rerun_with_other_settings_is_refused(tmp_path, class_folder, small_suite, capsys):
     out = tmp_path / "c"
     assert run("generate", "--suite", small_suite, "--source", class_folder, "--out", out, "--only", "clean/*") == 0
-    assert len(load_manifest(out)["variants"]) == 1
+    assert len(load_manifest(out)["variants"]) == 2
     assert run("generate", "--suite", small_suite, "--source", class_folder, "--out", out, "--seed", 3) == 2
     assert "other settings (suite differ)" in capsys.readouterr().err
     # the same settings with another --only add variants to the same corpus
     assert run("generate", "--suite", small_suite, "--source", class_folder, "--out", out,
                "--only", "natural/fog-*") == 0
-    assert sorted(load_manifest(out)["variants"]) == ["clean/onecrop", "natural/fog-1", "natural/fog-3"]
+    assert sorted(load_manifest(out)["variants"]) == ["clean/onecrop", "clean/square", "natural/fog-1",
+                                                      "natural/fog-3"]
 
 
 def test_limit_and_per_class(tmp_path, class_folder, small_suite):
@@ -287,3 +290,53 @@ def test_suite_mistakes_stop_before_any_work(tmp_path, class_folder, table, mess
     with pytest.raises(QrobustError, match=message):
         generate(str(suite), str(class_folder), str(tmp_path / "out"), progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_sequences_and_systematic_in_the_corpus(tmp_path, class_folder, small_suite, capsys):
+    from qrobust.generate.sequences import render_sequence
+    from qrobust.generate.systematic import render_systematic
+    from qrobust.shared.preprocess import resize_shorter
+    from qrobust.shared.video import decode_frames
+
+    out = tmp_path / "c"
+    assert run("generate", "--suite", small_suite, "--source", class_folder, "--out", out, "--workers", 2) == 0
+    manifest = load_manifest(out)
+    entry = manifest["variants"]["sequence/gaussian_noise"]
+    assert entry["encoding"]["codec"] == "libx264rgb" and entry["encoding"]["format"] == "lossless"
+    assert {"av", "libavcodec", "libswscale"} <= set(manifest["versions"])
+    with tarfile.open(out / entry["shards"][0]["name"]) as tar:
+        payload = tar.extractfile("astronaut_0.mkv").read()
+    source = class_folder / "astronaut" / "astronaut_0.jpg"
+    expected = render_sequence(resize_shorter(load_rgb(source), 40), 36, "gaussian_noise", 1,
+                               sample_seed(7, "sequence/gaussian_noise", "astronaut_0"))
+    np.testing.assert_array_equal(decode_frames(payload), expected)
+    ffmpeg = read_shard(out / manifest["variants"]["systematic/decode-ffmpeg"]["shards"][0]["name"])
+    np.testing.assert_array_equal(ffmpeg[0][2], render_systematic(source.read_bytes(), "ffmpeg", "pil-bilinear", 40, 36))
+    square = read_shard(out / manifest["variants"]["clean/square"]["shards"][0]["name"])
+    np.testing.assert_array_equal(square[0][2], render_systematic(source.read_bytes(), "pil", "pil-bilinear", 40, 36))
+    # verify --check-env flags a corpus built with other pixel-deciding libraries
+    capsys.readouterr()
+    assert run("verify", out, "--check-env") == 0
+    manifest_json = json.loads((out / "manifest.json").read_text())
+    manifest_json["versions"]["libswscale"] = "0.0.1"
+    (out / "manifest.json").write_text(json.dumps(manifest_json))
+    assert run("verify", out) == 0  # versions are not part of the content
+    assert run("verify", out, "--check-env") == 1
+    assert "environment: libswscale: corpus built with 0.0.1" in capsys.readouterr().out
+
+
+def test_reference_sequence_encoding_needs_its_encoder(tmp_path, class_folder, small_suite, monkeypatch, capsys):
+    import av
+
+    real = av.codec.Codec
+
+    def no_x264(name, mode="r"):
+        if name.startswith("libx264"):
+            raise av.error.FFmpegError(0, "no such codec")
+        return real(name, mode)
+
+    monkeypatch.setattr(av.codec, "Codec", no_x264)
+    assert run("generate", "--suite", small_suite, "--source", class_folder, "--out", tmp_path / "c",
+               "--sequence-encoding", "reference", "--only", "sequence/*") == 2
+    err = capsys.readouterr().err
+    assert "no libx264 encoder" in err and "--sequence-encoding lossless" in err

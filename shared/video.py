@@ -1,0 +1,114 @@
+"""Sequence payloads: frames <-> one video file per sample, in-process with PyAV.
+
+Two recipes (the ``encoding`` of the sequence family):
+
+* ``reference``: what ImageNet-P was released as. H.264 (libx264) in mp4 at
+  1 fps, yuv444p, ``-preset veryslow -crf 20``; the noise sequences use
+  ``-tune grain`` at x264's default crf 23. Lossy: the scorer sees the
+  compressed noise, as with the released videos.
+* ``lossless``: H.264 RGB (libx264rgb) at ``qp 0`` in Matroska, which
+  round-trips every frame exactly.
+
+Encoding is single-threaded and deterministic: frames are handed to x264 as
+yuv444p arrays converted once by swscale (BT.601, as the ffmpeg command line
+does), because frames that PyAV converts on the fly carry uninitialised padding
+that made x264's output differ from run to run.
+"""
+from __future__ import annotations
+
+import io
+from fractions import Fraction
+
+import numpy as np
+
+from qrobust.shared.errors import QrobustError
+
+RECIPES = {
+    "reference": {"container": "mp4", "ext": "mp4", "codec": "libx264", "pix_fmt": "yuv444p", "fps": 1,
+                  "options": {"preset": "veryslow", "crf": "20", "threads": "1"}},
+    "reference-noise": {"container": "mp4", "ext": "mp4", "codec": "libx264", "pix_fmt": "yuv444p", "fps": 1,
+                        "options": {"preset": "veryslow", "tune": "grain", "crf": "23", "threads": "1"}},
+    "lossless": {"container": "matroska", "ext": "mkv", "codec": "libx264rgb", "pix_fmt": "rgb24", "fps": 1,
+                 "options": {"preset": "veryfast", "qp": "0", "threads": "1"}},
+}
+VIDEO_EXTENSIONS = ("mp4", "mkv")
+
+
+class VideoError(QrobustError):
+    """A sequence cannot be encoded (missing encoder) or decoded (bad payload)."""
+
+
+def recipe_for(encoding: str, perturbation: str) -> dict:
+    """The recipe of a sequence family ``encoding`` for one perturbation (noise gets the grain tuning)."""
+    if encoding == "reference" and "noise" in perturbation:
+        return RECIPES["reference-noise"]
+    try:
+        return RECIPES[encoding]
+    except KeyError:
+        raise VideoError(f"unknown sequence encoding {encoding!r}; known: reference, lossless") from None
+
+
+def check_encoder(encoding: str) -> None:
+    """Fail with a clear message if the installed FFmpeg cannot encode ``encoding``."""
+    try:
+        import av
+    except ImportError as e:
+        raise VideoError(f"sequences need PyAV (`pip install av`): {e}") from None
+    codec = RECIPES["lossless" if encoding == "lossless" else "reference"]["codec"]
+    try:
+        av.codec.Codec(codec, "w")
+    except Exception:  # PyAV raises different errors across versions for an absent codec
+        other = "--sequence-encoding lossless" if encoding == "reference" else "a PyAV build with libx264"
+        raise VideoError(f"the installed FFmpeg (PyAV {av.__version__}) has no {codec} encoder needed by the "
+                         f"{encoding!r} sequence encoding; use {other}") from None
+
+
+def encode_frames(frames: np.ndarray, recipe: dict) -> bytes:
+    """Encode uint8 (T, H, W, 3) RGB frames into one video file's bytes."""
+    import av
+
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[3] != 3:
+        raise ValueError("expected uint8 frames of shape (T, H, W, 3)")
+    buf = io.BytesIO()
+    with av.open(buf, "w", format=recipe["container"], options={"fflags": "+bitexact"}) as out:
+        stream = out.add_stream(recipe["codec"], rate=Fraction(recipe["fps"]), options=dict(recipe["options"]))
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = recipe["pix_fmt"]
+        for i, rgb in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+            if recipe["pix_fmt"] != "rgb24":  # convert here, into a clean array (see the module doc)
+                frame = av.VideoFrame.from_ndarray(frame.reformat(format=recipe["pix_fmt"]).to_ndarray(),
+                                                   format=recipe["pix_fmt"])
+            frame.pts = i
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return buf.getvalue()
+
+
+def decode_frames(payload: bytes) -> np.ndarray:
+    """Decode a sequence payload (mp4 / mkv) into uint8 (T, H, W, 3) RGB frames.
+
+    Raises :class:`VideoError` for a payload that is not a decodable video.
+    """
+    import av
+
+    try:
+        with av.open(io.BytesIO(payload)) as container:
+            frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    except (av.error.FFmpegError, ValueError, IndexError) as e:
+        raise VideoError(f"not a decodable video: {e}") from None
+    if not frames:
+        raise VideoError("the video holds no frames")
+    return np.stack(frames)
+
+
+def ffmpeg_versions() -> dict:
+    """PyAV and the versions of the FFmpeg libraries it bundles (they decide sequence and decode pixels)."""
+    try:
+        import av
+    except ImportError:
+        return {}
+    libs = {k: ".".join(map(str, v)) for k, v in av.library_versions.items()}
+    return {"av": av.__version__, **libs}

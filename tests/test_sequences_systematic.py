@@ -1,0 +1,203 @@
+"""ImageNet-P sequences and ImageNet-S systematic variants against the reference formulas and library calls."""
+from __future__ import annotations
+
+import io
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from qrobust.generate import imagecorruptions_compat
+from qrobust.generate.sequences import PERTURBATIONS, affine, render_sequence
+from qrobust.generate.systematic import DECODERS, RESIZES, render_systematic
+from qrobust.shared.demo_data import photo
+from qrobust.shared.preprocess import center_crop, resize_shorter
+from qrobust.shared.video import decode_frames, encode_frames, recipe_for
+
+SIZE, CROP = 256, 224
+
+
+@pytest.fixture(scope="module")
+def jpeg_bytes() -> dict[str, bytes]:
+    """Real photos as non-square 4:2:0 JPEGs (where decoders differ by their chroma upsampling)."""
+    out = {}
+    for name in ("astronaut", "coffee"):
+        buf = io.BytesIO()
+        image = photo(name).convert("RGB")
+        image.crop((0, 0, image.width, image.height * 3 // 4)).save(buf, format="JPEG", quality=90, subsampling=2)
+        out[name] = buf.getvalue()
+    return out
+
+
+@pytest.fixture(scope="module")
+def resized() -> Image.Image:
+    return resize_shorter(photo("chelsea").convert("RGB"), 96)
+
+
+def _square_pil(rgb: np.ndarray, method=Image.BILINEAR) -> np.ndarray:
+    return np.asarray(Image.fromarray(rgb).resize((SIZE, SIZE), method))[16:240, 16:240]
+
+
+# ---------------------------------------------------------------- systematic
+
+
+def test_decoders_equal_the_direct_library_calls(jpeg_bytes):
+    import av
+    import cv2
+
+    for data in jpeg_bytes.values():
+        pil = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+        np.testing.assert_array_equal(render_systematic(data, "pil", "pil-bilinear", SIZE, CROP), _square_pil(pil))
+        ocv = cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+        np.testing.assert_array_equal(render_systematic(data, "opencv", "pil-bilinear", SIZE, CROP), _square_pil(ocv))
+        with av.open(io.BytesIO(data)) as c:
+            ff = next(c.decode(video=0)).to_ndarray(format="rgb24", interpolation="BICUBIC")
+        np.testing.assert_array_equal(render_systematic(data, "ffmpeg", "pil-bilinear", SIZE, CROP), _square_pil(ff))
+
+
+def test_resizes_equal_the_direct_library_calls(jpeg_bytes):
+    import cv2
+
+    data = jpeg_bytes["coffee"]
+    rgb = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    pil = {"bilinear": Image.BILINEAR, "nearest": Image.NEAREST, "box": Image.BOX, "hamming": Image.HAMMING,
+           "cubic": Image.BICUBIC, "lanczos": Image.LANCZOS}
+    for name, method in pil.items():
+        np.testing.assert_array_equal(render_systematic(data, "pil", f"pil-{name}", SIZE, CROP),
+                                      _square_pil(rgb, method))
+    ocv = {"bilinear": cv2.INTER_LINEAR, "nearest": cv2.INTER_NEAREST, "area": cv2.INTER_AREA,
+           "cubic": cv2.INTER_CUBIC, "lanczos": cv2.INTER_LANCZOS4}
+    for name, flag in ocv.items():
+        expected = cv2.resize(rgb, (SIZE, SIZE), interpolation=flag)[16:240, 16:240]
+        np.testing.assert_array_equal(render_systematic(data, "pil", f"opencv-{name}", SIZE, CROP), expected)
+    assert len(RESIZES) == 11 and len(DECODERS) == 3
+
+
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="the ffmpeg command line is not installed")
+def test_ffmpeg_decoder_matches_the_command_line(jpeg_bytes, tmp_path):
+    for name, data in jpeg_bytes.items():
+        path = tmp_path / f"{name}.jpg"
+        path.write_bytes(data)
+        raw = subprocess.run(["ffmpeg", "-loglevel", "error", "-i", str(path), "-f", "rawvideo", "-pix_fmt", "rgb24",
+                              "pipe:"], capture_output=True, check=True).stdout
+        h, w = Image.open(path).size[::-1]
+        cli = np.frombuffer(raw, np.uint8).reshape(h, w, 3)
+        np.testing.assert_array_equal(DECODERS.get("ffmpeg")(data), cli)
+
+
+def test_variants_differ_as_the_reference_reports(jpeg_bytes):
+    for data in jpeg_bytes.values():
+        base = render_systematic(data, "pil", "pil-bilinear", SIZE, CROP).astype(int)
+
+        def dist(decoder, resize):
+            return np.abs(render_systematic(data, decoder, resize, SIZE, CROP).astype(int) - base).mean()
+
+        assert dist("opencv", "pil-bilinear") < 0.2  # same libjpeg-turbo
+        assert dist("ffmpeg", "pil-bilinear") > 0.2  # swscale's chroma upsampling on 4:2:0
+        near = max(dist("pil", r) for r in ("opencv-area", "pil-hamming", "pil-cubic"))
+        far = min(dist("pil", r) for r in ("opencv-nearest", "pil-nearest"))
+        assert 0 < near < far
+
+
+# ---------------------------------------------------------------- sequences
+
+
+def _crop(image: Image.Image, size: int = 80) -> np.ndarray:
+    return np.asarray(center_crop(image, size))
+
+
+def test_frame_counts_and_clean_frames(resized):
+    clean = _crop(resized)
+    for name in PERTURBATIONS:
+        frames = render_sequence(resized, 80, name, 1, seed=5)
+        assert frames.dtype == np.uint8 and frames.shape == ((41 if name == "translate" else 31), 80, 80, 3), name
+        if name in ("gaussian_noise", "shot_noise", "zoom_blur"):
+            np.testing.assert_array_equal(frames[0], clean)
+        assert np.array_equal(frames, render_sequence(resized, 80, name, 1, seed=5)), name
+    np.testing.assert_array_equal(render_sequence(resized, 80, "rotate", 1, 0)[15], clean)
+    np.testing.assert_array_equal(render_sequence(resized, 80, "scale", 1, 0)[24], clean)
+    np.testing.assert_array_equal(render_sequence(resized, 80, "translate", 1, 0)[20], clean)
+    assert not np.array_equal(render_sequence(resized, 80, "snow", 1, 1), render_sequence(resized, 80, "snow", 1, 2))
+
+
+def test_noise_frames_follow_the_formulas(resized):
+    clean = _crop(resized)
+    x32 = clean.astype(np.float32) / 255
+    rng = np.random.default_rng(9)
+    frames = render_sequence(resized, 80, "gaussian_noise", 2, seed=9)
+    for i in range(1, 31):
+        expected = (np.clip(x32 + np.float32(0.05) * rng.standard_normal(x32.shape, dtype=np.float32), 0, 1) * 255)
+        np.testing.assert_array_equal(frames[i], expected.astype(np.uint8))
+    rng = np.random.default_rng(4)
+    frames = render_sequence(resized, 80, "shot_noise", 3, seed=4)
+    for i in range(1, 31):
+        expected = np.clip(rng.poisson(clean / 255.0 * 60) / 60, 0, 1) * 255
+        np.testing.assert_array_equal(frames[i], expected.astype(np.uint8))
+
+
+def test_photometric_frames_follow_the_formulas(resized):
+    from skimage.color import hsv2rgb, rgb2hsv
+
+    clean = _crop(resized)
+    frames = render_sequence(resized, 80, "brightness", 1, 0)
+    for i in (0, 7, 30):
+        hsv = rgb2hsv(clean / 255.0)
+        hsv[..., 2] = np.clip(hsv[..., 2] + (i - 15) * 0.02, 0, 1)
+        np.testing.assert_array_equal(frames[i], (np.clip(hsv2rgb(hsv), 0, 1) * 255).astype(np.uint8))
+    blur = imagecorruptions_compat.apply()._motion_blur
+    frames = render_sequence(resized, 80, "motion_blur", 1, 0)
+    for i in (0, 20):
+        expected = np.clip(np.round(blur(clean, radius=10, sigma=3, angle=(i - 30) * 4)), 0, 255).astype(np.uint8)
+        np.testing.assert_array_equal(frames[i], expected)
+
+
+def test_geometric_frames_follow_the_formulas(resized):
+    import cv2
+
+    full = np.asarray(resized)
+    frames = render_sequence(resized, 80, "translate", 1, 0)
+    for dx in (-20, -3, 7, 20):
+        shifted = np.zeros_like(full)
+        if dx > 0:
+            shifted[:, dx:] = full[:, :-dx]
+        else:
+            shifted[:, :dx] = full[:, -dx:]
+        np.testing.assert_array_equal(frames[dx + 20], _crop(Image.fromarray(shifted)))
+    # rotation: clockwise for positive angles, about the centre (OpenCV's own bilinear as a cross-check)
+    frames = render_sequence(resized, 80, "rotate", 1, 0)
+    h, w = full.shape[:2]
+    for angle in (-15, 9):
+        turn = lambda a: _crop(Image.fromarray(cv2.warpAffine(  # noqa: E731
+            full, cv2.getRotationMatrix2D(((w - 1) / 2, (h - 1) / 2), a, 1.0), (w, h))))
+        right = np.abs(frames[angle + 15].astype(int) - turn(-angle)).mean()
+        wrong = np.abs(frames[angle + 15].astype(int) - turn(angle)).mean()
+        assert right < 3 and wrong > 3 * right
+    zoom = render_sequence(resized, 80, "zoom_blur", 1, 0)
+    total = _crop(resized).astype(np.float32) / 255
+    for i in range(1, 4):
+        total = total + _crop(affine(resized, scale=1 + 0.004 * i)).astype(np.float32) / 255
+    np.testing.assert_array_equal(zoom[3], (np.clip(total / 4, 0, 1) * 255).astype(np.uint8))
+    tilt = render_sequence(resized, 80, "tilt", 1, 0)
+    assert np.abs(tilt[15].astype(int) - _crop(resized)).mean() < 4  # the reference's middle frame: a slight shrink
+    assert np.abs(tilt[0].astype(int) - _crop(resized)).mean() > np.abs(tilt[15].astype(int) - _crop(resized)).mean()
+
+
+def test_lossless_encoding_round_trips_exactly(resized):
+    frames = render_sequence(resized, 80, "gaussian_noise", 1, 0)
+    payload = encode_frames(frames, recipe_for("lossless", "gaussian_noise"))
+    np.testing.assert_array_equal(decode_frames(payload), frames)
+    assert payload == encode_frames(frames, recipe_for("lossless", "gaussian_noise"))
+
+
+@pytest.mark.parametrize("name", ["gaussian_noise", "translate"])
+def test_reference_encoding_decodes_to_the_right_frames(resized, name):
+    frames = render_sequence(resized, 80, name, 1, 0)
+    recipe = recipe_for("reference", name)
+    assert recipe["options"].get("tune") == ("grain" if "noise" in name else None)
+    payload = encode_frames(frames, recipe)
+    assert payload == encode_frames(frames, recipe)  # reproducible bytes
+    back = decode_frames(payload)
+    assert back.shape == frames.shape
+    assert np.abs(back.astype(int) - frames).mean() < 12  # lossy, but the same pictures
