@@ -1,7 +1,7 @@
 """``qrobust demo``: the benchmark end to end on the built-in demo data.
 
 Today it builds the demo data set (scikit-image photographs), generates the
-demo corpus (clean reference + 75 natural variants) and verifies it. Scoring,
+demo corpus (every model-independent family: 101 variants) and verifies it. Scoring,
 quantized models and the report join as those programs land. Every step reuses
 what a previous run left in ``out``.
 """
