@@ -76,9 +76,11 @@ class Suite:
         ids = [v.id for v in self.variants]
         for pattern in only:
             if not any(fnmatch.fnmatchcase(i, pattern) for i in ids):
-                raise SpecError(
-                    f"--only {pattern!r} matches no variant of suite {self.name!r}; ids look like "
-                    f"{', '.join(ids[:1] + ids[-1:])} (see `qrobust ls variants --suite {self.name}`)")
+                families = sorted({i.split("/")[0] for i in ids if fnmatch.fnmatchcase(i, f"*/{pattern}")})
+                hint = (f"did you mean {' or '.join(repr(f'{f}/{pattern}') for f in families)}?" if families
+                        else f"ids look like {ids[0]}, {ids[-1]}")
+                raise SpecError(f"--only {pattern!r} matches no variant of suite {self.name!r}; {hint} "
+                                f"(see `qrobust ls variants --suite {self.name}`)")
         return [v for v in self.variants if any(fnmatch.fnmatchcase(v.id, p) for p in only)]
 
 
