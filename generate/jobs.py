@@ -123,9 +123,9 @@ def run_job(job: Job) -> tuple[list[tuple[str, int, dict]], list[str]]:
             for (v, _), writer in zip(todo, writers):
                 try:
                     pixels = RENDERERS.get(v.family)(v, ctx, sample_seed(suite.seed, v.id, s.key))
+                    ext, payload = encode_payload(pixels, v)
                 except Exception as e:
                     raise RuntimeError(f"{v.id} failed on sample {s.key} ({s.path}): {e}") from e
-                ext, payload = encode_payload(pixels, v)
                 writer.add(s.key, s.label, ext, payload)
             _tick(len(todo))
         for (v, _), writer in zip(todo, writers):

@@ -42,6 +42,11 @@ class SampleContext:
         return decode_rgb(self.raw)
 
     @cached_property
+    def decodes(self) -> dict:
+        """Decoded arrays by systematic decoder name (filled by :func:`systematic.decoded`)."""
+        return {"pil": np.asarray(self.rgb)}
+
+    @cached_property
     def resized(self):
         """Shorter side resized to the suite's ``resize`` (the input of the sequences)."""
         return preprocess.resize_shorter(self.rgb, self.suite.resize)
@@ -60,7 +65,8 @@ def render_clean(variant: Variant, ctx: SampleContext, seed: int) -> np.ndarray:
     if variant.name == "onecrop":
         return ctx.onecrop
     if variant.name == "square":  # the systematic family's reference: Pillow decode, bilinear square resize
-        return systematic.square_crop(np.asarray(ctx.rgb), "pil-bilinear", ctx.suite.resize, ctx.suite.crop)
+        return systematic.square_crop(systematic.decoded(ctx.decodes, ctx.raw, "pil"), "pil-bilinear",
+                                      ctx.suite.resize, ctx.suite.crop)
     raise ValueError(f"unknown clean variant {variant.name!r}")
 
 
@@ -77,8 +83,8 @@ def render_sequence(variant: Variant, ctx: SampleContext, seed: int) -> np.ndarr
 
 @RENDERERS.register("systematic")
 def render_systematic(variant: Variant, ctx: SampleContext, seed: int) -> np.ndarray:
-    return systematic.render_systematic(ctx.raw, variant.params["decoder"], variant.params["resize"],
-                                        ctx.suite.resize, ctx.suite.crop)
+    image = systematic.decoded(ctx.decodes, ctx.raw, variant.params["decoder"])
+    return systematic.square_crop(image, variant.params["resize"], ctx.suite.resize, ctx.suite.crop)
 
 
 def check_sample(ctx: SampleContext) -> None:
@@ -87,7 +93,7 @@ def check_sample(ctx: SampleContext) -> None:
     the Pillow decode and crop, and each systematic decoder the suite lists."""
     ctx.onecrop
     for decoder in ctx.suite.spec.get("systematic", {}).get("decoders", []):
-        systematic.DECODERS.get(decoder)(ctx.raw)
+        systematic.decoded(ctx.decodes, ctx.raw, decoder)
 
 
 def check_renderable(variant: Variant, suite: Suite) -> None:
@@ -101,3 +107,6 @@ def check_renderable(variant: Variant, suite: Suite) -> None:
                             "the smallest image the natural corruptions accept")
     if variant.family == "sequence":
         check_encoder(variant.encoding["format"])
+        if suite.crop < sequences.MIN_SIDE:
+            raise SpecError(f"[geometry] crop {suite.crop} is below {sequences.MIN_SIDE} px: the sequences' "
+                            "motion blurs (up to 29 px wide) would lose kernel taps at the borders")

@@ -196,17 +196,20 @@ def generate(suite: str, source: str, out: str, *, labels: str | None = None, cl
         raise GenerateError(f"--out {out} exists and is not a folder") from None
     except OSError as e:
         raise GenerateError(f"cannot create --out {out}: {e.strerror}") from None
+    versions = mf.library_versions()
     plan = {"suite": the_suite.spec, "source": listed.fingerprint(), "classes": listed.classes,
-            "selection": {"limit": limit, "per_class": per_class}}
+            "selection": {"limit": limit, "per_class": per_class},
+            "versions": {lib: versions.get(lib) for lib in mf.pixel_libraries(the_suite.spec)}}
     old_manifest = _old_manifest(out_path)
     _check_plan(out_path, plan, old_manifest)
     with _exclusive(out_path):
-        return _generate_locked(the_suite, variants, listed, out_path, old_manifest, plan, workers=workers,
-                                strict=strict, progress=progress, source=source)
+        return _generate_locked(the_suite, variants, listed, out_path, old_manifest, plan, versions,
+                                workers=workers, strict=strict, progress=progress, source=source)
 
 
 def _generate_locked(the_suite: Suite, variants: list[Variant], listed: SourceDataset, out_path: Path,
-                     old_manifest: dict | None, plan: dict, *, workers, strict, progress, source) -> dict:
+                     old_manifest: dict | None, plan: dict, versions: dict, *, workers, strict, progress,
+                     source) -> dict:
     _remove_partials(out_path)
     if not workers:
         workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -244,7 +247,8 @@ def _generate_locked(the_suite: Suite, variants: list[Variant], listed: SourceDa
     if errors:
         raise GenerateError(f"{len(errors)} job(s) failed; finished shards are kept, rerun to resume. "
                             f"First: {errors[0]}")
-    manifest = build_manifest(the_suite, variants, listed, dataset, [r for r, _ in results], old_manifest, plan)
+    manifest = build_manifest(the_suite, variants, listed, dataset, [r for r, _ in results], old_manifest, plan,
+                              versions)
     mf.write_atomic(out_path / mf.MANIFEST_NAME, mf.dumps(manifest))
     return manifest
 
@@ -282,7 +286,7 @@ def _scan_sources(pool, listed: SourceDataset, out: Path, q, progress: bool, str
 
 
 def build_manifest(suite: Suite, variants: list[Variant], listed: SourceDataset, dataset: SourceDataset,
-                   results: list, old_manifest: dict | None, plan: dict) -> dict:
+                   results: list, old_manifest: dict | None, plan: dict, versions: dict) -> dict:
     """Assemble the manifest from this run's shard summaries plus variants finished by earlier runs."""
     by_variant: dict[str, list[tuple[int, dict]]] = {}
     for job_result in results:
@@ -303,7 +307,7 @@ def build_manifest(suite: Suite, variants: list[Variant], listed: SourceDataset,
         "classes": listed.classes,
         "samples": {"count": len(dataset.samples), "keys_sha256": mf.keys_digest([s.key for s in dataset.samples])},
         "rejected": [{"path": r.path, "reason": r.reason} for r in dataset.rejected],
-        "versions": mf.library_versions(),
+        "versions": versions,
         "plan_sha256": mf.plan_digest(plan),
         "variants": dict(sorted(entries.items())),
     }

@@ -27,6 +27,7 @@ from qrobust.shared.preprocess import center_crop
 from qrobust.shared.registry import Registry
 
 GAUSSIAN_SIGMA = {1: 0.03, 2: 0.05, 3: 0.08}
+MIN_SIDE = 32  # the snow blur kernel is 29 px wide; below this the numpy port darkens the borders
 SHOT_LAMBDA = {1: 300, 2: 120, 3: 60}
 
 Perturbation = Callable[[Image.Image, int, np.random.Generator, int], np.ndarray]

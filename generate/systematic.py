@@ -4,9 +4,12 @@ Follows the RobustART generator (``noise/utils/imagenet_s_gen.py``): decode
 the source file's original bytes, resize to a square ``resize x resize``
 (aspect not kept), center crop ``crop`` with offset ``int(round((resize -
 crop) / 2))``. Decoder variants use the Pillow bilinear resize; resize variants
-use the Pillow decode. Deviation, one policy for every decoder: EXIF
+use the Pillow decode. Deviations, one policy for every decoder: EXIF
 orientation is ignored (OpenCV is told so; PyAV does not rotate; Pillow never
-does), where the reference let OpenCV and the ffmpeg CLI rotate.
+does), where the reference let OpenCV and the ffmpeg CLI rotate; and the Pillow
+decode is qrobust's (:func:`qrobust.shared.sources.decode_rgb`), which equals
+``Image.open(...).convert('RGB')`` except that 16-bit images keep their high
+byte instead of being clipped to white.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from qrobust.shared.registry import Registry
-from qrobust.shared.sources import BadImage
+from qrobust.shared.sources import BadImage, decode_rgb
 
 DECODERS: Registry = Registry("decoder")
 RESIZES: Registry = Registry("resize")
@@ -24,8 +27,8 @@ RESIZES: Registry = Registry("resize")
 
 @DECODERS.register("pil")
 def decode_pil(data: bytes) -> np.ndarray:
-    """Pillow: ``Image.open(...).convert('RGB')``."""
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    """Pillow: ``Image.open(...).convert('RGB')`` (16-bit: high byte, see the module doc)."""
+    return np.asarray(decode_rgb(data))
 
 
 @DECODERS.register("opencv")
@@ -88,3 +91,10 @@ def square_crop(image: np.ndarray, resize: str, size: int, crop: int) -> np.ndar
 def render_systematic(data: bytes, decoder: str, resize: str, size: int, crop: int) -> np.ndarray:
     """One systematic variant of one source file's bytes: uint8 (crop, crop, 3)."""
     return square_crop(DECODERS.get(decoder)(data), resize, size, crop)
+
+
+def decoded(ctx_cache: dict, data: bytes, decoder: str) -> np.ndarray:
+    """Decode once per sample and decoder (the 11 resize variants share the Pillow decode)."""
+    if decoder not in ctx_cache:
+        ctx_cache[decoder] = DECODERS.get(decoder)(data)
+    return ctx_cache[decoder]

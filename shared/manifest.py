@@ -106,8 +106,11 @@ def plan_of(manifest: dict) -> dict:
     """The settings a corpus was made with, as recorded in its manifest; equal
     plans make equal shards, so resumption and verification compare these."""
     source = manifest.get("source", {})
+    spec = manifest.get("suite", {}).get("spec") or {}
+    versions = manifest.get("versions", {})
     return {"suite": manifest.get("suite", {}).get("spec"), "source": source.get("fingerprint"),
-            "classes": manifest.get("classes"), "selection": source.get("selection")}
+            "classes": manifest.get("classes"), "selection": source.get("selection"),
+            "versions": {lib: versions.get(lib) for lib in pixel_libraries(spec)}}
 
 
 def plan_digest(plan: dict) -> str:
@@ -115,8 +118,17 @@ def plan_digest(plan: dict) -> str:
 
 
 # the libraries whose versions decide pixels: a corpus rebuilt with others may differ by a few levels
-PIXEL_LIBRARIES = ("numpy", "Pillow", "libjpeg_turbo", "scipy", "scikit-image", "imagecorruptions", "opencv",
-                   "av", "libavcodec", "libavformat", "libswscale")
+PIXEL_LIBRARIES = ("numpy", "Pillow", "libjpeg_turbo", "scipy", "scikit-image", "imagecorruptions", "opencv")
+FFMPEG_LIBRARIES = ("av", "libavcodec", "libavformat", "libswscale", "x264")  # sequences, decode-ffmpeg
+
+
+def pixel_libraries(spec: dict) -> tuple[str, ...]:
+    """The libraries that decide the pixels of a suite (FFmpeg's only if it has sequences or systematic noise).
+
+    Their versions are part of a corpus's settings: a run does not resume a
+    corpus that other versions started, since the shards would mix outputs."""
+    uses_ffmpeg = "sequence" in spec or "systematic" in spec
+    return PIXEL_LIBRARIES + (FFMPEG_LIBRARIES if uses_ffmpeg else ())
 
 
 def library_versions() -> dict:
@@ -150,10 +162,11 @@ def library_versions() -> dict:
 
 
 def environment_differences(manifest: dict) -> list[str]:
-    """Pixel-deciding libraries whose installed version differs from the one that built the corpus."""
+    """Pixel-deciding libraries (recorded in the manifest) whose installed version differs."""
     built, here = manifest.get("versions", {}), library_versions()
-    return [f"{lib}: corpus built with {built.get(lib)}, installed {here.get(lib)}"
-            for lib in PIXEL_LIBRARIES if built.get(lib) != here.get(lib)]
+    libs = pixel_libraries(manifest.get("suite", {}).get("spec") or {})
+    return [f"{lib}: corpus built with {built[lib]}, installed {here.get(lib)}"
+            for lib in libs if built.get(lib) is not None and built[lib] != here.get(lib)]
 
 
 def dumps(manifest: dict) -> str:

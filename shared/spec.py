@@ -156,15 +156,18 @@ def _sequence_variants(table: dict) -> list[Variant]:
     if fmt not in SEQUENCE_ENCODINGS:
         raise SpecError(f"[sequence] encoding must be one of {', '.join(SEQUENCE_ENCODINGS)}, got {fmt!r}")
     difficulties = table.get("difficulties", [1])
-    if not isinstance(difficulties, list) or not difficulties or not all(d in (1, 2, 3) for d in difficulties):
-        raise SpecError("[sequence] difficulties must be a list drawn from 1, 2, 3")
+    if not isinstance(difficulties, list) or not difficulties or len(set(difficulties)) != len(difficulties) \
+            or not all(type(d) is int and d in (1, 2, 3) for d in difficulties):
+        raise SpecError("[sequence] difficulties must be distinct integers drawn from 1, 2, 3")
     out = []
     for name in _known_names(table, "perturbations", "sequence", SEQUENCE_PERTURBATIONS):
         # difficulty 2 and 3 are separate videos only for the noise sequences; the others
         # are scored at a frame stride of the same video
         for d in (difficulties if name in NOISE_SEQUENCES else [1]):
             vname = name if d == 1 else f"{name}_{d}"
-            out.append(Variant(f"sequence/{vname}", "sequence", vname, {"perturbation": name, "difficulty": d},
+            frames = 41 if name == "translate" else 31
+            out.append(Variant(f"sequence/{vname}", "sequence", vname,
+                               {"perturbation": name, "difficulty": d, "frames": frames},
                                {"format": fmt}, group=f"sequence/{vname}"))
     return out
 
@@ -257,6 +260,9 @@ def load_suite(name_or_path: str, *, seed: int | None = None, encoding: str | No
             variants.extend(FAMILIES.get(family)(spec[family]))
     if not variants:
         raise SpecError(f"{path}: the suite defines no variants")
+    ids = [v.id for v in variants]
+    if len(set(ids)) != len(ids):
+        raise SpecError(f"{path}: variant {next(i for i in ids if ids.count(i) > 1)!r} is defined twice")
     return Suite(name=str(spec.get("name", path.stem)), description=str(spec.get("description", "")),
                  seed=seed_value, resize=resize, crop=crop, samples_per_shard=per_shard,
                  variants=tuple(variants), spec=spec, path=str(path))

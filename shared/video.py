@@ -9,27 +9,39 @@ Two recipes (the ``encoding`` of the sequence family):
 * ``lossless``: H.264 RGB (libx264rgb) at ``qp 0`` in Matroska, which
   round-trips every frame exactly.
 
-Encoding is single-threaded and deterministic: frames are handed to x264 as
-yuv444p arrays converted once by swscale (BT.601, as the ffmpeg command line
-does), because frames that PyAV converts on the fly carry uninitialised padding
-that made x264's output differ from run to run.
+Encoding is single-threaded and deterministic: x264 runs with its SSE2
+routines at most (see :func:`_x264_asm`).
 """
 from __future__ import annotations
 
 import io
+import platform
 from fractions import Fraction
 
 import numpy as np
 
 from qrobust.shared.errors import QrobustError
 
+def _x264_asm() -> str:
+    """x264's ``asm`` CPU mask: SSE2 at most on x86-64 (every such CPU has it), plain C elsewhere.
+
+    The AVX-512 routines of the x264 in PyAV's wheels read uninitialised memory
+    (the mb-tree rate control path): the same frames gave different bytes from
+    run to run. x264's C code and its SSE2 routines give identical bytes (tested),
+    so this mask makes the output reproducible across runs and machines at
+    nearly full speed. Values are x264.h's X264_CPU_MMX | MMX2 | SSE | SSE2.
+    """
+    return "15" if platform.machine().lower() in ("x86_64", "amd64") else "0"
+
+
 RECIPES = {
     "reference": {"container": "mp4", "ext": "mp4", "codec": "libx264", "pix_fmt": "yuv444p", "fps": 1,
-                  "options": {"preset": "veryslow", "crf": "20", "threads": "1"}},
+                  "options": {"preset": "veryslow", "crf": "20", "threads": "1", "x264-params": f"asm={_x264_asm()}"}},
     "reference-noise": {"container": "mp4", "ext": "mp4", "codec": "libx264", "pix_fmt": "yuv444p", "fps": 1,
-                        "options": {"preset": "veryslow", "tune": "grain", "crf": "23", "threads": "1"}},
+                        "options": {"preset": "veryslow", "tune": "grain", "crf": "23", "threads": "1",
+                                    "x264-params": f"asm={_x264_asm()}"}},
     "lossless": {"container": "matroska", "ext": "mkv", "codec": "libx264rgb", "pix_fmt": "rgb24", "fps": 1,
-                 "options": {"preset": "veryfast", "qp": "0", "threads": "1"}},
+                 "options": {"preset": "veryfast", "qp": "0", "threads": "1", "x264-params": f"asm={_x264_asm()}"}},
 }
 VIDEO_EXTENSIONS = ("mp4", "mkv")
 
@@ -76,10 +88,7 @@ def encode_frames(frames: np.ndarray, recipe: dict) -> bytes:
         stream.pix_fmt = recipe["pix_fmt"]
         for i, rgb in enumerate(frames):
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
-            if recipe["pix_fmt"] != "rgb24":  # convert here, into a clean array (see the module doc)
-                frame = av.VideoFrame.from_ndarray(frame.reformat(format=recipe["pix_fmt"]).to_ndarray(),
-                                                   format=recipe["pix_fmt"])
-            frame.pts = i
+            frame.pts = i  # PyAV converts to the stream's pix_fmt with swscale (BT.601), as the ffmpeg CLI
             for packet in stream.encode(frame):
                 out.mux(packet)
         for packet in stream.encode(None):
@@ -87,21 +96,38 @@ def encode_frames(frames: np.ndarray, recipe: dict) -> bytes:
     return buf.getvalue()
 
 
-def decode_frames(payload: bytes) -> np.ndarray:
+def decode_frames(payload: bytes, expected_frames: int | None = None) -> np.ndarray:
     """Decode a sequence payload (mp4 / mkv) into uint8 (T, H, W, 3) RGB frames.
 
-    Raises :class:`VideoError` for a payload that is not a decodable video.
+    ``expected_frames`` (the variant's ``frames`` parameter in the manifest)
+    catches a truncated payload. Raises :class:`VideoError` for a payload that
+    is not an H.264 video or holds another number of frames.
     """
     import av
 
     try:
         with av.open(io.BytesIO(payload)) as container:
+            if not container.streams.video or container.streams.video[0].codec_context.name != "h264":
+                raise VideoError("not an H.264 sequence payload")
             frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     except (av.error.FFmpegError, ValueError, IndexError) as e:
         raise VideoError(f"not a decodable video: {e}") from None
-    if not frames:
-        raise VideoError("the video holds no frames")
+    if not frames or (expected_frames is not None and len(frames) != expected_frames):
+        raise VideoError(f"the video holds {len(frames)} frames, expected {expected_frames or 'some'}")
     return np.stack(frames)
+
+
+def x264_version() -> str | None:
+    """The x264 core version PyAV's FFmpeg encodes with (it decides the reference sequences' bytes),
+    read from the version SEI of a one-frame encode."""
+    import re
+
+    try:
+        payload = encode_frames(np.zeros((1, 16, 16, 3), np.uint8), RECIPES["lossless"])
+    except Exception:  # no libx264: nothing to record
+        return None
+    match = re.search(rb"x264 - core (\d+)", payload)
+    return f"core {match.group(1).decode()}" if match else None
 
 
 def ffmpeg_versions() -> dict:
@@ -111,4 +137,4 @@ def ffmpeg_versions() -> dict:
     except ImportError:
         return {}
     libs = {k: ".".join(map(str, v)) for k, v in av.library_versions.items()}
-    return {"av": av.__version__, **libs}
+    return {"av": av.__version__, **libs, "x264": x264_version()}

@@ -292,7 +292,7 @@ def test_suite_mistakes_stop_before_any_work(tmp_path, class_folder, table, mess
     assert not (tmp_path / "out").exists()
 
 
-def test_sequences_and_systematic_in_the_corpus(tmp_path, class_folder, small_suite, capsys):
+def test_sequences_and_systematic_in_the_corpus(tmp_path, class_folder, small_suite, capsys, monkeypatch):
     from qrobust.generate.sequences import render_sequence
     from qrobust.generate.systematic import render_systematic
     from qrobust.shared.preprocess import resize_shorter
@@ -306,23 +306,35 @@ def test_sequences_and_systematic_in_the_corpus(tmp_path, class_folder, small_su
     assert {"av", "libavcodec", "libswscale"} <= set(manifest["versions"])
     with tarfile.open(out / entry["shards"][0]["name"]) as tar:
         payload = tar.extractfile("astronaut_0.mkv").read()
+    assert manifest["variants"]["sequence/gaussian_noise"]["params"]["frames"] == 31
     source = class_folder / "astronaut" / "astronaut_0.jpg"
     expected = render_sequence(resize_shorter(load_rgb(source), 40), 36, "gaussian_noise", 1,
                                sample_seed(7, "sequence/gaussian_noise", "astronaut_0"))
-    np.testing.assert_array_equal(decode_frames(payload), expected)
+    np.testing.assert_array_equal(decode_frames(payload, expected_frames=31), expected)
     ffmpeg = read_shard(out / manifest["variants"]["systematic/decode-ffmpeg"]["shards"][0]["name"])
     np.testing.assert_array_equal(ffmpeg[0][2], render_systematic(source.read_bytes(), "ffmpeg", "pil-bilinear", 40, 36))
     square = read_shard(out / manifest["variants"]["clean/square"]["shards"][0]["name"])
     np.testing.assert_array_equal(square[0][2], render_systematic(source.read_bytes(), "pil", "pil-bilinear", 40, 36))
-    # verify --check-env flags a corpus built with other pixel-deciding libraries
+    # verify --check-env flags an installation whose pixel-deciding libraries differ from the corpus's
     capsys.readouterr()
     assert run("verify", out, "--check-env") == 0
-    manifest_json = json.loads((out / "manifest.json").read_text())
-    manifest_json["versions"]["libswscale"] = "0.0.1"
-    (out / "manifest.json").write_text(json.dumps(manifest_json))
-    assert run("verify", out) == 0  # versions are not part of the content
+    from qrobust.shared import manifest as manifest_module
+
+    installed = manifest_module.library_versions()
+    monkeypatch.setattr(manifest_module, "library_versions", lambda: dict(installed, libswscale="99.0.0"))
+    assert run("verify", out) == 0
     assert run("verify", out, "--check-env") == 1
-    assert "environment: libswscale: corpus built with 0.0.1" in capsys.readouterr().out
+    assert f"environment: libswscale: corpus built with {installed['libswscale']}, installed 99.0.0" in \
+        capsys.readouterr().out
+    # and generate does not resume it with them: the shards would mix two libraries' output
+    assert run("generate", "--suite", small_suite, "--source", class_folder, "--out", out) == 2
+    assert "(versions differ)" in capsys.readouterr().err
+    # hand-edited versions are an edited manifest
+    monkeypatch.undo()
+    manifest_json = json.loads((out / "manifest.json").read_text())
+    manifest_json["versions"]["x264"] = "core 1"
+    (out / "manifest.json").write_text(json.dumps(manifest_json))
+    assert any("edited by hand" in p for p in verify_corpus(out))
 
 
 def test_reference_sequence_encoding_needs_its_encoder(tmp_path, class_folder, small_suite, monkeypatch, capsys):

@@ -60,7 +60,7 @@ def test_malformed_suites(tmp_path, text, message):
 def test_sequence_and_systematic_tables():
     suite = load_suite("robustmq", sequence_encoding="lossless")
     noise = suite.select(["sequence/gaussian_noise"])[0]
-    assert noise.params == {"perturbation": "gaussian_noise", "difficulty": 1}
+    assert noise.params == {"perturbation": "gaussian_noise", "difficulty": 1, "frames": 31}
     assert noise.encoding == {"format": "lossless"}
     decode = suite.select(["systematic/decode-opencv"])[0]
     assert decode.params == {"decoder": "opencv", "resize": "pil-bilinear"}

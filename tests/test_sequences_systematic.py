@@ -201,3 +201,87 @@ def test_reference_encoding_decodes_to_the_right_frames(resized, name):
     back = decode_frames(payload)
     assert back.shape == frames.shape
     assert np.abs(back.astype(int) - frames).mean() < 12  # lossy, but the same pictures
+
+
+def test_clean_square_and_pil_decode_agree_on_16_bit_sources():
+    from qrobust.generate.render import SampleContext, render_clean
+    from qrobust.shared.sources import SourceSample
+    from qrobust.shared.spec import load_suite
+
+    deep = (np.linspace(0, 65535, 300 * 400).reshape(300, 400)).astype(np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(deep).save(buf, format="PNG")
+    data = buf.getvalue()
+    pil = render_systematic(data, "pil", "pil-bilinear", SIZE, CROP)
+    assert 100 < pil.mean() < 155  # high byte kept, not clipped to white
+    np.testing.assert_array_equal(pil, render_systematic(data, "opencv", "pil-bilinear", SIZE, CROP))
+    import tempfile, pathlib  # noqa: E401
+    with tempfile.TemporaryDirectory() as tmp:
+        path = pathlib.Path(tmp) / "deep.png"
+        path.write_bytes(data)
+        suite = load_suite("robustmq")
+        ctx = SampleContext(SourceSample("deep", str(path), 0, len(data)), suite)
+        square = [v for v in suite.variants if v.id == "clean/square"][0]
+        np.testing.assert_array_equal(render_clean(square, ctx, 0), pil)
+
+
+def test_sequence_payloads_are_checked_and_reproducible_across_processes(resized, tmp_path):
+    import subprocess
+    import sys
+
+    from qrobust.shared.video import VideoError
+
+    frames = render_sequence(resized, 80, "rotate", 1, 0)
+    recipe = recipe_for("reference", "rotate")
+    payload = encode_frames(frames, recipe)
+    np.save(tmp_path / "frames.npy", frames)
+    code = ("import numpy as np, sys; from qrobust.shared.video import encode_frames, recipe_for; "
+            f"sys.stdout.buffer.write(encode_frames(np.load({str(tmp_path / 'frames.npy')!r}), "
+            "recipe_for('reference', 'rotate')))")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, check=True).stdout == payload
+    assert decode_frames(payload, expected_frames=31).shape == (31, 80, 80, 3)
+    lossless = encode_frames(frames, recipe_for("lossless", "rotate"))
+    with pytest.raises(VideoError, match="expected 31"):
+        decode_frames(lossless[: len(lossless) // 2], expected_frames=31)
+    png = io.BytesIO()
+    Image.fromarray(frames[0]).save(png, format="PNG")
+    with pytest.raises(VideoError, match="not an H.264"):
+        decode_frames(png.getvalue())
+
+
+@pytest.mark.parametrize("table, message", [
+    ('[sequence]\nperturbations = ["gaussian_noise"]\ndifficulties = [2, 2]', "distinct integers"),
+    ('[sequence]\nperturbations = ["gaussian_noise"]\ndifficulties = [true]', "distinct integers"),
+    ('[clean]\nvariants = ["onecrop", "onecrop"]', "lists a name twice"),
+])
+def test_suite_tables_refuse_duplicates(tmp_path, table, message):
+    from qrobust.shared.spec import SpecError, load_suite
+
+    path = tmp_path / "s.toml"
+    path.write_text(f"[geometry]\nresize = 64\ncrop = 56\n{table}\n")
+    with pytest.raises(SpecError, match=message):
+        load_suite(str(path))
+
+
+def test_sequences_need_32_px(tmp_path):
+    from qrobust.generate.render import check_renderable
+    from qrobust.shared.spec import SpecError, load_suite
+
+    path = tmp_path / "s.toml"
+    path.write_text('[geometry]\nresize = 30\ncrop = 24\n[sequence]\nperturbations = ["snow"]\n')
+    suite = load_suite(str(path))
+    with pytest.raises(SpecError, match="crop 24 is below 32"):
+        check_renderable(suite.variants[0], suite)
+
+
+def test_x264_output_is_its_plain_c_output_and_stable(resized):
+    """x264's AVX-512 routines in PyAV's wheels made bytes vary run to run; the recipes cap the CPU
+    mask so that the output equals x264's plain C output, every time."""
+    frames = render_sequence(resized, 80, "gaussian_noise", 1, 3)
+    recipe = recipe_for("reference", "gaussian_noise")
+    plain_c = dict(recipe, options=dict(recipe["options"], **{"x264-params": "asm=0"}))
+    expected = encode_frames(frames, plain_c)
+    clutter = []
+    for _ in range(4):
+        clutter.append(np.random.default_rng().bytes(1 << 16))  # move the allocator around between encodes
+        assert encode_frames(frames, recipe) == expected
