@@ -100,10 +100,62 @@ def _cmd_verify(args) -> int:
     return 0
 
 
+def _add_score(sub) -> None:
+    p = _parser(sub, "score", "Stream a corpus through a model; store top-5 predictions and every metric "
+                "(RESULTS/summary.json). An interrupted run resumes.",
+                "qrobust score --corpus demo-out/corpus --model tiny_cnn --out results/tiny --limit 16")
+    p.add_argument("--corpus", required=True, help="corpus folder, or a URL (http(s)://, s3://, ...) of one")
+    p.add_argument("--model", required=True,
+                   help="checkpoint.safetensors | ARCH (with --weights FILE) | ARCH:TORCHVISION_WEIGHTS | "
+                        "module:callable; `qrobust ls models` lists architectures")
+    p.add_argument("--weights", help="state dict (.pth/.pt loaded with weights_only=True, or .safetensors)")
+    p.add_argument("--out", required=True, help="results folder (one per model and corpus)")
+    p.add_argument("--only", action="append", metavar="GLOB", help="score only these variant ids (repeatable)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, help="data-loading processes (default: min(4, cores - 1))")
+    p.add_argument("--limit", type=int, help="score the first N samples of every variant")
+    p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of shards (sizes are checked)")
+    p.set_defaults(run=_cmd_score)
+
+
+def _cmd_score(args) -> int:
+    score = _resolve("qrobust.score.run:score")
+    only = [g for item in (args.only or []) for g in item.split(",") if g]
+    summary = score(args.corpus, args.model, args.out, weights=args.weights, only=only, device=args.device,
+                    batch_size=args.batch_size, workers=args.workers, limit=args.limit, verify=not args.no_verify,
+                    progress=not args.quiet)
+    acc = summary["clean"]["acc"]
+    parts = [f"ACC {acc:.2%}" if acc is not None else "ACC -"]
+    for family, key in (("natural", "mnr"), ("sequence", "mfp"), ("systematic", "mean")):
+        value = (summary.get(family) or {}).get(key)
+        if value is not None:
+            parts.append(f"{family} {key} {value:.2%}")
+    print(f"{args.out}/summary.json: {summary['model']['name']}: " + ", ".join(parts))
+    return 0
+
+
+def _add_report(sub) -> None:
+    p = _parser(sub, "report", "Turn the results of many models into the paper's tables (Markdown, CSV, LaTeX), "
+                "figures and one index.html.",
+                "qrobust report results/* --out report")
+    p.add_argument("results", nargs="+", help="results folders made by `qrobust score`")
+    p.add_argument("--out", required=True, help="report folder")
+    p.add_argument("--nc-threshold", type=float, default=0.1,
+                   help="clean accuracy below which a model is reported as NC (not converged); default 0.1")
+    p.set_defaults(run=_cmd_report)
+
+
+def _cmd_report(args) -> int:
+    index = _resolve("qrobust.score.report:build_report")(args.results, args.out, nc_threshold=args.nc_threshold)
+    print(f"report: {index}")
+    return 0
+
+
 def _add_ls(sub) -> None:
-    p = _parser(sub, "ls", "List registered things: corruptions, suites, or the variants of a suite.",
-                "qrobust ls variants 'natural/glass*' --suite robustmq")
-    p.add_argument("what", choices=("corruptions", "suites", "variants"))
+    p = _parser(sub, "ls", "List registered things: corruptions, suites, model architectures, or the variants "
+                "of a suite.", "qrobust ls variants 'natural/glass*' --suite robustmq")
+    p.add_argument("what", choices=("corruptions", "suites", "variants", "models"))
     p.add_argument("pattern", nargs="?", default="*", help="glob filter")
     p.add_argument("--suite", default="robustmq", help="suite for `ls variants`")
     p.set_defaults(run=_cmd_ls)
@@ -114,6 +166,8 @@ def _cmd_ls(args) -> int:
 
     if args.what == "corruptions":
         names = _resolve("qrobust.generate.natural:CORRUPTIONS").names(args.pattern)
+    elif args.what == "models":
+        names = _resolve("qrobust.shared.models:ARCHITECTURES").names(args.pattern)
     elif args.what == "suites":
         names = [n for n in _resolve("qrobust.shared.spec:packaged_suites")() if fnmatch.fnmatchcase(n, args.pattern)]
     else:
@@ -146,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"qrobust {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_generate, _add_verify, _add_ls, _add_demo):
+    for add in (_add_generate, _add_verify, _add_score, _add_report, _add_ls, _add_demo):
         add(sub)
     return parser
 

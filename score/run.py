@@ -1,0 +1,163 @@
+"""``qrobust score``: stream a corpus through a model, store top-5 predictions, write the summary.
+
+Units are (variant, shard) pairs, read, verified and decoded by DataLoader
+worker processes (:mod:`qrobust.score.stream`) while the main process runs the
+model and writes the results store (:mod:`qrobust.score.predict`). A rerun
+skips finished units, so an interrupted run resumes; the summary is always
+recomputed from all stored predictions.
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import os
+import sys
+
+import numpy as np
+
+from qrobust.score.predict import TOPK, ResultsStore
+from qrobust.score.stream import Corpus, CorpusError, Unit, UnitStream
+from qrobust.score.summary import compute_summary
+from qrobust.shared.manifest import write_atomic
+
+log = logging.getLogger("qrobust.score")
+
+
+def plan_units(manifest: dict, variants: list[str], limit: int | None) -> tuple[list[Unit], int]:
+    """Every (variant, shard) unit, with each variant's first ``limit`` samples; returns (units, rows)."""
+    total = manifest["samples"]["count"]
+    rows = min(total, limit) if limit else total
+    units = []
+    for vid in variants:
+        entry = manifest["variants"][vid]
+        if entry["count"] != total:
+            raise CorpusError(f"{vid}: {entry['count']} samples, the corpus has {total} (run `qrobust verify`)")
+        start = 0
+        for index, shard in enumerate(entry["shards"]):
+            if start >= rows:
+                break
+            count = min(shard["count"], rows - start)
+            units.append(Unit(vid, index, shard, start, count))
+            start += shard["count"]
+    return units, rows
+
+
+def _layout(manifest: dict, variants: list[str], rows: int) -> dict[str, tuple[int, ...]]:
+    out = {}
+    for vid in variants:
+        entry = manifest["variants"][vid]
+        frames = entry["params"].get("frames") if entry["family"] == "sequence" else None
+        out[vid] = (rows, frames, TOPK) if frames else (rows, TOPK)
+    return out
+
+
+def _top5(model, pixels: np.ndarray, batch_size: int, device: str) -> np.ndarray:
+    """Top-5 class ids of uint8 (n, H, W, 3) images, in batches."""
+    import torch
+
+    out = []
+    for i in range(0, len(pixels), batch_size):
+        batch = torch.from_numpy(np.ascontiguousarray(pixels[i:i + batch_size])).to(device)
+        batch = batch.permute(0, 3, 1, 2).float().div_(255)
+        logits = model(batch)
+        ids = logits.topk(min(TOPK, logits.shape[1]), dim=1).indices.to(torch.int32).cpu().numpy()
+        if ids.shape[1] < TOPK:  # fewer than 5 classes: pad with -1 (no class)
+            ids = np.pad(ids, ((0, 0), (0, TOPK - ids.shape[1])), constant_values=-1)
+        out.append(ids)
+    return np.concatenate(out)
+
+
+def score(corpus: str, model: str, out: str, *, weights: str | None = None, only: list[str] | None = None,
+          device: str = "cpu", batch_size: int = 64, workers: int | None = None, limit: int | None = None,
+          verify: bool = True, progress: bool = True) -> dict:
+    """Score ``model`` (see :func:`qrobust.shared.models.load_model`) on ``corpus`` into folder ``out``;
+    returns the summary (also written to ``out/summary.json``).
+
+    Raises :class:`~qrobust.shared.errors.QrobustError` subclasses for a bad corpus, model or results folder.
+    """
+    import torch
+
+    from qrobust import __version__
+    from qrobust.shared.models import load_model
+
+    if batch_size < 1 or (workers is not None and workers < 0) or (limit is not None and limit < 1):
+        raise CorpusError("--batch-size and --limit must be at least 1, --workers at least 0")
+    source = Corpus(corpus)
+    manifest = source.manifest
+    variants = sorted(manifest["variants"])
+    if only:
+        for pattern in only:
+            if not any(fnmatch.fnmatchcase(v, pattern) for v in variants):
+                raise CorpusError(f"--only {pattern!r} matches no variant of this corpus")
+        variants = [v for v in variants if any(fnmatch.fnmatchcase(v, p) for p in only)]
+    net, spec, sha = load_model(model, weights=weights, device=device)
+    all_units, rows = plan_units(manifest, sorted(manifest["variants"]), limit)
+    units = [u for u in all_units if u.variant in set(variants)]
+    identity = {"model": spec.to_dict(), "model_sha256": sha, "manifest_sha256": source.manifest_sha256,
+                "rows": rows}
+    chunk = manifest.get("suite", {}).get("spec", {}).get("shards", {}).get("samples", 1000)
+    store = ResultsStore(out, identity, _layout(manifest, variants, rows), chunk)
+    todo = [u for u in units if store.unit_id(u.variant, u.index) not in store.done]
+    log.info("%s on %s: %d variants x %d samples, %d of %d units to score", spec.name, corpus, len(variants),
+             rows, len(todo), len(units))
+    if workers is None:
+        workers = min(4, max(0, (os.cpu_count() or 1) - 1))
+    if todo:
+        _run_units(net, store, source, todo, batch_size, workers, device, verify, progress)
+    predictions = _finished_predictions(store, all_units, manifest)
+    summary = compute_summary(
+        predictions, store.labels[...], manifest,
+        model={"name": spec.name, "arch": spec.arch, "quant": spec.quant, "sha256": sha, "spec": spec.to_dict()},
+        corpus={"suite": manifest["suite"]["name"], "manifest_sha256": source.manifest_sha256, "samples": rows,
+                "location": str(corpus)},
+        env={"qrobust": __version__, "torch": torch.__version__, "device": device, "batch_size": batch_size,
+             "seed": manifest.get("seed"), "python": sys.version.split()[0]})
+    write_atomic(store.path / "summary.json", json.dumps(summary, indent=1, sort_keys=True))
+    return summary
+
+
+def _finished_predictions(store: ResultsStore, units: list[Unit], manifest: dict) -> dict[str, np.ndarray]:
+    """Predictions of every variant whose units are all stored (this run's selection and earlier ones)."""
+    out = {}
+    for vid in manifest["variants"]:
+        ids = [store.unit_id(u.variant, u.index) for u in units if u.variant == vid]
+        if ids and all(i in store.done for i in ids):
+            out[vid] = store.predictions(vid)
+    return out
+
+
+def _run_units(net, store, source, todo, batch_size, workers, device, verify, progress) -> None:
+    import torch
+    from torch.utils.data import DataLoader
+
+    sequences = {u.variant for u in todo if len(store.arrays[u.variant].shape) == 3}
+    piece = max(1, batch_size)
+    loader = DataLoader(UnitStream(source, todo, verify, piece), batch_size=None, num_workers=workers,
+                        pin_memory=device.startswith("cuda"), prefetch_factor=2 if workers else None)
+    remaining = {store.unit_id(u.variant, u.index): u.count for u in todo}
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=sum(u.count for u in todo), desc="score", unit="img", dynamic_ncols=True, file=sys.stderr)
+    try:
+        with torch.inference_mode():
+            for part in loader:
+                pixels = part.pixels
+                if part.unit.variant in sequences:  # (n, T, H, W, 3): every frame is an image
+                    n, t = pixels.shape[:2]
+                    top5 = _top5(net, pixels.reshape(n * t, *pixels.shape[2:]), batch_size, device)
+                    top5 = top5.reshape(n, t, TOPK)
+                else:
+                    top5 = _top5(net, pixels, batch_size, device)
+                store.write(part.unit.variant, part.start, top5, part.labels)
+                uid = store.unit_id(part.unit.variant, part.unit.index)
+                remaining[uid] -= len(part.keys)
+                if remaining[uid] == 0:
+                    store.mark_done([uid])
+                if bar is not None:
+                    bar.update(len(part.keys))
+    finally:
+        if bar is not None:
+            bar.close()

@@ -1,0 +1,384 @@
+"""Models: architectures, the [0, 1] input convention, and loading by spec.
+
+Every model qrobust builds takes RGB in [0, 1], shape (N, 3, H, W), and
+normalizes inside itself (:class:`Normalized`), so attack budgets are in pixel
+units. A model is named by a :class:`ModelSpec`; :func:`load_model` accepts
+
+* ``ckpt.safetensors`` -- a qrobust checkpoint (the spec is in its metadata);
+* ``resnet18`` with ``weights=FILE`` -- a torchvision-style state dict
+  (``.pt``/``.pth`` read with ``weights_only=True``, or ``.safetensors``);
+* ``resnet18:IMAGENET1K_V1`` -- torchvision's published weights (downloads);
+* ``package.module:callable`` -- any callable returning an ``nn.Module``;
+* ``resnet18`` alone -- random initialisation (seed 0), with a warning.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import inspect
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from torchvision import models as tvm
+from torchvision.models.resnet import BasicBlock
+
+from qrobust.shared.errors import QrobustError
+from qrobust.shared.manifest import file_sha256, fsync_dir, partial_path
+from qrobust.shared.registry import Registry
+
+log = logging.getLogger("qrobust.models")
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SOURCES = ("init", "checkpoint", "state_dict", "torchvision", "callable")
+META_MODEL, META_VERSION = "qrobust.model", "qrobust.version"
+
+ARCHITECTURES: Registry[Callable[[int], nn.Module]] = Registry("architecture")
+# architectures whose torchvision weights ``arch:WEIGHTS_NAME`` can name (torchvision has no RegNetX-600MF)
+TORCHVISION_WEIGHTS = ("resnet18", "resnet50", "mobilenet_v2")
+
+
+class ModelError(QrobustError, ValueError):
+    """A model cannot be built or loaded as asked (bad spec, file or state dict)."""
+
+
+class Normalized(nn.Module):
+    """``net((x - mean) / std)``: the wrapper that makes a model take [0, 1] RGB.
+
+    mean/std are non-persistent buffers: they follow ``.to(device)`` but stay out
+    of the state dict, which is the inner net's alone (``net.*``).
+    """
+
+    def __init__(self, net: nn.Module, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - self.mean) / self.std)
+
+
+@ARCHITECTURES.register("resnet18")
+def resnet18(num_classes: int) -> nn.Module:
+    return tvm.resnet18(weights=None, num_classes=num_classes)
+
+
+@ARCHITECTURES.register("resnet50")
+def resnet50(num_classes: int) -> nn.Module:
+    return tvm.resnet50(weights=None, num_classes=num_classes)
+
+
+@ARCHITECTURES.register("mobilenet_v2")
+def mobilenet_v2(num_classes: int) -> nn.Module:
+    return tvm.mobilenet_v2(weights=None, num_classes=num_classes)
+
+
+@ARCHITECTURES.register("regnetx_600mf")
+def regnetx_600mf(num_classes: int) -> nn.Module:
+    """pycls RegNetX-600MF (6,196,040 parameters at 1000 classes; torchvision has no builder for it)."""
+    params = tvm.regnet.BlockParams.from_init_params(depth=16, w_0=48, w_a=36.97, w_m=2.24, group_width=24)
+    return tvm.RegNet(params, num_classes=num_classes)
+
+
+def _conv_bn(cin: int, cout: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+@ARCHITECTURES.register("tiny_cnn")
+def tiny_cnn(num_classes: int) -> nn.Module:
+    """Three stride-2 conv+BN+ReLU layers (16/32/64), global pool, linear: ~24k parameters + 65 per class."""
+    return nn.Sequential(_conv_bn(3, 16, 2), _conv_bn(16, 32, 2), _conv_bn(32, 64, 2),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes))
+
+
+class TinyResNet(nn.Module):
+    """A stride-2 stem and one torchvision BasicBlock per stage (widths 16/32/64)."""
+
+    def __init__(self, num_classes: int, widths=(16, 32, 64)):
+        super().__init__()
+        self.stem = _conv_bn(3, widths[0], 2)
+        blocks, cin = [], widths[0]
+        for i, w in enumerate(widths):
+            stride = 1 if i == 0 else 2
+            down = None if stride == 1 and cin == w else nn.Sequential(
+                nn.Conv2d(cin, w, 1, stride, bias=False), nn.BatchNorm2d(w))
+            blocks.append(BasicBlock(cin, w, stride, down))
+            cin = w
+        self.layers = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.layers(self.stem(x))), 1))
+
+
+ARCHITECTURES.add("tiny_resnet", TinyResNet)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a model is: architecture, classes, quantization and where its weights came from.
+
+    >>> ModelSpec("resnet18", quant={"method": "lsq", "weight_bits": 4, "activation_bits": 4}).name
+    'resnet18-lsq-w4a4'
+    """
+
+    arch: str  # a registered architecture, or "package.module:callable" when source == "callable"
+    num_classes: int = 1000
+    quant: dict | None = field(default=None, hash=False)  # reserved: kept and recorded, not yet applied
+    weights: str | None = None  # a file path or a torchvision weights name
+    source: str = "init"
+
+    def __post_init__(self):
+        if self.source not in SOURCES:
+            raise ModelError(f"model source {self.source!r} is not one of {', '.join(SOURCES)}")
+
+    @property
+    def name(self) -> str:
+        if not self.quant:
+            return self.arch
+        q = self.quant
+        return f"{self.arch}-{q.get('method', 'q')}-w{q.get('weight_bits', '?')}a{q.get('activation_bits', '?')}"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelSpec":
+        known = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(d, dict) or "arch" not in d or set(d) - known:
+            extra = sorted(set(d) - known) if isinstance(d, dict) else []
+            raise ModelError(f"not a qrobust model spec: {d!r}" + (f" (unknown keys {extra})" if extra else ""))
+        return cls(**d)
+
+
+def build_model(spec: ModelSpec | str, num_classes: int | None = None) -> nn.Module:
+    """A freshly initialised model for a spec or an architecture name; the same every call (seed 0).
+
+    Registered architectures come wrapped in :class:`Normalized`; a spec whose
+    ``arch`` is ``package.module:callable`` is built by that callable.
+
+    >>> build_model("tiny_cnn", 10)(torch.rand(1, 3, 32, 32)).shape
+    torch.Size([1, 10])
+    >>> build_model(ModelSpec("tiny_resnet", num_classes=3)).net.fc.out_features
+    3
+    """
+    if isinstance(spec, str):
+        spec = ModelSpec(spec, 1000 if num_classes is None else num_classes)
+    elif num_classes is not None:
+        raise TypeError("build_model: num_classes goes in the ModelSpec")
+    if spec.quant:  # a float model under a quantized name would give silently wrong scores
+        raise ModelError(f"{spec.name} is quantized; this qrobust cannot build quantized models yet")
+    if ":" in spec.arch:  # a callable's spec keeps its "package.module:callable" as arch
+        return _build_callable(spec.arch, spec.num_classes)[0]
+    builder = ARCHITECTURES.get(spec.arch)
+    with torch.random.fork_rng(devices=[]):  # reproducible init without touching the caller's RNG
+        torch.manual_seed(0)
+        return Normalized(builder(spec.num_classes))
+
+
+def _build_callable(target: str, num_classes: int | None) -> tuple[nn.Module, int]:
+    module_name, _, attr = target.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        hint = ""
+        if "." not in module_name and "/" not in module_name:  # maybe a mistyped architecture
+            hint = f" ({ARCHITECTURES.unknown_message(module_name)})"
+        raise ModelError(f"cannot load model callable {target!r}: {e}{hint}") from None
+    try:  # pass num_classes only to callables that take it
+        takes = "num_classes" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        takes = False
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net = fn(num_classes=num_classes) if num_classes is not None and takes else fn()
+    if not isinstance(net, nn.Module):
+        raise ModelError(f"{target} returned {type(net).__name__}, not a torch.nn.Module")
+    linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    found = linears[-1].out_features if linears else None  # the spec's best guess: the last Linear's outputs
+    if num_classes is not None and found not in (None, num_classes):
+        raise ModelError(f"{target} makes a model with {found} classes, not {num_classes}")
+    num_classes = num_classes or found or 1000
+    if not getattr(net, "qrobust_normalizes_input", False):
+        net = Normalized(net)
+    return net, num_classes
+
+
+def _inner(model: nn.Module) -> nn.Module:
+    return model.net if isinstance(model, Normalized) else model
+
+
+def read_checkpoint_metadata(path: str | os.PathLike) -> dict:
+    """The string metadata of a ``.safetensors`` file ({} if it has none).
+
+    >>> json.loads(read_checkpoint_metadata("ckpt.safetensors")["qrobust.model"])["arch"]  # doctest: +SKIP
+    'resnet18'
+    """
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except FileNotFoundError:
+        raise ModelError(f"{path}: no such file") from None
+    except Exception as e:  # safetensors raises its own error types for malformed headers
+        raise ModelError(f"{path}: not a readable safetensors file: {e}") from None
+
+
+def _read_state_dict(path: Path) -> dict:
+    """Tensors from a weights file, never unpickling arbitrary objects."""
+    if not path.is_file():
+        raise ModelError(f"weights file {path} not found")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        read_checkpoint_metadata(path)  # turns a malformed file into a one-line error
+        return load_file(str(path))
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for payloads, RuntimeError for non-zip files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"{path}: refused, not a plain tensor state dict (weights_only load: {first})") from None
+    for key in ("state_dict", "model"):  # common training-checkpoint wrappers
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict) and not any(torch.is_tensor(v) for v in sd.values()):
+            sd = sd[key]
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in sd.items()):
+        raise ModelError(f"{path}: holds {type(sd).__name__}, not a state dict of tensors")
+    return sd
+
+
+def _load_into(model: nn.Module, sd: dict, what: str) -> None:
+    """Load a state dict for the inner net (``net.``/``module.`` prefixes stripped); one-line error on mismatch."""
+    for prefix in ("module.", "net.", "module."):  # DataParallel, the wrapper, or both
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    net = _inner(model)
+    own = net.state_dict()
+    shapes = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items()
+              if k in own and v.shape != own[k].shape]
+    missing = unexpected = []
+    if not shapes:  # load_state_dict raises on shapes even when not strict; we report them ourselves
+        result = net.load_state_dict(sd, strict=False)  # lets BatchNorm fill num_batches_tracked in old files
+        missing, unexpected = result.missing_keys, result.unexpected_keys
+    if shapes or missing or unexpected:
+        parts = [f"{label} {len(keys)} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes))
+                 if keys]
+        hint = " (a different num_classes?)" if shapes else ""
+        raise ModelError(f"state dict does not match {what}: {'; '.join(parts)}{hint}")
+
+
+def _torchvision_weights(arch: str, name: str, num_classes: int | None):
+    if arch not in TORCHVISION_WEIGHTS:
+        raise ModelError(f"torchvision publishes no weights for {arch!r} (it has {', '.join(TORCHVISION_WEIGHTS)})")
+    enum = tvm.get_model_weights(arch)
+    short = name.removeprefix(enum.__name__ + ".")
+    if short not in enum.__members__:  # torchvision itself answers a bare KeyError('FOO')
+        close = difflib.get_close_matches(short, enum.__members__, n=3, cutoff=0.5)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ModelError(f"unknown torchvision weights {name!r} for {arch}.{hint} "
+                         f"Available: {', '.join(enum.__members__)}")
+    weights = enum[short]
+    classes = len(weights.meta["categories"])
+    if num_classes not in (None, classes):
+        raise ModelError(f"{enum.__name__}.{weights.name} has {classes} classes, not {num_classes}")
+    return weights, classes
+
+
+def load_model(spec_string: str, weights: str | os.PathLike | None = None, num_classes: int | None = None,
+               device: str | torch.device = "cpu") -> tuple[nn.Module, ModelSpec, str | None]:
+    """Build and load a model; return ``(model in eval mode, spec, sha256 of the weights file or None)``.
+
+    >>> model, spec, sha = load_model("ckpt.safetensors")  # doctest: +SKIP
+    >>> model, spec, sha = load_model("resnet18", weights="resnet18.pth")  # doctest: +SKIP
+    >>> model, spec, _ = load_model("tiny_cnn", num_classes=10)  # random init, with a warning
+    >>> spec.source
+    'init'
+
+    Raises :class:`ModelError` for missing or unsafe files and mismatched state
+    dicts, and :class:`~qrobust.shared.registry.UnknownNameError` for unknown architectures.
+    """
+    text, path = str(spec_string), Path(spec_string)
+    sha = None
+    if path.is_file() or path.suffix in (".safetensors", ".pt", ".pth", ".bin") or os.sep in text:
+        if not path.is_file():
+            raise ModelError(f"model file {path} not found")
+        meta = read_checkpoint_metadata(path) if path.suffix == ".safetensors" else {}
+        if META_MODEL not in meta:
+            raise ModelError(f"{path} is not a qrobust checkpoint (no {META_MODEL!r} metadata): name its "
+                             f"architecture and pass the file as weights, e.g. load_model('resnet18', weights=...)")
+        if weights is not None:
+            raise ModelError(f"{path} is a qrobust checkpoint with its own weights; do not pass weights as well")
+        try:
+            saved = ModelSpec.from_dict(json.loads(meta[META_MODEL]))
+        except (json.JSONDecodeError, TypeError) as e:
+            raise ModelError(f"{path}: malformed {META_MODEL} metadata: {e}") from None
+        if num_classes not in (None, saved.num_classes):
+            raise ModelError(f"{path} has {saved.num_classes} classes, not {num_classes}")
+        spec = dataclasses.replace(saved, source="checkpoint", weights=str(path))
+        model = build_model(saved)
+        _load_into(model, _read_state_dict(path), f"{saved.arch} ({saved.num_classes} classes)")
+        sha = file_sha256(path)
+    elif ":" in text and text.partition(":")[0] not in ARCHITECTURES:
+        model, n = _build_callable(text, num_classes)
+        spec = ModelSpec(text, n, weights=str(weights) if weights is not None else None, source="callable")
+    elif ":" in text:
+        arch, _, name = text.partition(":")
+        if weights is not None:
+            raise ModelError(f"{text} names torchvision weights; do not pass a weights file as well")
+        tv_weights, n = _torchvision_weights(arch, name, num_classes)
+        model = build_model(arch, n)
+        # check_hash: torchvision's file names carry a sha256 prefix; weights_only: no pickled code
+        _load_into(model, tv_weights.get_state_dict(progress=True, check_hash=True, weights_only=True), arch)
+        spec = ModelSpec(arch, n, weights=f"{type(tv_weights).__name__}.{tv_weights.name}", source="torchvision")
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(tv_weights.url)
+        sha = file_sha256(cached) if cached.is_file() else None
+    else:
+        n = 1000 if num_classes is None else num_classes
+        model = build_model(text, n)
+        if weights is None:
+            log.warning("model %s has no weights: randomly initialised (seed 0); its scores mean nothing", text)
+        spec = ModelSpec(text, n, weights=None if weights is None else str(weights),
+                         source="init" if weights is None else "state_dict")
+    if weights is not None and spec.source in ("state_dict", "callable"):
+        _load_into(model, _read_state_dict(Path(weights)), f"{spec.arch} ({spec.num_classes} classes)")
+        sha = file_sha256(weights)
+    return model.to(device).eval(), spec, sha
+
+
+def save_checkpoint(model: nn.Module, spec: ModelSpec, path: str | os.PathLike,
+                    extra_metadata: dict | None = None) -> Path:
+    """Write the inner net's state dict as a self-describing ``.safetensors`` checkpoint (atomically).
+
+    >>> model, spec, _ = load_model("tiny_cnn", num_classes=10)
+    >>> save_checkpoint(model, spec, "/tmp/tiny.safetensors")  # doctest: +SKIP
+    """
+    from safetensors.torch import save_file
+
+    import qrobust
+
+    path = Path(path)
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (extra_metadata or {}).items()}
+    if META_MODEL in meta or META_VERSION in meta:
+        raise ValueError(f"extra_metadata may not set {META_MODEL!r} or {META_VERSION!r}")
+    meta.update({META_MODEL: json.dumps(spec.to_dict(), sort_keys=True), META_VERSION: qrobust.__version__})
+    tensors = {k: v.detach().cpu().contiguous() for k, v in _inner(model).state_dict().items()}
+    tmp = partial_path(path)
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+    return path

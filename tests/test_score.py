@@ -1,0 +1,177 @@
+"""`qrobust score` end to end on a corpus generated from real photos."""
+from __future__ import annotations
+
+import functools
+import http.server
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from helpers import make_class_folder, write_suite
+from qrobust.shared.cli import main
+
+SUMMARY_KEYS = {"schema", "model", "corpus", "env", "clean", "natural", "sequence", "systematic", "attacks", "wcar",
+                "checks"}
+
+
+def run(*args) -> int:
+    return main(["-q", *map(str, args)])
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("score")
+    src = make_class_folder(tmp / "src", per_class=2)
+    suite = write_suite(tmp / "small.toml")
+    assert run("generate", "--suite", suite, "--source", src, "--out", tmp / "corpus", "--workers", 2) == 0
+    return tmp / "corpus"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    import torch
+
+    from qrobust.shared.models import ModelSpec, build_model, save_checkpoint
+
+    torch.manual_seed(1)
+    spec = ModelSpec(arch="tiny_resnet", num_classes=3)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny_resnet.safetensors"
+    save_checkpoint(build_model(spec), spec, path)
+    return path
+
+
+def _zarr(results: Path, name: str) -> np.ndarray:
+    import zarr
+
+    return zarr.open_group(str(results / "predictions.zarr"), mode="r")[name][...]
+
+
+def _shard_images(corpus: Path, variant: str) -> tuple[np.ndarray, np.ndarray]:
+    manifest = json.loads((corpus / "manifest.json").read_text())
+    images, labels = [], []
+    for shard in manifest["variants"][variant]["shards"]:
+        with tarfile.open(corpus / shard["name"]) as tar:
+            for m in tar:
+                data = tar.extractfile(m).read()
+                if m.name.endswith(".cls"):
+                    labels.append(int(data))
+                else:
+                    images.append(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+    return np.stack(images), np.asarray(labels)
+
+
+def test_score_stores_what_the_model_predicts(corpus, checkpoint, tmp_path):
+    import torch
+
+    from qrobust.shared.models import load_model
+
+    out = tmp_path / "r"
+    assert run("score", "--corpus", corpus, "--model", checkpoint, "--out", out, "--workers", 2,
+               "--batch-size", 4) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) == SUMMARY_KEYS and summary["schema"] == "qrobust.summary/1"
+    assert summary["model"]["arch"] == "tiny_resnet" and summary["corpus"]["samples"] == 6
+    # the stored top-5 equal an independent forward pass on independently decoded shards
+    images, labels = _shard_images(corpus, "clean/onecrop")
+    model, _, _ = load_model(str(checkpoint))
+    with torch.no_grad():
+        logits = model(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255)
+    expected = logits.topk(5 if logits.shape[1] >= 5 else logits.shape[1], dim=1).indices.numpy()
+    stored = _zarr(out, "clean/onecrop")
+    np.testing.assert_array_equal(stored[:, :expected.shape[1]], expected)
+    assert summary["clean"]["acc"] == pytest.approx((expected[:, 0] == labels).mean())
+    np.testing.assert_array_equal(_zarr(out, "labels"), labels)
+    # every family is summarised from the stored predictions
+    natural = summary["natural"]
+    assert set(natural["acc"]) == {f"{c}-{s}" for c in ("gaussian_noise", "impulse_noise", "fog") for s in (1, 3)}
+    assert natural["mnr"] == pytest.approx(np.mean(list(natural["acc_by_corruption"].values())))
+    assert _zarr(out, "sequence/rotate").shape == (6, 31, 5)
+    assert set(summary["sequence"]["fp"]) == {"gaussian_noise", "rotate"}
+    assert 0 <= summary["sequence"]["mfp"] <= 1
+    assert set(summary["systematic"]["acc"]) == {"decode-ffmpeg", "resize-opencv-area"}
+
+
+def test_workers_and_batch_size_do_not_change_results(corpus, checkpoint, tmp_path):
+    for name, workers, batch in (("a", 0, 64), ("b", 2, 3)):
+        assert run("score", "--corpus", corpus, "--model", checkpoint, "--out", tmp_path / name,
+                   "--workers", workers, "--batch-size", batch) == 0
+    a, b = (json.loads((tmp_path / n / "summary.json").read_text()) for n in "ab")
+    for family in ("clean", "natural", "sequence", "systematic"):
+        assert a[family] == b[family]
+
+
+def test_killed_score_resumes_to_the_same_results(corpus, checkpoint, tmp_path):
+    args = ["score", "--corpus", corpus, "--model", checkpoint, "--workers", 0, "--batch-size", 1]
+    assert run(*args, "--out", tmp_path / "ref") == 0
+    out = tmp_path / "killed"
+    for attempt in range(2):
+        proc = subprocess.Popen([sys.executable, "-m", "qrobust.shared.cli", "-q", *map(str, args), "--out", out],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.time() + 60
+        progress = out / "progress.json"
+        while time.time() < deadline and proc.poll() is None:
+            if progress.is_file() and len(json.loads(progress.read_text() or "[]")) >= 4 + 8 * attempt:
+                break
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert run(*args, "--out", out) == 0
+    ref, got = (json.loads((tmp_path / n / "summary.json").read_text()) for n in ("ref", "killed"))
+    assert {k: v for k, v in got.items() if k != "corpus"} == {k: v for k, v in ref.items() if k != "corpus"}
+    for variant in ("clean/onecrop", "sequence/gaussian_noise", "natural/fog-3"):
+        np.testing.assert_array_equal(_zarr(out, variant), _zarr(tmp_path / "ref", variant))
+
+
+def test_results_folder_belongs_to_one_model_and_corpus(corpus, checkpoint, tmp_path, capsys):
+    out = tmp_path / "r"
+    assert run("score", "--corpus", corpus, "--model", checkpoint, "--out", out, "--only", "clean/*") == 0
+    capsys.readouterr()
+    assert run("score", "--corpus", corpus, "--model", "tiny_cnn", "--out", out, "--only", "clean/*") == 2
+    assert "holds results of another" in capsys.readouterr().err
+    # another --only adds to the same results, and the summary covers both
+    assert run("score", "--corpus", corpus, "--model", checkpoint, "--out", out, "--only", "systematic/*") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["clean"]["acc"] is not None and summary["systematic"] is not None and summary["natural"] is None
+
+
+def test_tampered_shard_stops_scoring(corpus, checkpoint, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "corpus"
+    shutil.copytree(corpus, copy)
+    shard = copy / "natural/fog-1/fog-1-000001.tar"
+    data = bytearray(shard.read_bytes())
+    data[600] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert run("score", "--corpus", copy, "--model", checkpoint, "--out", tmp_path / "r", "--workers", 0) == 2
+    assert "natural/fog-1/fog-1-000001.tar: sha256 differs" in capsys.readouterr().err
+
+
+def test_corpus_at_an_http_url(corpus, checkpoint, tmp_path):
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(corpus))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        assert run("score", "--corpus", url, "--model", checkpoint, "--out", tmp_path / "remote",
+                   "--only", "clean/*", "--workers", 0) == 0
+    finally:
+        server.shutdown()
+    assert run("score", "--corpus", corpus, "--model", checkpoint, "--out", tmp_path / "local", "--only", "clean/*",
+               "--workers", 0) == 0
+    remote, local = (json.loads((tmp_path / n / "summary.json").read_text()) for n in ("remote", "local"))
+    assert remote["clean"] == local["clean"] and remote["corpus"]["manifest_sha256"] == local["corpus"]["manifest_sha256"]
