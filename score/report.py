@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import csv
 import html
+import importlib.util
 import io
 import json
 from dataclasses import dataclass, replace
@@ -30,6 +31,7 @@ SCHEMA = "qrobust.summary/1"
 ARCHS = {"resnet18": "ResNet18", "resnet50": "ResNet50", "regnetx_600mf": "RegNetX600M", "mobilenet_v2": "MobileNetV2"}
 METHODS = {"fp": "FP", "dorefa": "DoReFa", "pact": "PACT", "lsq": "LSQ"}
 BUDGETS = ("small", "middle", "large")
+HUES = {"fp": "Greys", "dorefa": "Blues", "pact": "Oranges", "lsq": "Greens"}  # figure colors; lighter: fewer bits
 SHORT = {"gaussian_noise": "Gauss", "shot_noise": "Shot", "impulse_noise": "Impulse", "defocus_blur": "Defocus",
          "glass_blur": "Glass", "motion_blur": "Motion", "zoom_blur": "Zoom", "brightness": "Bright",
          "elastic_transform": "Elastic", "pixelate": "Pixel", "jpeg_compression": "JPEG",
@@ -185,15 +187,17 @@ def _load(folder, nc_threshold: float) -> Model:
     schema = s.get("schema") if isinstance(s, dict) else None
     if schema != SCHEMA:
         raise ReportError(f"{path}: schema {schema!r}, this qrobust reads {SCHEMA!r}; rescore with this version")
-    for need in (("model", "arch"), ("corpus", "manifest_sha256"), ("clean", "acc")):
-        if not isinstance(s.get(need[0]), dict) or s[need[0]].get(need[1]) is None:
+    for need in (("model", "arch"), ("corpus", "manifest_sha256"), ("clean",)):
+        if not isinstance(s.get(need[0]), dict) or (need[1:] and s[need[0]].get(need[1]) is None):
             raise ReportError(f"{path}: {'.'.join(need)} is missing; the file is incomplete, rescore the model")
-    q = s["model"].get("quant")
-    if q is not None and not (isinstance(q, dict) and isinstance(q.get("w_bits"), int)):
-        raise ReportError(f"{path}: model.quant has no integer w_bits; the file is incomplete, rescore the model")
-    w, a = (q["w_bits"], q.get("a_bits", q["w_bits"])) if q else (32, 32)
-    return Model(path.parent, s, s["model"]["arch"], (q or {}).get("method", "fp").lower(), w,
-                 str(w) if w == a else f"{w}/{a}", s["clean"]["acc"] < nc_threshold)
+    q = s["model"].get("quant") or {}
+    w = q.get("w_bits", 32 if not q else None)  # DESIGN.md's spelling, as ModelSpec writes it
+    a = q.get("a_bits", w)
+    if not isinstance(w, int) or not isinstance(a, int):
+        raise ReportError(f"{path}: model.quant has no integer weight bits; the file is incomplete, rescore the model")
+    acc = s["clean"].get("acc")  # null when clean/onecrop was not scored: then not NC, ACC shown as missing
+    return Model(path.parent, s, s["model"]["arch"], q.get("method", "fp").lower(), w,
+                 str(w) if w == a else f"{w}/{a}", acc is not None and acc < nc_threshold)
 
 
 def _load_all(results, nc_threshold: float) -> list[Model]:
@@ -300,7 +304,7 @@ def _latex(table: Table, caption: str, cols, groups, grid) -> str:
 
 def _html_table(cols, groups, grid) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>"
-                   for h in ["Model", "Method", "Bits", *(c.label + c.arrow() for c in cols)])
+                   for h in ["Model", "Method", "Bits", *(c.label + c.arrow("\u00a0↑", "\u00a0↓") for c in cols)])
     body = []
     for arch, method, bits, cells, first in _rows(groups, grid):
         lead = f'</tbody><tbody><tr><th class="arch" rowspan="{first}">{html.escape(arch)}</th>' if first else "<tr>"
@@ -318,17 +322,22 @@ WRITERS = {".md": _markdown, ".csv": _csv, ".tex": _latex}
 def _bits_figure(col: Col, groups):
     """A panel per architecture: the metric against bit width, a line per method ending at FP (32); NC as x."""
     from matplotlib.figure import Figure
-    fig = Figure(figsize=(1.5 + 3.6 * len(groups), 3.4), layout="constrained")
-    for ax, (arch, ms) in zip(fig.subplots(1, len(groups), squeeze=False)[0], groups):
+    ncols, nrows = min(2, len(groups)), (len(groups) + 1) // 2
+    fig = Figure(figsize=(0.8 + 3.9 * ncols, 0.4 + 3.0 * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax in axes[len(groups):]:
+        ax.set_visible(False)
+    for ax, (arch, ms) in zip(axes, groups):
         xs = sorted({m.bits for m in ms})
         fp = [m for m in ms if m.method == "fp" and not m.nc and col.value(m) is not None]
-        for k, method in enumerate(dict.fromkeys(m.method for m in ms if m.method != "fp") or ["fp"]):
+        for method in dict.fromkeys(m.method for m in ms if m.method != "fp") or ["fp"]:
             pts = [m for m in ms if m.method == method and not m.nc and col.value(m) is not None]
             pts = sorted(pts + (fp if method != "fp" else []), key=lambda m: m.bits)
+            color = _color(method, 6)
             ax.plot([xs.index(m.bits) for m in pts], [col.value(m) * col.scale for m in pts], "o-",
-                    color=f"C{k}", label=METHODS.get(method, method))
+                    color=color, label=METHODS.get(method, method))
             nc = [xs.index(m.bits) for m in ms if m.method == method and m.nc]
-            ax.plot(nc, [0.03] * len(nc), "x", color=f"C{k}", ms=9, mew=2, transform=ax.get_xaxis_transform())
+            ax.plot(nc, [0.03] * len(nc), "x", color=color, ms=9, mew=2, transform=ax.get_xaxis_transform())
         ax.set_xticks(range(len(xs)), [f"{b} (FP)" if b == 32 else str(b) for b in xs])
         ax.set(title=ARCHS.get(arch, arch), xlabel="bits (x: not converged)",
                ylabel=col.label + (" (%)" if col.scale == 100 else ""))
@@ -339,23 +348,21 @@ def _bits_figure(col: Col, groups):
 
 def _variant_figure(cols: list[Col], groups, style: str):
     """A panel per architecture: a bar group ("bar") or a line ("line") per model across the variants."""
-    from matplotlib import colormaps
     from matplotlib.figure import Figure
     groups = [(a, [m for m in ms if not m.nc and any(c.value(m) is not None for c in cols)]) for a, ms in groups]
     groups = [(a, ms) for a, ms in groups if ms]
     if not groups:
         return None
     fig = Figure(figsize=(max(8.0, 0.75 * len(cols) + 3), 0.6 + 2.9 * len(groups)), layout="constrained")
-    colors = colormaps["tab10" if max(len(ms) for _, ms in groups) <= 10 else "tab20"]
     for ax, (arch, ms) in zip(fig.subplots(len(groups), 1, squeeze=False)[:, 0], groups):
         width = 0.8 / len(ms)
         for k, m in enumerate(ms):
             ys = [float("nan") if c.value(m) is None else c.value(m) * c.scale for c in cols]
             if style == "bar":
-                ax.bar([j - 0.4 + width * (k + 0.5) for j in range(len(cols))], ys, width, color=colors(k),
-                       label=m.short)
+                ax.bar([j - 0.4 + width * (k + 0.5) for j in range(len(cols))], ys, width,
+                       color=_color(m.method, m.bits), label=m.short)
             else:
-                ax.plot(range(len(cols)), ys, "o-", ms=4, color=colors(k), label=m.short)
+                ax.plot(range(len(cols)), ys, "o-", ms=4, color=_color(m.method, m.bits), label=m.short)
         tilt = len(cols) > 6
         ax.set_xticks(range(len(cols)), [c.label for c in cols], rotation=30 if tilt else 0,
                       ha="right" if tilt else "center")
@@ -365,9 +372,18 @@ def _variant_figure(cols: list[Col], groups, style: str):
     return fig
 
 
+def _color(method: str, bits: int):
+    """A hue per method (FP dark grey), lighter for fewer bits, the same in every figure."""
+    from matplotlib import colormaps
+    return colormaps[HUES.get(method, "Purples")](0.85 if method == "fp" else 0.35 + 0.5 * min(bits, 8) / 8)
+
+
 def _figure(table: Table, cols: list[Col], groups):
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ReportError("the report's figures need matplotlib: pip install matplotlib")
     if table.figure == "bits":
-        return _bits_figure(next(c for c in cols if c.mark == "best"), groups)
+        col = next((c for c in cols if c.mark == "best"), None)
+        return col and _bits_figure(col, groups)
     return _variant_figure([c for c in cols if c.mark == "worst"], groups, table.figure)
 
 
@@ -395,7 +411,7 @@ def _findings(models: list[Model], done: list[tuple[Table, list[Col]]], threshol
         variants = [c for c in cols if c.mark == "worst"]
         means = {c.label: [c.value(m) for m in ok if c.value(m) is not None] for c in variants}
         means = {k: sum(v) / len(v) for k, v in means.items() if v}
-        if len(means) >= 2:
+        if len(set(means.values())) >= 2:
             order = sorted(means, key=means.get, reverse=variants[0].better == "low")
             unit = "%" if variants[0].scale == 100 else ""
             (worst, w), (least, x) = ((k, variants[0].text(means[k]) + unit) for k in (order[0], order[-1]))
@@ -410,7 +426,7 @@ def _findings(models: list[Model], done: list[tuple[Table, list[Col]]], threshol
 
 def _trend(col: Col, models: list[Model]) -> list[str]:
     """How a metric moves with bit width per architecture and method, and how quantized models compare to FP."""
-    parts, worse, total = [], 0, 0
+    moves, worse, total = {"rises": [], "falls": [], "is mixed": []}, 0, 0
     for arch, ms in _groups([m for m in models if col.value(m) is not None]):
         fp = next((col.value(m) for m in ms if m.method == "fp"), None)
         for method in dict.fromkeys(m.method for m in ms if m.method != "fp"):
@@ -421,31 +437,36 @@ def _trend(col: Col, models: list[Model]) -> list[str]:
             if len(pts) >= 2:
                 steps = [b[1] - a[1] for a, b in zip(pts, pts[1:])]
                 move = "rises" if all(s > 0 for s in steps) else "falls" if all(s < 0 for s in steps) else "is mixed"
-                parts.append(f"{ARCHS.get(arch, arch)} {METHODS.get(method, method)} {move} "
-                             f"({col.text(pts[0][1])} at {pts[0][0]} → {col.text(pts[-1][1])} at {pts[-1][0]} bits)")
-    lines = [f"{col.label} with bit width: " + "; ".join(parts) + "."] if parts else []
-    if total:
-        lines.append(f"{col.label}: {worse} of {total} quantized models are less robust than their FP model.")
-    return lines
+                moves[move].append(f"{ARCHS.get(arch, arch)} {METHODS.get(method, method)}")
+    series = sum(map(len, moves.values()))
+    said = [f"{move} in {len(names)} of {series} series" + (f" ({', '.join(names)})" if len(names) <= 4 else "")
+            for move, names in moves.items() if names]
+    said = [", ".join(said)] if said else []
+    said += [f"{worse} of {total} quantized models are less robust than their FP model"] if total else []
+    return [f"{col.label} as bits grow: " + "; ".join(said) + "."] if said else []
 
 
 CSS = """body{font:14px/1.45 system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;color:#222;margin:0 auto;
-max-width:1200px;padding:1.5em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}
+max-width:1280px;padding:1em 1.5em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}
 dl{display:grid;grid-template-columns:max-content auto;gap:.2em 1em}dt{font-weight:600}dd{margin:0}
-nav a{margin-right:1em;white-space:nowrap}.scroll{overflow-x:auto;margin:.5em 0 1em}p.cap{color:#444;margin:.3em 0}
-table{border-collapse:collapse;font-size:12.5px;white-space:nowrap;border-bottom:2px solid #333}
-th,td{padding:.2em .55em;text-align:right}thead th{border-top:2px solid #333;border-bottom:1px solid #333;
-background:#f3f3f3}td.m,th.arch,thead th:nth-child(-n+2){text-align:left}tbody{border-top:1px solid #999}
-th.arch{vertical-align:top;background:#fafafa}td strong{color:#a00}img{max-width:100%;height:auto}"""
+nav a{margin-right:1em;white-space:nowrap}p.cap{color:#444;margin:.3em 0}
+.row{display:flex;flex-wrap:wrap;gap:1em 2em;align-items:flex-start}.scroll{overflow-x:auto;max-width:100%}
+table{border-collapse:collapse;font-size:12px;white-space:nowrap;border-bottom:2px solid #333}
+th,td{padding:.2em .4em;text-align:right}thead th{border-top:2px solid #333;border-bottom:1px solid #333;
+white-space:normal;vertical-align:bottom;background:#f3f3f3}td.m,th.arch,thead th:nth-child(-n+2){text-align:left}
+tbody{border-top:1px solid #999}
+th.arch{vertical-align:top;background:#fafafa}td strong{color:#a00}img{max-width:100%;height:auto;min-width:0}
+summary{cursor:pointer}"""
 
 
 def _page(models: list[Model], findings: list[str], sections: list[tuple[Table, str]], threshold: float) -> str:
     def env(key):
         return ", ".join(sorted({str(m.get("env", key)) for m in models if m.get("env", key) is not None})) or "?"
     corpus = models[0].s["corpus"]
-    listed = "<br>".join(html.escape(f"{m.name} ({ARCHS.get(m.arch, m.arch)}, {m.short})") + (" — NC" if m.nc else "")
-                         for _, ms in _groups(models) for m in ms)
-    info = {"Models": listed,
+    per_arch = "<br>".join(f"<b>{html.escape(ARCHS.get(a, a))}</b>: " + html.escape(", ".join(
+        m.short + (" (NC)" if m.nc else "") for m in ms)) for a, ms in _groups(models))
+    names = "<br>".join(html.escape(f"{m.name}: {m.folder}") for _, ms in _groups(models) for m in ms)
+    info = {"Models": f"{per_arch}<details><summary>{len(models)} results folders</summary>{names}</details>",
             "Corpus": html.escape(f"{corpus.get('suite', '?')}, {corpus.get('samples', '?')} samples, manifest "
                                   f"{corpus['manifest_sha256'][:16]}"),
             "Scored with": html.escape(f"qrobust {env('qrobust')}; torch {env('torch')}; device {env('device')}"),
@@ -471,21 +492,21 @@ def build_report(results: list[str | Path], out: str | Path, nc_threshold: float
         (out / sub).mkdir(parents=True, exist_ok=True)
     sections, done = [], []
     for table in (t for entry in TABLES for t in (entry(models) if callable(entry) else [entry])):
-        if not any(m.get(*table.family) for m in models):
-            continue  # no model has this family's data
         rows = [m for m in models if m.nc or m.get(*table.family)]
         cols = [c for col in table.columns for c in col.expand(rows) if any(c.value(m) is not None for m in rows)]
+        if not any(m.get(*table.family) for m in models) or not cols:
+            continue  # no model has this table's data
         groups, caption = _groups(rows), table.caption.format(nc=f"{nc_threshold * 100:g}")
         grid = _grid(cols, groups)
         for ext, write in WRITERS.items():
             (out / "tables" / f"{table.name}{ext}").write_text(write(table, caption, cols, groups, grid), "utf-8")
-        section = (f'<h2 id="{table.name}">{html.escape(table.title)}</h2><p class="cap">{html.escape(caption)}</p>'
-                   + _html_table(cols, groups, grid))
+        section = _html_table(cols, groups, grid)
         fig = _figure(table, cols, groups)
         if fig is not None:
             png = base64.b64encode(_save(fig, out / "figures", table.name)).decode("ascii")
             section += f'<img alt="{html.escape(table.title)}" src="data:image/png;base64,{png}">'
-        sections.append((table, section))
+        sections.append((table, f'<h2 id="{table.name}">{html.escape(table.title)}</h2><p class="cap">'
+                                f'{html.escape(caption)}</p><div class="row">{section}</div>'))
         done.append((table, cols))
     index = out / "index.html"
     index.write_text(_page(models, _findings(models, done, nc_threshold), sections, nc_threshold), "utf-8")

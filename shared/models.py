@@ -127,7 +127,7 @@ ARCHITECTURES.add("tiny_resnet", TinyResNet)
 class ModelSpec:
     """What a model is: architecture, classes, quantization and where its weights came from.
 
-    >>> ModelSpec("resnet18", quant={"method": "lsq", "weight_bits": 4, "activation_bits": 4}).name
+    >>> ModelSpec("resnet18", quant={"method": "lsq", "w_bits": 4, "a_bits": 4}).name
     'resnet18-lsq-w4a4'
     """
 
@@ -146,7 +146,7 @@ class ModelSpec:
         if not self.quant:
             return self.arch
         q = self.quant
-        return f"{self.arch}-{q.get('method', 'q')}-w{q.get('weight_bits', '?')}a{q.get('activation_bits', '?')}"
+        return f"{self.arch}-{q.get('method', 'q')}-w{q.get('w_bits', '?')}a{q.get('a_bits', '?')}"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

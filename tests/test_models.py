@@ -152,14 +152,14 @@ def test_checkpoint_of_a_callable_model_round_trips(tmp_path):
 
 
 def test_spec_dict_round_trip_name_and_errors(tmp_path):
-    spec = ModelSpec("resnet18", quant={"method": "lsq", "weight_bits": 4, "activation_bits": 4})
+    spec = ModelSpec("resnet18", quant={"method": "lsq", "w_bits": 4, "a_bits": 4})
     assert spec.name == "resnet18-lsq-w4a4"
     assert ModelSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
     with pytest.raises(ModelError, match="unknown keys"):
         ModelSpec.from_dict({"arch": "resnet18", "pruning": 0.5})
     with pytest.raises(ModelError, match="source"):
         ModelSpec("resnet18", source="web")
-    quantized = ModelSpec("tiny_cnn", 10, quant={"method": "lsq", "weight_bits": 4, "activation_bits": 4})
+    quantized = ModelSpec("tiny_cnn", 10, quant={"method": "lsq", "w_bits": 4, "a_bits": 4})
     path = save_checkpoint(build_model("tiny_cnn", 10), quantized, tmp_path / "q.safetensors")
     with pytest.raises(ModelError, match="tiny_cnn-lsq-w4a4 is quantized"):  # not yet: refuse, never run as float
         load_model(path)

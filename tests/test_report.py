@@ -183,16 +183,20 @@ def test_index_html_is_self_contained_and_has_every_table(report):
     assert page.count('src="data:image/png;base64,') == len(TABLES)
     assert not re.search(r'(src|href)="(?!data:|#)', page) and "<link" not in page and "<script" not in page
     assert "Most harmful corruption on average: Impulse" in page
-    assert "mNR with bit width: ResNet18 DoReFa rises (23.30 at 2 → 30.88 at 4 bits)" in page
+    assert "mNR as bits grow: rises in 1 of 1 series (ResNet18 DoReFa); 3 of 3 quantized models are less" in page
 
 
 def test_tables_without_data_are_skipped(tmp_path):
     lone = make_summary("r18-lsq4")
     lone["attacks"], lone["wcar"], lone["systematic"] = {}, {}, None
+    lone["clean"]["acc"] = None  # clean/onecrop not scored: reported, not NC
+    lone["model"]["quant"] = {"method": "lsq", "w_bits": 4, "a_bits": 8}
     index = build_report(write_results(tmp_path, {"lsq": lone}), tmp_path / "out")
     written = sorted(p.stem for p in (index.parent / "tables").glob("*.csv"))
-    assert written == ["clean", "corruptions", "natural"]
-    assert index.read_text().count("<table>") == 3
+    assert written == ["corruptions", "natural"]  # no clean accuracy: no Table 1
+    assert index.read_text().count("<table>") == 2
+    natural = read_csv(index.parent, "natural")
+    assert natural == [{"Model": "ResNet18", "Method": "LSQ", "Bits": "4/8", "mNR": "30.95", "NCI": "56.11"}]
 
 
 def test_bad_inputs_are_one_line_errors(tmp_path):
@@ -208,6 +212,6 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
             build_report(folders, tmp_path / "out")
         assert isinstance(error.value, ReportError) and "\n" not in str(error.value)
     broken = copy.deepcopy(good)
-    del broken["clean"]
-    with pytest.raises(ReportError, match="clean.acc is missing"):
+    del broken["model"]["arch"]
+    with pytest.raises(ReportError, match="model.arch is missing"):
         build_report(write_results(tmp_path / "x", {"d": broken}), tmp_path / "out")

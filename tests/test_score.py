@@ -175,3 +175,37 @@ def test_corpus_at_an_http_url(corpus, checkpoint, tmp_path):
                "--workers", 0) == 0
     remote, local = (json.loads((tmp_path / n / "summary.json").read_text()) for n in ("remote", "local"))
     assert remote["clean"] == local["clean"] and remote["corpus"]["manifest_sha256"] == local["corpus"]["manifest_sha256"]
+
+
+def test_two_models_scored_and_reported(corpus, checkpoint, tmp_path):
+    import csv
+
+    for name, model in (("resnet", checkpoint), ("cnn", "tiny_cnn")):
+        assert run("score", "--corpus", corpus, "--model", model, "--out", tmp_path / name) == 0
+    assert run("report", tmp_path / "resnet", tmp_path / "cnn", "--out", tmp_path / "report") == 0
+    report = tmp_path / "report"
+    index = (report / "index.html").read_text()
+    assert index.count("<table") >= 5 and 'src="http' not in index
+    summaries = {}
+    for name in ("resnet", "cnn"):
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        summaries[summary["model"]["name"]] = summary
+    # untrained tiny_cnn (1000 outputs, 3-class data) is NC; the tables agree with the summaries
+    assert summaries["tiny_cnn"]["clean"]["acc"] < 0.1 <= summaries["tiny_resnet"]["clean"]["acc"]
+
+    def table(name):
+        with open(report / "tables" / f"{name}.csv") as f:
+            return {row["Model"]: row for row in csv.DictReader(f)}
+
+    checks = {"clean": [("ACC", ("clean", "acc"))],
+              "natural": [("mNR", ("natural", "mnr")), ("NCI", ("natural", "nci"))],
+              "systematic": [("Mean ACC_s", ("systematic", "mean")), ("SR", ("systematic", "sr"))]}
+    for name, columns in checks.items():
+        rows = table(name)
+        assert rows["tiny_cnn"][columns[0][0]] == "NC"
+        for column, (family, key) in columns:
+            assert float(rows["tiny_resnet"][column]) == pytest.approx(
+                round(summaries["tiny_resnet"][family][key] * 100, 2), abs=0.006)
+    for name in ("natural", "sequences", "systematic", "systematic-variants"):
+        assert (report / "tables" / f"{name}.md").is_file() and (report / "tables" / f"{name}.tex").is_file()
+    assert list((report / "figures").glob("*.png")) and list((report / "figures").glob("*.svg"))
