@@ -43,6 +43,8 @@ def test_ls(capsys):
     assert capsys.readouterr().out.split() == ["glass_blur"]
     assert main(["ls", "variants", "natural/fog-*", "--suite", "demo"]) == 0
     assert len(capsys.readouterr().out.split()) == 5
+    assert main(["ls", "models", "tiny*"]) == 0
+    assert capsys.readouterr().out.split() == ["tiny_cnn", "tiny_resnet"]
     assert main(["ls", "suites"]) == 0
     assert {"robustmq", "demo"} <= set(capsys.readouterr().out.split())
 
