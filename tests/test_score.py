@@ -100,6 +100,26 @@ def test_score_stores_what_the_model_predicts(corpus, checkpoint, tmp_path):
     assert set(summary["sequence"]["fp"]) == {"gaussian_noise", "rotate"}
     assert 0 <= summary["sequence"]["mfp"] <= 1
     assert set(summary["systematic"]["acc"]) == {"decode-ffmpeg", "resize-opencv-area"}
+    # the schema, pinned (README "summary.json")
+    assert set(summary["model"]) == {"name", "arch", "quant", "sha256", "spec"}
+    assert set(summary["corpus"]) == {"suite", "manifest_sha256", "samples", "location"}
+    assert set(summary["env"]) == {"qrobust", "torch", "python", "device", "batch_size", "seed"}
+    assert set(summary["clean"]) == {"acc", "acc_square"}
+    assert set(natural) == {"acc", "acc_by_corruption", "mnr", "nci", "mce", "relative_mce"}
+    assert natural["mce"] is None  # 3 classes, not ImageNet: no AlexNet normalization
+    assert set(summary["sequence"]) == {"fp", "mfp", "t5d", "mt5d"}
+    assert set(summary["systematic"]) == {"acc", "mean", "sni", "sr"}
+    assert summary["attacks"] == {} and summary["wcar"] == {}
+    assert set(summary["checks"]) == {"gradient_masking", "warnings"}
+    from qrobust.score import metrics
+
+    rotate = _zarr(out, "sequence/rotate")
+    assert summary["sequence"]["fp"]["rotate"] == pytest.approx(metrics.flip_probability(rotate[..., 0], noise=False))
+    noise = _zarr(out, "sequence/gaussian_noise")
+    assert summary["sequence"]["fp"]["gaussian_noise"] == pytest.approx(
+        np.mean(noise[:, 1:, 0] != noise[:, :1, 0]))
+    assert summary["systematic"]["sni"] == pytest.approx(
+        (summary["clean"]["acc_square"] - summary["systematic"]["mean"]) / summary["clean"]["acc_square"])
 
 
 def test_workers_and_batch_size_do_not_change_results(corpus, checkpoint, tmp_path):
