@@ -8,10 +8,11 @@
     RESULTS/progress.json         the (variant, shard) units whose rows are written
     RESULTS/summary.json          every metric, recomputed from the stored predictions
 
-Each array is chunked by the corpus's shard size, so a unit writes whole chunks
-and a resumed run never shares a chunk with a finished one. The store has one
-writer (the main process); a unit is recorded in progress.json only after its
-rows are written, so an interrupted run redoes at most the units in flight.
+Each array is chunked by the corpus's shard size, so a unit's rows are one
+chunk and a resumed run rewrites only chunks of unfinished units (zarr >= 3.1
+writes each chunk to a temporary file and renames it). The store has one writer
+(the main process); a unit is recorded in progress.json only after its rows are
+written, so an interrupted run redoes at most the units in flight.
 """
 from __future__ import annotations
 

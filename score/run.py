@@ -17,7 +17,7 @@ import sys
 import numpy as np
 
 from qrobust.score.predict import TOPK, ResultsStore
-from qrobust.score.stream import Corpus, CorpusError, Unit, UnitStream
+from qrobust.score.stream import Corpus, CorpusError, Failure, Unit, UnitStream
 from qrobust.score.summary import compute_summary
 from qrobust.shared.manifest import write_atomic
 
@@ -91,11 +91,18 @@ def score(corpus: str, model: str, out: str, *, weights: str | None = None, only
             if not any(fnmatch.fnmatchcase(v, pattern) for v in variants):
                 raise CorpusError(f"--only {pattern!r} matches no variant of this corpus")
         variants = [v for v in variants if any(fnmatch.fnmatchcase(v, p) for p in only)]
-    net, spec, sha = load_model(model, weights=weights, device=device)
+    n_classes = len(manifest.get("classes") or []) or None
+    net, spec, sha = load_model(model, weights=weights, num_classes=n_classes, device=device)
+    if n_classes and spec.num_classes != n_classes:
+        raise CorpusError(f"the model has {spec.num_classes} outputs but the corpus {n_classes} classes; labels would "
+                          "not line up (for an ImageNet subset, generate with --classes LOC_synset_mapping.txt)")
     all_units, rows = plan_units(manifest, sorted(manifest["variants"]), limit)
     units = [u for u in all_units if u.variant in set(variants)]
-    identity = {"model": spec.to_dict(), "model_sha256": sha, "manifest_sha256": source.manifest_sha256,
-                "rows": rows}
+    # what must not change within one results folder; the batch size too, since it can flip near-ties
+    identity = {"model": {"arch": spec.arch, "num_classes": spec.num_classes, "quant": spec.quant,
+                          "source": spec.source},
+                "model_sha256": sha, "manifest_sha256": source.manifest_sha256, "rows": rows,
+                "batch_size": batch_size}
     chunk = manifest.get("suite", {}).get("spec", {}).get("shards", {}).get("samples", 1000)
     store = ResultsStore(out, identity, _layout(manifest, variants, rows), chunk)
     todo = [u for u in units if store.unit_id(u.variant, u.index) not in store.done]
@@ -110,11 +117,21 @@ def score(corpus: str, model: str, out: str, *, weights: str | None = None, only
         predictions, store.labels[...], manifest,
         model={"name": spec.name, "arch": spec.arch, "quant": spec.quant, "sha256": sha, "spec": spec.to_dict()},
         corpus={"suite": manifest["suite"]["name"], "manifest_sha256": source.manifest_sha256, "samples": rows,
-                "location": str(corpus)},
+                "location": _public_location(str(corpus))},
         env={"qrobust": __version__, "torch": torch.__version__, "device": device, "batch_size": batch_size,
              "seed": manifest.get("seed"), "python": sys.version.split()[0]})
     write_atomic(store.path / "summary.json", json.dumps(summary, indent=1, sort_keys=True))
     return summary
+
+
+def _public_location(location: str) -> str:
+    """A corpus location fit for a shared summary: no credentials or signed query strings."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    if "://" not in location:
+        return location
+    parts = urlsplit(location)
+    return urlunsplit((parts.scheme, parts.hostname or "", parts.path, "", ""))
 
 
 def _finished_predictions(store: ResultsStore, units: list[Unit], manifest: dict) -> dict[str, np.ndarray]:
@@ -132,8 +149,10 @@ def _run_units(net, store, source, todo, batch_size, workers, device, verify, pr
     from torch.utils.data import DataLoader
 
     sequences = {u.variant for u in todo if len(store.arrays[u.variant].shape) == 3}
-    piece = max(1, batch_size)
-    loader = DataLoader(UnitStream(source, todo, verify, piece), batch_size=None, num_workers=workers,
+    # a piece holds about one batch of images: batch_size images, or batch_size // T videos
+    pieces = {u.variant: max(1, batch_size // store.arrays[u.variant].shape[1]) if u.variant in sequences
+              else batch_size for u in todo}
+    loader = DataLoader(UnitStream(source, todo, verify, pieces), batch_size=None, num_workers=workers,
                         pin_memory=device.startswith("cuda"), prefetch_factor=2 if workers else None)
     remaining = {store.unit_id(u.variant, u.index): u.count for u in todo}
     bar = None
@@ -144,6 +163,8 @@ def _run_units(net, store, source, todo, batch_size, workers, device, verify, pr
     try:
         with torch.inference_mode():
             for part in loader:
+                if isinstance(part, Failure):
+                    raise CorpusError(part.message)
                 pixels = part.pixels
                 if part.unit.variant in sequences:  # (n, T, H, W, 3): every frame is an image
                     n, t = pixels.shape[:2]

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import posixpath
 import tarfile
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ import numpy as np
 import torch.utils.data
 
 from qrobust.shared.errors import QrobustError
-from qrobust.shared.manifest import MANIFEST_NAME, ManifestError, member_key, safe_relative
+from qrobust.shared.manifest import MANIFEST_NAME, ManifestError, member_key, parse_manifest, safe_relative
 
 IMAGE_EXTS = ("jpg", "png")
 VIDEO_EXTS = ("mp4", "mkv")
@@ -47,28 +46,23 @@ class Corpus:
         self.location = str(location).rstrip("/")
         raw = self._read(MANIFEST_NAME, what="manifest")
         self.manifest_sha256 = hashlib.sha256(raw).hexdigest()
+        try:  # the same checks for a folder and a URL, on the very bytes that are used
+            self.manifest = parse_manifest(raw, f"{self.location}/{MANIFEST_NAME}")
+        except ManifestError as e:
+            raise CorpusError(str(e)) from None
+
+    def _read(self, name: str, what: str = "shard", limit: int | None = None) -> bytes:
         try:
-            self.manifest = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CorpusError(f"{self.location}/{MANIFEST_NAME}: not valid JSON: {e}") from None
-        if not is_url(self.location):
-            from qrobust.shared.manifest import load_manifest
-
-            try:
-                load_manifest(self.location)  # full structural checks (paths inside the corpus, types)
-            except ManifestError as e:
-                raise CorpusError(str(e)) from None
-        elif self.manifest.get("schema") != "qrobust.manifest/1" or not isinstance(self.manifest.get("variants"), dict):
-            raise CorpusError(f"{self.location}/{MANIFEST_NAME}: not a qrobust manifest")
-
-    def _read(self, name: str, what: str = "shard") -> bytes:
+            safe_relative(Path("."), name)  # never a path or URL outside the corpus
+        except ManifestError as e:
+            raise CorpusError(str(e)) from None
         if is_url(self.location):
             import fsspec
 
-            url = posixpath.join(self.location, name)
+            url = f"{self.location}/{name}"
             try:
                 with fsspec.open(url, "rb") as f:
-                    return f.read()
+                    return f.read(limit) if limit is not None else f.read()
             except (OSError, ValueError, ImportError) as e:
                 raise CorpusError(f"cannot read {what} {url}: {e}") from None
         try:
@@ -80,7 +74,7 @@ class Corpus:
 
     def shard_bytes(self, shard: dict, verify: bool = True) -> bytes:
         """The bytes of one shard, checked against the manifest (size always, sha256 unless ``verify`` is off)."""
-        data = self._read(shard["name"])
+        data = self._read(shard["name"], limit=shard["bytes"] + 1)  # a larger file is refused, not slurped
         if len(data) != shard["bytes"]:
             raise CorpusError(f"{shard['name']}: {len(data)} bytes, manifest says {shard['bytes']} "
                               "(truncated or replaced; run `qrobust verify`)")
@@ -93,7 +87,10 @@ class Corpus:
 def decode_member(ext: str, payload: bytes):
     """qrobust's safe decoders; anything else is refused."""
     if ext == "cls":
-        return int(payload.decode().strip())
+        try:
+            return int(payload.decode().strip())
+        except (UnicodeDecodeError, ValueError):
+            raise CorpusError(f"a label (cls) member is not an integer: {payload[:20]!r}") from None
     if ext in IMAGE_EXTS:
         from PIL import Image
 
@@ -116,7 +113,8 @@ def iter_samples(name: str, data: bytes):
                 if not member.isfile():
                     raise CorpusError(f"{name}: member {member.name!r} is not a regular file")
                 k = member_key(member.name)
-                ext = member.name.rsplit("/", 1)[-1].split(".", 1)[1] if "." in member.name else ""
+                base = posixpath.basename(member.name)
+                ext = base.split(".", 1)[1] if "." in base else ""
                 if key is not None and k != key:
                     yield _finish(name, key, current)
                     current = {}
@@ -183,12 +181,23 @@ def read_unit(corpus: Corpus, unit: Unit, verify: bool, piece_samples: int):
 class UnitStream(torch.utils.data.IterableDataset):
     """The units as a stream of pieces; each DataLoader worker reads every n-th unit."""
 
-    def __init__(self, corpus: Corpus, units: list[Unit], verify: bool, piece_samples: int):
+    def __init__(self, corpus: Corpus, units: list[Unit], verify: bool, piece_samples: dict[str, int]):
         super().__init__()
         self.corpus, self.units, self.verify, self.piece_samples = corpus, units, verify, piece_samples
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         mine = self.units if info is None else self.units[info.id::info.num_workers]
-        for unit in mine:
-            yield from read_unit(self.corpus, unit, self.verify, self.piece_samples)
+        try:
+            for unit in mine:
+                yield from read_unit(self.corpus, unit, self.verify, self.piece_samples[unit.variant])
+        except QrobustError as e:  # handed to the main process as data: a one-line error there, not a traceback
+            yield Failure(type(e).__name__, str(e))
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A worker's error, re-raised by the main process."""
+
+    kind: str
+    message: str

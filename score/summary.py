@@ -29,12 +29,14 @@ def compute_summary(predictions: dict[str, np.ndarray], labels: np.ndarray, mani
         "clean": {"acc": acc, "acc_square": acc_square},
         "natural": _natural(predictions, labels, variants, acc, len(manifest.get("classes", []))),
         "sequence": _sequence(predictions, variants),
-        "systematic": _systematic(predictions, labels, acc_square if acc_square is not None else acc),
+        "systematic": _systematic(predictions, labels, acc_square),
         "attacks": {}, "wcar": {},
         "checks": {"gradient_masking": [], "warnings": []},
     }
     if acc is None:
         summary["checks"]["warnings"].append("clean/onecrop not scored: ACC and the relative metrics are missing")
+    if summary["systematic"] is not None and acc_square is None:
+        summary["checks"]["warnings"].append("clean/square not scored: SNI (relative to it) is missing")
     return summary
 
 
@@ -56,7 +58,7 @@ def _natural(predictions, labels, variants, acc, n_classes):
         errors[variants[v]["params"]["corruption"]].append((variants[v]["params"]["severity"],
                                                              1 - by_variant[v.split("/", 1)[1]]))
     complete = {c: [e for _, e in sorted(es)] for c, es in errors.items() if len(es) == 5}
-    if n_classes == 1000 and complete and set(complete) <= set(metrics.ALEXNET_ERR):
+    if n_classes == 1000 and set(complete) == set(metrics.ALEXNET_ERR):  # mCE is over all 15 corruptions
         out["mce"] = float(metrics.mce(complete))
         if acc is not None:
             out["relative_mce"] = float(metrics.relative_mce(complete, 1 - acc))

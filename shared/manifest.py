@@ -205,26 +205,41 @@ def load_manifest(corpus: str | os.PathLike) -> dict:
     corpus = Path(corpus)
     path = corpus / MANIFEST_NAME
     try:
-        manifest = json.loads(path.read_text())
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise ManifestError(f"{path} not found: is {corpus} a qrobust corpus (made by `qrobust generate`)?") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except OSError as e:
+        raise ManifestError(f"{path}: cannot read: {e}") from None
+    return parse_manifest(raw, str(path))
+
+
+def parse_manifest(raw: bytes, path: str) -> dict:
+    """Parse and check manifest bytes (from a file or a URL): schema, types, and shard
+    names that are exactly ``shard_name(variant, i)`` (so none can leave the corpus)."""
+    try:
+        manifest = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ManifestError(f"{path}: cannot read: {e}") from None
     if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
         raise ManifestError(f"{path}: schema is {manifest.get('schema') if isinstance(manifest, dict) else None!r}, "
                             f"expected {SCHEMA!r}")
     variants = manifest.get("variants")
-    if not isinstance(variants, dict):
-        raise ManifestError(f"{path}: no variants table")
+    samples = manifest.get("samples")
+    if not isinstance(variants, dict) or not isinstance(samples, dict) or not isinstance(samples.get("count"), int):
+        raise ManifestError(f"{path}: no variants table or sample count")
     for vid, entry in variants.items():
         shards = entry.get("shards") if isinstance(entry, dict) else None
-        if not isinstance(shards, list) or not isinstance(entry.get("count"), int):
-            raise ManifestError(f"{path}: variant {vid!r} has no shard list or count")
+        if not isinstance(shards, list) or not isinstance(entry.get("count"), int) \
+                or not isinstance(entry.get("params"), dict) or not isinstance(entry.get("family"), str):
+            raise ManifestError(f"{path}: variant {vid!r} has no shard list, count, family or params")
         for i, shard in enumerate(shards):
             if not isinstance(shard, dict) or not {"name", "sha256", "bytes", "count"} <= set(shard) \
                     or not all(isinstance(shard[k], int) and not isinstance(shard[k], bool) for k in ("bytes", "count")):
                 raise ManifestError(f"{path}: variant {vid!r} has a malformed shard entry")
-            safe_relative(corpus, shard["name"])
+            try:
+                safe_relative(Path("."), shard["name"])
+            except ManifestError as e:
+                raise ManifestError(f"{path}: variant {vid!r}: {e}") from None
             if shard["name"] != shard_name(vid, i):
                 raise ManifestError(f"{path}: shard {i} of {vid!r} is {shard['name']!r}, "
                                     f"expected {shard_name(vid, i)!r}")

@@ -161,8 +161,8 @@ def _sequence_variants(table: dict) -> list[Variant]:
         raise SpecError("[sequence] difficulties must be distinct integers drawn from 1, 2, 3")
     out = []
     for name in _known_names(table, "perturbations", "sequence", SEQUENCE_PERTURBATIONS):
-        # difficulty 2 and 3 are separate videos only for the noise sequences; the others
-        # are scored at a frame stride of the same video
+        # difficulty 2 and 3 are separate videos only for the noise sequences; the reference scores
+        # the others' difficulties as frame strides of the same video (metrics.flip_probability(difficulty=d))
         for d in (difficulties if name in NOISE_SEQUENCES else [1]):
             vname = name if d == 1 else f"{name}_{d}"
             frames = 41 if name == "translate" else 31

@@ -39,16 +39,49 @@ def corpus(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
+def checkpoint(corpus, tmp_path_factory) -> Path:
+    """tiny_resnet fitted to the corpus's clean images (a model that is right on them: ACC 1.0)."""
     import torch
 
     from qrobust.shared.models import ModelSpec, build_model, save_checkpoint
 
-    torch.manual_seed(1)
+    images, labels = _shard_images(corpus, "clean/onecrop")
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    y = torch.from_numpy(labels)
     spec = ModelSpec(arch="tiny_resnet", num_classes=3)
+    torch.manual_seed(0)
+    model = build_model(spec)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    model.train()
+    for _ in range(60):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    model.eval()
     path = tmp_path_factory.mktemp("ckpt") / "tiny_resnet.safetensors"
-    save_checkpoint(build_model(spec), spec, path)
+    save_checkpoint(model, spec, path)
     return path
+
+
+class ConstantModel(__import__("torch").nn.Module):
+    """Always predicts class 0 (for a model that is NC); loaded as `test_score:constant_model`."""
+
+    qrobust_normalizes_input = True
+
+    def __init__(self, num_classes: int = 3):
+        super().__init__()
+        self.fc = __import__("torch").nn.Linear(1, num_classes)
+
+    def forward(self, x):
+        import torch
+
+        logits = torch.zeros(x.shape[0], self.fc.out_features)
+        logits[:, 0] = 1
+        return logits
+
+
+def constant_model(num_classes: int = 3):
+    return ConstantModel(num_classes)
 
 
 def _zarr(results: Path, name: str) -> np.ndarray:
@@ -174,9 +207,27 @@ def test_tampered_shard_stops_scoring(corpus, checkpoint, tmp_path, capsys):
     data = bytearray(shard.read_bytes())
     data[600] ^= 0xFF
     shard.write_bytes(bytes(data))
-    capsys.readouterr()
-    assert run("score", "--corpus", copy, "--model", checkpoint, "--out", tmp_path / "r", "--workers", 0) == 2
-    assert "natural/fog-1/fog-1-000001.tar: sha256 differs" in capsys.readouterr().err
+    for workers in (0, 2):  # in a DataLoader worker too: one line, no traceback
+        capsys.readouterr()
+        assert run("score", "--corpus", copy, "--model", checkpoint, "--out", tmp_path / f"r{workers}",
+                   "--workers", workers, "--only", "natural/fog-1") == 2
+        err = capsys.readouterr().err
+        assert "natural/fog-1/fog-1-000001.tar: sha256 differs" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("name", ["../outside.tar", "/etc/passwd", "http://elsewhere/x.tar", "natural/fog-1/x.tar"])
+def test_manifest_names_cannot_leave_the_corpus(corpus, tmp_path, name):
+    import shutil
+
+    from qrobust.score.stream import Corpus, CorpusError
+
+    copy = tmp_path / "corpus"
+    shutil.copytree(corpus, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["variants"]["natural/fog-1"]["shards"][0]["name"] = name
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CorpusError, match="fog-1"):
+        Corpus(str(copy))
 
 
 def test_corpus_at_an_http_url(corpus, checkpoint, tmp_path):
@@ -200,18 +251,20 @@ def test_corpus_at_an_http_url(corpus, checkpoint, tmp_path):
 def test_two_models_scored_and_reported(corpus, checkpoint, tmp_path):
     import csv
 
-    for name, model in (("resnet", checkpoint), ("cnn", "tiny_cnn")):
+    for name, model in (("fitted", checkpoint), ("constant", "test_score:constant_model")):
         assert run("score", "--corpus", corpus, "--model", model, "--out", tmp_path / name) == 0
-    assert run("report", tmp_path / "resnet", tmp_path / "cnn", "--out", tmp_path / "report") == 0
+    assert run("report", tmp_path / "fitted", tmp_path / "constant", "--out", tmp_path / "report",
+               "--nc-threshold", 0.5) == 0
     report = tmp_path / "report"
     index = (report / "index.html").read_text()
     assert index.count("<table") >= 5 and 'src="http' not in index
     summaries = {}
-    for name in ("resnet", "cnn"):
+    for name in ("fitted", "constant"):
         summary = json.loads((tmp_path / name / "summary.json").read_text())
-        summaries[summary["model"]["name"]] = summary
-    # untrained tiny_cnn (1000 outputs, 3-class data) is NC; the tables agree with the summaries
-    assert summaries["tiny_cnn"]["clean"]["acc"] < 0.1 <= summaries["tiny_resnet"]["clean"]["acc"]
+        summaries[name] = summary
+    assert summaries["fitted"]["clean"]["acc"] == 1.0 and summaries["constant"]["clean"]["acc"] == pytest.approx(1 / 3)
+    fitted_name = summaries["fitted"]["model"]["name"]
+    constant_name = summaries["constant"]["model"]["name"]
 
     def table(name):
         with open(report / "tables" / f"{name}.csv") as f:
@@ -222,10 +275,24 @@ def test_two_models_scored_and_reported(corpus, checkpoint, tmp_path):
               "systematic": [("Mean ACC_s", ("systematic", "mean")), ("SR", ("systematic", "sr"))]}
     for name, columns in checks.items():
         rows = table(name)
-        assert rows["tiny_cnn"][columns[0][0]] == "NC"
+        assert rows[constant_name][columns[0][0]] == "NC"  # below --nc-threshold 0.5
         for column, (family, key) in columns:
-            assert float(rows["tiny_resnet"][column]) == pytest.approx(
-                round(summaries["tiny_resnet"][family][key] * 100, 2), abs=0.006)
+            assert float(rows[fitted_name][column]) == pytest.approx(
+                round(summaries["fitted"][family][key] * 100, 2), abs=0.006)
     for name in ("natural", "sequences", "systematic", "systematic-variants"):
         assert (report / "tables" / f"{name}.md").is_file() and (report / "tables" / f"{name}.tex").is_file()
     assert list((report / "figures").glob("*.png")) and list((report / "figures").glob("*.svg"))
+
+
+def test_model_and_corpus_classes_must_agree(corpus, tmp_path, capsys):
+    assert run("score", "--corpus", corpus, "--model", "test_score:constant_model", "--out", tmp_path / "ok",
+               "--only", "clean/onecrop") == 0
+    capsys.readouterr()
+    import torch
+
+    from qrobust.shared.models import build_model
+
+    torch.save(build_model("tiny_cnn", 10).net.state_dict(), tmp_path / "ten.pth")
+    assert run("score", "--corpus", corpus, "--model", "tiny_cnn", "--weights", tmp_path / "ten.pth",
+               "--out", tmp_path / "r") == 2
+    assert "tiny_cnn" in capsys.readouterr().err
