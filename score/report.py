@@ -1,321 +1,23 @@
-"""The paper's tables and figures, and one mailable HTML page, from ``summary.json`` results.
+"""The report: the paper's tables (:mod:`qrobust.score.tables`), figures, and one mailable HTML page.
 
 ``build_report(results, out)`` reads results folders written by ``qrobust score``
 (one model each, all scored on the same corpus) and writes into ``out``:
-``tables/<name>.md|.csv|.tex`` for each entry of TABLES that some model has data
-for (rows grouped by architecture, floating point as 32 bits),
-``figures/<name>.png|.svg`` (its metric against bit width per method, or a bar
-or line per model across corruptions, sequences or systematic variants), and
-``index.html``: header, findings drawn from the data, every table and figure,
-in one file (inline CSS, base64 PNGs). Values are percentages with two
-decimals; flip probabilities are fractions with three, as the paper prints
-them. Models with clean accuracy below ``nc_threshold`` are NC (not converged):
-"NC" in every table, left out of bold marks, lines and findings.
+``tables/<name>.md|.csv|.tex``, ``figures/<name>.png|.svg`` (a metric against
+bit width per method, or a bar or line per model across corruptions, sequences
+or systematic variants), and ``index.html``: header, findings drawn from the
+data, every table and figure, in one file (inline CSS, base64 PNGs).
 """
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import importlib.util
 import io
-import json
-from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterable
 
 import qrobust
-from qrobust.shared.errors import QrobustError
-
-SCHEMA = "qrobust.summary/1"
-ARCHS = {"resnet18": "ResNet18", "resnet50": "ResNet50", "regnetx_600mf": "RegNetX600M", "mobilenet_v2": "MobileNetV2"}
-METHODS = {"fp": "FP", "dorefa": "DoReFa", "pact": "PACT", "lsq": "LSQ"}
-BUDGETS = ("small", "middle", "large")
-HUES = {"fp": "Greys", "dorefa": "Blues", "pact": "Oranges", "lsq": "Greens"}  # figure colors; lighter: fewer bits
-SHORT = {"gaussian_noise": "Gauss", "shot_noise": "Shot", "impulse_noise": "Impulse", "defocus_blur": "Defocus",
-         "glass_blur": "Glass", "motion_blur": "Motion", "zoom_blur": "Zoom", "brightness": "Bright",
-         "elastic_transform": "Elastic", "pixelate": "Pixel", "jpeg_compression": "JPEG",
-         "pil": "PIL", "opencv": "OpenCV", "ffmpeg": "FFmpeg", "decode": "Decode", "resize": ""}
-
-
-class ReportError(QrobustError, ValueError):
-    """Results that cannot be reported (no or foreign summary.json, different corpora)."""
-
-
-@dataclass
-class Model:
-    folder: Path
-    s: dict          # the parsed summary.json
-    arch: str
-    method: str      # "fp" for floating point
-    bits: int        # weight bits, 32 for floating point
-    bits_label: str  # "4", or "4/8" when weight and activation bits differ
-    nc: bool
-
-    def get(self, *path):
-        """The value at ``path`` in the summary; None where a step is missing or null."""
-        v = self.s
-        for key in path:
-            if not isinstance(v, dict) or v.get(key) is None:
-                return None
-            v = v[key]
-        return v
-
-    @property
-    def short(self) -> str:
-        return "FP" if self.method == "fp" else f"{METHODS.get(self.method, self.method)} {self.bits_label}-bit"
-
-    @property
-    def name(self) -> str:
-        return self.get("model", "name") or f"{self.arch} {self.short}"
-
-
-@dataclass(frozen=True)
-class Col:
-    """A column; a "*" in ``path`` makes one column per key found there ("{key}"/"{label}" in ``label``)."""
-    label: str
-    path: tuple              # keys into summary.json
-    better: str = "high"     # "high" or "low"
-    mark: str | None = "best"  # "best": bold the best per architecture; "worst": bold the row's most harmful
-    scale: float = 100       # 100: percentages
-    digits: int = 2
-
-    def value(self, m: Model):
-        return m.get(*self.path)
-
-    def text(self, v) -> str | None:
-        return None if v is None else f"{v * self.scale:.{self.digits}f}"
-
-    def arrow(self, up: str = " ↑", down: str = " ↓") -> str:
-        return "" if self.mark == "worst" else up if self.better == "high" else down
-
-    def expand(self, models: list[Model]) -> list[Col]:
-        if "*" not in self.path:
-            return [self]
-        i = self.path.index("*")
-        return [replace(self, label=self.label.format(key=k, label=_label(k)), path=(*self.path[:i], k,
-                                                                                     *self.path[i + 1:]))
-                for k in _keys(models, *self.path[:i])]
-
-
-@dataclass(frozen=True)
-class Table:
-    name: str        # file stem
-    title: str
-    caption: str     # "{nc}": the NC threshold in percent
-    family: tuple    # the summary entry a model needs for a row (NC models always have one)
-    columns: tuple[Col, ...]
-    figure: str      # "bits": first "best" column against bit width; "bar"/"line": the "worst" columns per model
-    trend: bool = False  # findings say how the first column moves with bit width
-    noun: str = ""   # what a variant of a per-variant table is, for the findings
-
-
-ACC = Col("ACC", ("clean", "acc"), mark=None)
-MNR, NCI = Col("mNR", ("natural", "mnr")), Col("NCI", ("natural", "nci"), "low")
-MFP = Col("mFP", ("sequence", "mfp"), "low", scale=1, digits=3)
-MEAN_S, SR = Col("Mean ACC_s", ("systematic", "mean")), Col("SR", ("systematic", "sr"), "low")
-PER_ROW = "; each model's most harmful {} in bold."
-
-
-def _keys(models: Iterable[Model], *path) -> list[str]:
-    """The keys of a summary entry over all models, first seen first (budgets in paper order)."""
-    keys = list(dict.fromkeys(k for m in models for k in (m.get(*path) or {})))
-    return sorted(keys, key=lambda k: BUDGETS.index(k) if k in BUDGETS else len(BUDGETS))
-
-
-def _label(key: str) -> str:
-    """glass_blur -> Glass, rotate -> Rotate, resize-opencv-area -> OpenCV area, decode-pil -> Decode PIL."""
-    words = [SHORT.get(w, w) for w in key.split("-")]
-    return SHORT.get(key) or (" ".join(w for w in words if w) if len(words) > 1 else key.replace("_", " ").capitalize())
-
-
-def _attack_tables(models: list[Model]) -> list[Table]:
-    """Paper Tables 3-4: one table per attack, AR and AAI per budget."""
-    tables = []
-    for attack in _keys(models, "attacks"):
-        eps = {b: next(filter(None, (m.get("attacks", attack, b, "eps") for m in models)), None)
-               for b in _keys(models, "attacks", attack)}
-        eps = ", ".join(f"{b} {e * 255:.3g}/255" for b, e in eps.items() if e) or "not recorded"
-        tables.append(Table(f"attack-{attack}", f"Adversarial robustness under {attack} (paper Tables 3-4)",
-                            f"AR and AAI per perturbation budget; eps: {eps}.", ("attacks", attack),
-                            (Col("AR {key}", ("attacks", attack, "*", "ar")),
-                             Col("AAI {key}", ("attacks", attack, "*", "aai"), "low")), "bits"))
-    return tables
-
-
-TABLES = [
-    Table("clean", "Clean accuracy (paper Table 1)", "ACC; NC: not converged, clean accuracy below {nc}%.",
-          ("clean",), (replace(ACC, mark="best"),), "bits"),
-    Table("wcar", "Worst-case adversarial robustness (paper Table 2)", "WCAR over all attacks, per budget.",
-          ("wcar",), (Col("WCAR {key}", ("wcar", "*")),), "bits", trend=True),
-    _attack_tables,
-    Table("natural", "Natural robustness (paper Table 5)", "mNR and NCI over all corruptions.", ("natural",),
-          (MNR, NCI, Col("mCE", ("natural", "mce"), "low"), Col("Relative mCE", ("natural", "relative_mce"), "low")),
-          "bits", trend=True),
-    Table("corruptions", "Natural robustness per corruption (paper Table 6)",
-          "Accuracy per corruption, averaged over severities" + PER_ROW.format("corruption"), ("natural",),
-          (ACC, Col("{label}", ("natural", "acc_by_corruption", "*"), mark="worst"), replace(MNR, mark=None),
-           replace(NCI, mark=None)), "bar", noun="corruption"),
-    Table("sequences", "Corruption sequences (paper Table 7)",
-          "Mean flip probability mFP and mean top-5 distance mT5D over all sequences.", ("sequence",),
-          (MFP, Col("mT5D", ("sequence", "mt5d"), "low", scale=1)), "bits", trend=True),
-    Table("sequence-fp", "Flip probability per corruption sequence (paper Table 8)",
-          "FP per sequence" + PER_ROW.format("sequence"), ("sequence",),
-          (Col("{label}", ("sequence", "fp", "*"), "low", "worst", 1, 3), replace(MFP, mark=None)), "bar",
-          noun="corruption sequence"),
-    Table("systematic", "Systematic robustness (paper Table 9)",
-          "Mean ACC_s, SNI and SR (standard deviation of ACC_s) over all decode/resize variants.", ("systematic",),
-          (MEAN_S, Col("SNI", ("systematic", "sni"), "low"), SR), "bits", trend=True),
-    Table("systematic-variants", "Systematic robustness per variant (paper Table 10)",
-          "ACC_s per decode/resize variant" + PER_ROW.format("variant"), ("systematic",),
-          (ACC, Col("{label}", ("systematic", "acc", "*"), mark="worst"), replace(MEAN_S, mark=None),
-           replace(SR, mark=None)), "line", noun="systematic variant"),
-]
-
-
-# --- loading ----------------------------------------------------------------
-
-def _load(folder, nc_threshold: float) -> Model:
-    folder = Path(folder)
-    path = folder if folder.name == "summary.json" else folder / "summary.json"
-    if not path.is_file():
-        raise ReportError(f"{folder}: no summary.json there; pass results folders written by `qrobust score`")
-    try:
-        s = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ReportError(f"{path}: not readable JSON ({' '.join(str(e).split())})") from None
-    schema = s.get("schema") if isinstance(s, dict) else None
-    if schema != SCHEMA:
-        raise ReportError(f"{path}: schema {schema!r}, this qrobust reads {SCHEMA!r}; rescore with this version")
-    for need in (("model", "arch"), ("corpus", "manifest_sha256"), ("clean",)):
-        if not isinstance(s.get(need[0]), dict) or (need[1:] and s[need[0]].get(need[1]) is None):
-            raise ReportError(f"{path}: {'.'.join(need)} is missing; the file is incomplete, rescore the model")
-    q = s["model"].get("quant") or {}
-    w = q.get("w_bits", 32 if not q else None)  # DESIGN.md's spelling, as ModelSpec writes it
-    a = q.get("a_bits", w)
-    if not isinstance(w, int) or not isinstance(a, int):
-        raise ReportError(f"{path}: model.quant has no integer weight bits; the file is incomplete, rescore the model")
-    acc = s["clean"].get("acc")  # null when clean/onecrop was not scored: then not NC, ACC shown as missing
-    return Model(path.parent, s, s["model"]["arch"], q.get("method", "fp").lower(), w,
-                 str(w) if w == a else f"{w}/{a}", acc is not None and acc < nc_threshold)
-
-
-def _load_all(results, nc_threshold: float) -> list[Model]:
-    if not 0 <= nc_threshold <= 1:
-        raise ReportError(f"nc_threshold {nc_threshold} is not a fraction in [0, 1]")
-    models = [_load(r, nc_threshold) for r in results]
-    if not models:
-        raise ReportError("no results folders given")
-    corpora = {}
-    for m in models:
-        corpora.setdefault(m.s["corpus"]["manifest_sha256"], m.folder)
-    if len(corpora) > 1:
-        (sha_a, a), (sha_b, b) = list(corpora.items())[:2]
-        raise ReportError(f"{a} and {b} were scored on different corpora (manifest {sha_a[:12]} vs {sha_b[:12]});"
-                          " report models scored on the same corpus together")
-    return models
-
-
-def _groups(models: list[Model]) -> list[tuple[str, list[Model]]]:
-    """Models by architecture, in paper order; FP first, then DoReFa, PACT, LSQ by bit width."""
-    def order(m):
-        a = list(ARCHS).index(m.arch) if m.arch in ARCHS else len(ARCHS)
-        q = list(METHODS).index(m.method) if m.method in METHODS else len(METHODS)
-        return a, m.arch, q, m.method, m.bits, m.bits_label, m.name
-    groups: dict[str, list[Model]] = {}
-    for m in sorted(models, key=order):
-        groups.setdefault(m.arch, []).append(m)
-    return list(groups.items())
-
-
-# --- tables -------------------------------------------------------------------
-
-def _bold(cells: list[list], high: bool) -> None:
-    """Bold the highest (or lowest) printed value of the cells, ties included, unless all are equal."""
-    values = [float(c[0]) for c in cells if c[0] not in (None, "NC")]
-    if len(set(values)) >= 2:
-        best = max(values) if high else min(values)
-        for c in cells:
-            c[1] = c[0] not in (None, "NC") and float(c[0]) == best
-
-
-def _grid(cols: list[Col], groups) -> dict[int, list[list]]:
-    """Per model (by id) its cells [text, bold]: "NC" for NC models, None where a value is missing."""
-    grid = {id(m): [["NC" if m.nc else c.text(c.value(m)), False] for c in cols] for _, ms in groups for m in ms}
-    for _, ms in groups:
-        for j, c in enumerate(cols):
-            if c.mark == "best":
-                _bold([grid[id(m)][j] for m in ms], c.better == "high")
-    worst = [j for j, c in enumerate(cols) if c.mark == "worst"]
-    for row in grid.values():
-        if worst:
-            _bold([row[j] for j in worst], cols[worst[0]].better == "low")
-    return grid
-
-
-def _rows(groups, grid):
-    """(architecture on a group's first row, else ""; method; bits; cells; group size on its first row, else 0)."""
-    for arch, ms in groups:
-        for i, m in enumerate(ms):
-            yield ("" if i else ARCHS.get(arch, arch)), METHODS.get(m.method, m.method), m.bits_label, \
-                grid[id(m)], (0 if i else len(ms))
-
-
-def _markdown(table: Table, caption: str, cols, groups, grid) -> str:
-    head = ["Model", "Method", "Bits", *(c.label + c.arrow() for c in cols)]
-    lines = [f"**{table.title}.** {caption}", "", "| " + " | ".join(head) + " |",
-             "|---|---|---:|" + "---:|" * len(cols)]
-    for arch, method, bits, cells, _ in _rows(groups, grid):
-        text = [f"**{t}**" if bold else (t or "–") for t, bold in cells]
-        lines.append("| " + " | ".join([arch, method, bits, *text]) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _csv(table: Table, caption: str, cols, groups, grid) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["Model", "Method", "Bits", *(c.label for c in cols)])
-    for arch, ms in groups:
-        for m in ms:
-            w.writerow([ARCHS.get(arch, arch), METHODS.get(m.method, m.method), m.bits_label,
-                        *(t or "" for t, _ in grid[id(m)])])
-    return buf.getvalue()
-
-
-def _tex(text: str) -> str:
-    return "".join("\\" + ch if ch in "&%$#_{}" else ch for ch in text).replace("ACC\\_s", "ACC$_s$")
-
-
-def _latex(table: Table, caption: str, cols, groups, grid) -> str:
-    head = ["Model", "Method", "Bits", *(_tex(c.label) + c.arrow(r" $\uparrow$", r" $\downarrow$") for c in cols)]
-    body = []
-    for arch, method, bits, cells, first in _rows(groups, grid):
-        body += [r"\midrule"] if first else []
-        text = [f"\\textbf{{{t}}}" if bold else (t or "--") for t, bold in cells]
-        body.append(" & ".join([_tex(arch), _tex(method), bits, *text]) + r" \\")
-    tabular = [rf"\begin{{tabular}}{{lll{'r' * len(cols)}}}", r"\toprule", " & ".join(head) + r" \\",
-               *body, r"\bottomrule", r"\end{tabular}"]
-    if len(cols) > 8:  # wide per-variant tables: scale to the text width (graphicx)
-        tabular = [r"\resizebox{\linewidth}{!}{%", *tabular, "}"]
-    return "\n".join([f"% qrobust {qrobust.__version__}; needs \\usepackage{{booktabs}} (and graphicx)",
-                      r"\begin{table}[t]", r"\centering", rf"\caption{{{_tex(table.title + '. ' + caption)}}}",
-                      rf"\label{{tab:qrobust-{table.name}}}", *tabular, r"\end{table}"]) + "\n"
-
-
-def _html_table(cols, groups, grid) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>"
-                   for h in ["Model", "Method", "Bits", *(c.label + c.arrow("\u00a0↑", "\u00a0↓") for c in cols)])
-    body = []
-    for arch, method, bits, cells, first in _rows(groups, grid):
-        lead = f'</tbody><tbody><tr><th class="arch" rowspan="{first}">{html.escape(arch)}</th>' if first else "<tr>"
-        tds = "".join(f"<td><strong>{t}</strong></td>" if bold else f"<td>{t or '–'}</td>" for t, bold in cells)
-        body.append(f'{lead}<td class="m">{html.escape(method)}</td><td>{bits}</td>{tds}</tr>')
-    return (f'<div class="scroll"><table><thead><tr>{head}</tr></thead>'
-            f'{"".join(body).removeprefix("</tbody>")}</tbody></table></div>')
-
-
-WRITERS = {".md": _markdown, ".csv": _csv, ".tex": _latex}
-
+from qrobust.score.tables import (ARCHS, HUES, METHODS, TABLES, WRITERS, Col, Model, ReportError, Table,  # noqa: F401
+                                  cell_grid, groups_of, html_table, load_all)
 
 # --- figures ------------------------------------------------------------------
 
@@ -427,7 +129,7 @@ def _findings(models: list[Model], done: list[tuple[Table, list[Col]]], threshol
 def _trend(col: Col, models: list[Model]) -> list[str]:
     """How a metric moves with bit width per architecture and method, and how quantized models compare to FP."""
     moves, worse, total = {"rises": [], "falls": [], "is mixed": []}, 0, 0
-    for arch, ms in _groups([m for m in models if col.value(m) is not None]):
+    for arch, ms in groups_of([m for m in models if col.value(m) is not None]):
         fp = next((col.value(m) for m in ms if m.method == "fp"), None)
         for method in dict.fromkeys(m.method for m in ms if m.method != "fp"):
             pts = sorted((m.bits, col.value(m)) for m in ms if m.method == method)
@@ -464,8 +166,8 @@ def _page(models: list[Model], findings: list[str], sections: list[tuple[Table, 
         return ", ".join(sorted({str(m.get("env", key)) for m in models if m.get("env", key) is not None})) or "?"
     corpus = models[0].s["corpus"]
     per_arch = "<br>".join(f"<b>{html.escape(ARCHS.get(a, a))}</b>: " + html.escape(", ".join(
-        m.short + (" (NC)" if m.nc else "") for m in ms)) for a, ms in _groups(models))
-    names = "<br>".join(html.escape(f"{m.name}: {m.folder}") for _, ms in _groups(models) for m in ms)
+        m.short + (" (NC)" if m.nc else "") for m in ms)) for a, ms in groups_of(models))
+    names = "<br>".join(html.escape(f"{m.name}: {m.folder}") for _, ms in groups_of(models) for m in ms)
     info = {"Models": f"{per_arch}<details><summary>{len(models)} results folders</summary>{names}</details>",
             "Corpus": html.escape(f"{corpus.get('suite', '?')}, {corpus.get('samples', '?')} samples, manifest "
                                   f"{corpus['manifest_sha256'][:16]}"),
@@ -486,7 +188,7 @@ def build_report(results: list[str | Path], out: str | Path, nc_threshold: float
 
     Returns the path of index.html. Raises ReportError (a ValueError) for a folder without a readable
     qrobust.summary/1 summary.json, or for results scored on different corpora."""
-    models = _load_all(results, nc_threshold)
+    models = load_all(results, nc_threshold)
     out = Path(out)
     for sub in ("tables", "figures"):
         (out / sub).mkdir(parents=True, exist_ok=True)
@@ -496,11 +198,11 @@ def build_report(results: list[str | Path], out: str | Path, nc_threshold: float
         cols = [c for col in table.columns for c in col.expand(rows) if any(c.value(m) is not None for m in rows)]
         if not any(m.get(*table.family) for m in models) or not cols:
             continue  # no model has this table's data
-        groups, caption = _groups(rows), table.caption.format(nc=f"{nc_threshold * 100:g}")
-        grid = _grid(cols, groups)
+        groups, caption = groups_of(rows), table.caption.format(nc=f"{nc_threshold * 100:g}")
+        cells = cell_grid(cols, groups)
         for ext, write in WRITERS.items():
-            (out / "tables" / f"{table.name}{ext}").write_text(write(table, caption, cols, groups, grid), "utf-8")
-        section = _html_table(cols, groups, grid)
+            (out / "tables" / f"{table.name}{ext}").write_text(write(table, caption, cols, groups, cells), "utf-8")
+        section = html_table(cols, groups, cells)
         fig = _figure(table, cols, groups)
         if fig is not None:
             png = base64.b64encode(_save(fig, out / "figures", table.name)).decode("ascii")
