@@ -55,6 +55,8 @@ class ResultsStore:
             write_atomic(ident_path, json.dumps(identity, indent=1, sort_keys=True))
         self.identity = identity
         self.root = zarr.open_group(str(self.path / "predictions.zarr"), mode="a")
+        if dict(self.root.attrs) != identity:  # the store describes itself too, if copied without results.json
+            self.root.attrs.update(identity)
         n = next(iter(layout.values()))[0] if layout else 0
         self.labels = self._array("labels", (n,), chunk_rows)
         self.arrays = {vid: self._array(vid, shape, chunk_rows) for vid, shape in layout.items()}

@@ -125,6 +125,11 @@ def test_score_stores_what_the_model_predicts(corpus, checkpoint, tmp_path):
     np.testing.assert_array_equal(stored[:, :expected.shape[1]], expected)
     assert summary["clean"]["acc"] == pytest.approx((expected[:, 0] == labels).mean())
     np.testing.assert_array_equal(_zarr(out, "labels"), labels)
+    import zarr
+
+    attrs = dict(zarr.open_group(str(out / "predictions.zarr"), mode="r").attrs)
+    manifest_sha = __import__("hashlib").sha256((corpus / "manifest.json").read_bytes()).hexdigest()
+    assert attrs["manifest_sha256"] == manifest_sha and attrs["model_sha256"] == summary["model"]["sha256"]
     # every family is summarised from the stored predictions
     natural = summary["natural"]
     assert set(natural["acc"]) == {f"{c}-{s}" for c in ("gaussian_noise", "impulse_noise", "fog") for s in (1, 3)}
