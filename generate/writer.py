@@ -51,7 +51,7 @@ def encoding_record(variant: Variant) -> dict:
     fmt = variant.encoding["format"]
     if variant.family == "sequence":
         recipe = recipe_for(fmt, variant.params["perturbation"])
-        return {"format": fmt, **{k: v for k, v in recipe.items()}}
+        return {"format": fmt, **recipe}
     return dict(variant.encoding)
 
 

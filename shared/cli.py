@@ -20,6 +20,11 @@ def _resolve(dotted: str):
     return getattr(importlib.import_module(module), name)
 
 
+def _globs(items: list[str] | None) -> list[str]:
+    """--only values: repeatable, each possibly comma-separated."""
+    return [g for item in (items or []) for g in item.split(",") if g]
+
+
 def _parser(sub, name: str, help: str, example: str) -> argparse.ArgumentParser:
     return sub.add_parser(name, help=help, description=help, epilog=f"example:\n  {example}",
                           formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -51,7 +56,7 @@ def _add_generate(sub) -> None:
 
 def _cmd_generate(args) -> int:
     generate = _resolve("qrobust.generate.run:generate")
-    only = [g for item in (args.only or []) for g in item.split(",") if g]
+    only = _globs(args.only)
     manifest = generate(args.suite, args.source, args.out, labels=args.labels, classes=args.classes, only=only,
                         limit=args.limit, per_class=args.per_class, workers=args.workers,
                         encoding=args.encoding, sequence_encoding=args.sequence_encoding, seed=args.seed,
@@ -121,7 +126,7 @@ def _add_score(sub) -> None:
 
 def _cmd_score(args) -> int:
     score = _resolve("qrobust.score.run:score")
-    only = [g for item in (args.only or []) for g in item.split(",") if g]
+    only = _globs(args.only)
     summary = score(args.corpus, args.model, args.out, weights=args.weights, only=only, device=args.device,
                     batch_size=args.batch_size, workers=args.workers, limit=args.limit, verify=not args.no_verify,
                     progress=not args.quiet)

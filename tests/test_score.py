@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from helpers import make_class_folder, write_suite
@@ -41,8 +42,6 @@ def corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def checkpoint(corpus, tmp_path_factory) -> Path:
     """tiny_resnet fitted to the corpus's clean images (a model that is right on them: ACC 1.0)."""
-    import torch
-
     from qrobust.shared.models import ModelSpec, build_model, save_checkpoint
 
     images, labels = _shard_images(corpus, "clean/onecrop")
@@ -63,18 +62,16 @@ def checkpoint(corpus, tmp_path_factory) -> Path:
     return path
 
 
-class ConstantModel(__import__("torch").nn.Module):
+class ConstantModel(torch.nn.Module):
     """Always predicts class 0 (for a model that is NC); loaded as `test_score:constant_model`."""
 
     qrobust_normalizes_input = True
 
     def __init__(self, num_classes: int = 3):
         super().__init__()
-        self.fc = __import__("torch").nn.Linear(1, num_classes)
+        self.fc = torch.nn.Linear(1, num_classes)
 
     def forward(self, x):
-        import torch
-
         logits = torch.zeros(x.shape[0], self.fc.out_features)
         logits[:, 0] = 1
         return logits
@@ -105,8 +102,6 @@ def _shard_images(corpus: Path, variant: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_score_stores_what_the_model_predicts(corpus, checkpoint, tmp_path):
-    import torch
-
     from qrobust.shared.models import load_model
 
     out = tmp_path / "r"
@@ -293,8 +288,6 @@ def test_model_and_corpus_classes_must_agree(corpus, tmp_path, capsys):
     assert run("score", "--corpus", corpus, "--model", "test_score:constant_model", "--out", tmp_path / "ok",
                "--only", "clean/onecrop") == 0
     capsys.readouterr()
-    import torch
-
     from qrobust.shared.models import build_model
 
     torch.save(build_model("tiny_cnn", 10).net.state_dict(), tmp_path / "ten.pth")
