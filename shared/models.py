@@ -133,7 +133,7 @@ class ModelSpec:
 
     arch: str  # a registered architecture, or "package.module:callable" when source == "callable"
     num_classes: int = 1000
-    quant: dict | None = field(default=None, hash=False)  # reserved: kept and recorded, not yet applied
+    quant: dict | None = field(default=None, hash=False)  # the policy of qrobust.shared.quant.quantize_model
     weights: str | None = None  # a file path or a torchvision weights name
     source: str = "init"
 
@@ -175,14 +175,21 @@ def build_model(spec: ModelSpec | str, num_classes: int | None = None) -> nn.Mod
         spec = ModelSpec(spec, 1000 if num_classes is None else num_classes)
     elif num_classes is not None:
         raise TypeError("build_model: num_classes goes in the ModelSpec")
-    if spec.quant:  # a float model under a quantized name would give silently wrong scores
-        raise ModelError(f"{spec.name} is quantized; this qrobust cannot build quantized models yet")
     if ":" in spec.arch:  # a callable's spec keeps its "package.module:callable" as arch
-        return _build_callable(spec.arch, spec.num_classes)[0]
-    builder = ARCHITECTURES.get(spec.arch)
-    with torch.random.fork_rng(devices=[]):  # reproducible init without touching the caller's RNG
-        torch.manual_seed(0)
-        return Normalized(builder(spec.num_classes))
+        model = _build_callable(spec.arch, spec.num_classes)[0]
+    else:
+        builder = ARCHITECTURES.get(spec.arch)
+        with torch.random.fork_rng(devices=[]):  # reproducible init without touching the caller's RNG
+            torch.manual_seed(0)
+            model = Normalized(builder(spec.num_classes))
+    if spec.quant:  # the same module swap as at training time; quantizer state comes with the weights
+        from qrobust.shared.quant import QUANT_ARGS, quantize_model
+
+        missing = {"method", "w_bits", "a_bits"} - set(spec.quant)
+        if missing:
+            raise ModelError(f"{spec.name}: quantization spec lacks {', '.join(sorted(missing))}")
+        quantize_model(model, **{k: spec.quant[k] for k in QUANT_ARGS if k in spec.quant})
+    return model
 
 
 def _build_callable(target: str, num_classes: int | None) -> tuple[nn.Module, int]:
@@ -256,12 +263,42 @@ def _read_state_dict(path: Path) -> dict:
     return sd
 
 
+_REGNET_PARTS = {"conv1.conv": "f.a.0", "conv1.bn": "f.a.1", "conv2.conv": "f.b.0", "conv2.bn": "f.b.1",
+                 "conv3.conv": "f.c.0", "conv3.bn": "f.c.1", "downsample.conv": "proj.0", "downsample.bn": "proj.1",
+                 # pycls's own names for the same layers
+                 "f.a_bn": "f.a.1", "f.b_bn": "f.b.1", "f.c_bn": "f.c.1", "f.a": "f.a.0", "f.b": "f.b.0",
+                 "f.c": "f.c.0", "proj": "proj.0", "bn": "proj.1"}
+
+
+def regnet_from_pycls(sd: dict) -> dict:
+    """Rename a timm ``regnetx_006`` or pycls RegNetX state dict to torchvision's RegNet names.
+
+    stem.conv/bn -> stem.0/1; s{i}.b{j} -> trunk_output.block{i}.block{i}-{j-1}; conv1/2/3 (timm) or
+    f.a/b/c (pycls) -> f.a/b/c.0 with their norms -> .1; downsample (timm) or proj (pycls) -> proj.0/1;
+    head.fc -> fc. Keys already in torchvision's names pass unchanged.
+    """
+    import re
+
+    out = {}
+    for key, value in sd.items():
+        new = key.replace("stem.conv.", "stem.0.").replace("stem.bn.", "stem.1.").replace("head.fc.", "fc.")
+        m = re.match(r"s(\d+)\.b(\d+)\.(.+)\.([^.]+)$", new)
+        if m:
+            stage, block, part, leaf = m.groups()
+            part = _REGNET_PARTS.get(part, part)
+            new = f"trunk_output.block{stage}.block{stage}-{int(block) - 1}.{part}.{leaf}"
+        out[new] = value
+    return out
+
+
 def _load_into(model: nn.Module, sd: dict, what: str) -> None:
     """Load a state dict for the inner net (``net.``/``module.`` prefixes stripped); one-line error on mismatch."""
     for prefix in ("module.", "net.", "module."):  # DataParallel, the wrapper, or both
         if sd and all(k.startswith(prefix) for k in sd):
             sd = {k[len(prefix):]: v for k, v in sd.items()}
     net = _inner(model)
+    if isinstance(net, tvm.RegNet) and "stem.conv.weight" in sd:  # timm / pycls RegNetX weights
+        sd = regnet_from_pycls(sd)
     own = net.state_dict()
     shapes = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items()
               if k in own and v.shape != own[k].shape]

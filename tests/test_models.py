@@ -159,10 +159,22 @@ def test_spec_dict_round_trip_name_and_errors(tmp_path):
         ModelSpec.from_dict({"arch": "resnet18", "pruning": 0.5})
     with pytest.raises(ModelError, match="source"):
         ModelSpec("resnet18", source="web")
-    quantized = ModelSpec("tiny_cnn", 10, quant={"method": "lsq", "w_bits": 4, "a_bits": 4})
-    path = save_checkpoint(build_model("tiny_cnn", 10), quantized, tmp_path / "q.safetensors")
-    with pytest.raises(ModelError, match="tiny_cnn-lsq-w4a4 is quantized"):  # not yet: refuse, never run as float
-        load_model(path)
+    with pytest.raises(ModelError, match="lacks a_bits"):
+        build_model(ModelSpec("tiny_cnn", 10, quant={"method": "lsq", "w_bits": 4}))
+
+
+def test_quantized_checkpoint_loads_quantized_and_exact(tmp_path):
+    """A quantized checkpoint rebuilds its quantizers from the spec alone: same outputs, never run as float."""
+    from qrobust.shared.quant import QuantConv2d, calibrate, quantize_model
+
+    model = trained("tiny_cnn")
+    policy = quantize_model(model, "lsq", 4, 4)
+    calibrate(model, [torch.rand(8, 3, 32, 32)])
+    spec = ModelSpec("tiny_cnn", 10, quant=policy)
+    loaded, loaded_spec, _ = load_model(save_checkpoint(model, spec, tmp_path / "q.safetensors"))
+    assert loaded_spec.name == "tiny_cnn-lsq-w4a4" and loaded_spec.quant == policy
+    assert any(isinstance(m, QuantConv2d) for m in loaded.modules())
+    assert same_outputs(model.eval(), loaded)
 
 
 @pytest.mark.parametrize("prefix", ["", "module.", "net.", "module.net."])
@@ -270,3 +282,21 @@ def test_torchvision_weights_load_through_get_state_dict(monkeypatch):
     assert same_outputs(source, model)
     assert (spec.weights, spec.source) == ("ResNet18_Weights.IMAGENET1K_V1", "torchvision")
     assert calls[0][1]["weights_only"] is True and calls[0][1]["check_hash"] is True
+
+
+def test_timm_regnetx_600mf_weights_load_with_identical_outputs(tmp_path):
+    """timm's regnetx_006 (= pycls) state dict loads into our RegNetX-600MF by key renaming: same function."""
+    timm = pytest.importorskip("timm")
+    reference = timm.create_model("regnetx_006", pretrained=False, num_classes=10).eval()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # move off the init so that a wrong mapping shows
+        for t in reference.state_dict().values():
+            if t.is_floating_point():
+                t.add_(torch.randn(t.shape, generator=g) * 0.02)
+    path = tmp_path / "regnetx_006.pth"
+    torch.save(reference.state_dict(), path)
+    model, spec, _ = load_model("regnetx_600mf", weights=path, num_classes=10)
+    x = images(2, 64)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference((x - mean) / std), rtol=0, atol=1e-5)
