@@ -1,0 +1,1 @@
+"""Training: float models from scratch and quantization-aware fine-tuning (imports qrobust.shared only)."""
