@@ -102,6 +102,36 @@ def _calibration_batches(train_ds, recipe: Recipe, count: int) -> list[torch.Ten
     return [x for x, _ in Loader(subset, batch, train=False, workers=0)][:count]
 
 
+def reestimate_batchnorm(model: torch.nn.Module, batches: list[torch.Tensor]) -> int:
+    """Recompute every BatchNorm's running statistics on ``batches`` through the quantized model.
+
+    DoReFa/PACT weights live in [-1, 1], far from the float weights' scale, so the
+    float model's BatchNorm statistics no longer fit; without this, the first
+    epochs of fine-tuning are evaluated with stale statistics. Quantizer state
+    does not change (no observers). Returns the number of BatchNorm layers.
+    """
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms or not batches:
+        return 0
+    device = next(model.parameters()).device
+    was_training = {m: m.training for m in model.modules()}
+    momenta = {m: m.momentum for m in norms}
+    try:
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # a plain average over the batches
+        model.train()
+        with torch.no_grad():
+            for x in batches:
+                model(x.to(device))
+    finally:
+        for m, training in was_training.items():
+            m.train(training)
+        for m, momentum in momenta.items():
+            m.momentum = momentum
+    return len(norms)
+
+
 def quantize(fp_model: str, method: str, bits: int, train_root: str | os.PathLike, out: str | os.PathLike, *,
              weights: str | os.PathLike | None = None, val_root: str | os.PathLike | None = None,
              recipe: Recipe | None = None, first_last_bits: int | None = 8, calib_batches: int = 4,
@@ -146,9 +176,11 @@ def quantize(fp_model: str, method: str, bits: int, train_root: str | os.PathLik
         raise DataError(f"{train_root}: classes differ from those {fp_model} was trained on")
     policy = quantize_model(model, method, bits, bits, first_last_bits=first_last_bits)
     model.to(device)
-    info = calibrate(model, _calibration_batches(train_ds, recipe, calib_batches))
+    batches = _calibration_batches(train_ds, recipe, calib_batches)
+    info = calibrate(model, batches)
     if info["uncalibrated"]:
         raise TrainError(f"calibration did not reach quantizers {', '.join(info['uncalibrated'][:3])}")
+    info["bn_reestimated"] = reestimate_batchnorm(model, batches)
     spec = ModelSpec(fp_spec.arch, fp_spec.num_classes, quant=dict(policy, calibration=info))
     out = _out_path(out, spec.name)
     val_before = evaluate(model, val_ds, batch_size=min(recipe.batch_size, 256), workers=recipe.workers,
