@@ -1,0 +1,119 @@
+"""L1 attacks: sparse steepest-descent PGD (SLIDE-style) with the exact projection onto L1 ball x box.
+
+Plain L1 PGD with a rescaling projection is weak (its steps are dense and the
+rescaling wastes budget on coordinates that cannot move). Here each step
+moves only the ``k = ceil((1 - sparsity) * d)`` coordinates with the largest
+``|grad|`` by ``sign(grad)``, scaled so the step has L1 length ``step_size``
+(Tramer & Boneh 2019, SLIDE); coordinates already at a box face whose
+gradient points out of the box are never chosen (they could not move). The
+result is projected exactly onto ``{d : ||d||_1 <= eps, 0 <= x + d <= 1}``
+(Croce & Hein, "Mind the box", ICML 2021), :func:`project_l1_box`.
+
+RobustART/ART settings: 20 steps, ``step_size=120`` absolute at 3x224x224, one
+random start (uniform in the L1 ball, then projected into the box).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from qrobust.score.attacks.pgd import iterate, random_draws
+
+BISECTIONS = 40  # brackets the threshold to 2^-40 of max |delta| before the exact solve
+
+
+def project_l1_box(delta: torch.Tensor, x: torch.Tensor, eps) -> torch.Tensor:
+    """The Euclidean projection of each ``delta[i]`` onto ``{d : ||d||_1 <= eps, 0 <= x[i] + d <= 1}``.
+
+    ``delta`` and ``x`` have the same shape (N, ...), ``x`` in [0, 1]; ``eps`` is
+    a number or a tensor of N radii. Returns the projected delta in
+    ``delta``'s dtype.
+
+    The KKT conditions give the solution in closed form up to one scalar per
+    sample: ``sign(delta) * clip(|delta| - lam, 0, cap)``, with ``cap`` the room
+    to the box face on delta's side and ``lam >= 0`` the smallest threshold
+    meeting the budget (0 when the box clip alone does). ``f(lam) = sum clip(|delta|
+    - lam, 0, cap)`` is continuous, non-increasing and piecewise linear:
+    ``lam`` is bracketed by bisection to 2^-40 of the largest ``|delta|`` and
+    then solved exactly on its linear piece (float64 throughout). This equals
+    the sort-based exact algorithm of Croce & Hein (2021) to float64 rounding
+    and is 2-3x faster on CPU at 3x224x224 (no sort of 2d breakpoints).
+
+    >>> project_l1_box(torch.tensor([[0.5, -0.5]]), torch.tensor([[0.9, 0.5]]), 0.4)
+    tensor([[ 0.1000, -0.3000]])
+    """
+    n = delta.shape[0]
+    d = delta.reshape(n, -1).double()
+    xf = x.reshape(n, -1).double()
+    eps_t = torch.as_tensor(eps, dtype=torch.float64, device=d.device).expand(n)
+    mag = d.abs()
+    cap = torch.where(d > 0, 1 - xf, xf).clamp_min(0)  # room toward delta's sign inside [0, 1]
+    out = torch.minimum(mag, cap)  # the box projection; enough where it already meets the L1 budget
+    rows = (out.sum(1) > eps_t).nonzero().squeeze(1)
+    if rows.numel():
+        m, c, e = mag[rows], cap[rows], eps_t[rows].unsqueeze(1)
+        lo, hi = torch.zeros_like(e), m.amax(1, keepdim=True)  # f(lo) > eps >= f(hi) = 0
+        buf = torch.empty_like(m)
+        for _ in range(BISECTIONS):
+            mid = (lo + hi) / 2
+            torch.sub(m, mid, out=buf).clamp_(min=0)
+            over = torch.minimum(buf, c, out=buf).sum(1, keepdim=True) > e
+            lo, hi = torch.where(over, mid, lo), torch.where(over, hi, mid)
+        mid = (lo + hi) / 2
+        # on the linear piece around mid: capped coordinates give cap, sliding ones |delta| - lam, the rest 0
+        sliding = (m - c < mid) & (m > mid)
+        capped = m - c >= mid
+        count = sliding.sum(1, keepdim=True)
+        lam = ((m * sliding).sum(1, keepdim=True) + (c * capped).sum(1, keepdim=True) - e) / count.clamp_min(1)
+        lam = torch.where((count > 0) & (lam >= lo) & (lam <= hi), lam, mid)
+        out[rows] = (m - lam).clamp_min(0).minimum(c)
+    return (d.sign() * out).to(delta.dtype).reshape(delta.shape)
+
+
+def l1_start(x: torch.Tensor, eps: float, seeds: torch.Tensor) -> torch.Tensor:
+    """``x`` plus a per-sample point uniform in the L1 ball of radius eps, projected into [0, 1] (budget kept)."""
+    size = x[0].numel()
+
+    def draw(g, shape):
+        # |delta| / eps ~ the first d coordinates of Dirichlet(1, ..., 1) over d + 1: uniform in the L1 ball
+        spacings = -torch.log1p(-torch.rand(size + 1, generator=g, dtype=torch.float64))
+        signs = torch.rand(size, generator=g, dtype=torch.float64) < 0.5
+        point = spacings[:size] / spacings.sum()
+        return torch.where(signs, -point, point).reshape(shape)
+
+    delta = (random_draws(seeds, x.shape[1:], draw, x.device) * eps).to(x.dtype)
+    return (x + project_l1_box(delta, x, eps)).clamp(0, 1)
+
+
+def sparse_step(x_adv: torch.Tensor, grad: torch.Tensor, k: int, step_size: float) -> torch.Tensor:
+    """``step_size * e / ||e||_1`` with ``e = sign(grad)`` on the top-``k`` movable coordinates by ``|grad|``."""
+    n = x_adv.shape[0]
+    g, xa = grad.reshape(n, -1), x_adv.reshape(n, -1)
+    blocked = ((xa <= 0) & (g < 0)) | ((xa >= 1) & (g > 0))  # at a box face, pushing outward
+    score = g.abs().masked_fill(blocked, 0)
+    top, idx = score.topk(k, dim=1)
+    e = torch.zeros_like(g).scatter_(1, idx, g.gather(1, idx).sign() * (top > 0))
+    count = e.abs().sum(1, keepdim=True).clamp_min(1)
+    return (step_size * e / count).reshape(x_adv.shape)
+
+
+def pgd_l1(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, seeds: torch.Tensor, *,
+           steps: int = 20, step_size: float = 120.0, sparsity: float = 0.99, random_start: bool = True,
+           keep_best: bool = False) -> torch.Tensor:
+    """L1 PGD with sparse steps (top ``1 - sparsity`` share of coordinates) and the exact L1 x box projection."""
+    from qrobust.score.attacks import AttackError
+
+    if steps < 1 or not step_size > 0 or not 0 <= sparsity < 1:
+        raise AttackError(f"pgd-l1 needs steps >= 1, step_size > 0 and 0 <= sparsity < 1; "
+                          f"got steps={steps}, step_size={step_size}, sparsity={sparsity}")
+    size = x[0].numel()
+    k = min(size, max(1, math.ceil(round((1 - sparsity) * size, 6))))
+
+    def step(x_adv, grad):
+        moved = x_adv + sparse_step(x_adv, grad, k, step_size)
+        return (x + project_l1_box(moved - x, x, eps)).clamp(0, 1)
+
+    start = l1_start(x, eps, seeds) if random_start else x.clone()
+    return iterate(model, start, y, steps, keep_best, step)
