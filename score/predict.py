@@ -5,7 +5,11 @@
     RESULTS/results.json          what was scored: model spec and sha256, corpus manifest sha256, settings
     RESULTS/predictions.zarr/     one int32 array per variant: top-5 class ids, (N, 5) or (N, T, 5)
                                   for sequences; -1 where not scored yet; plus `labels` (N,)
-    RESULTS/progress.json         the (variant, shard) units whose rows are written
+    RESULTS/predictions.zarr/attacks/<attack>/<budget>/{outcome,pred}
+                                  per attacked row: int8 outcome (1 fooled, 0 robust, 2 skipped by a
+                                  cascade, -1 not yet) and the int32 final prediction; `attacks/rows`
+                                  holds the corpus rows attacked, group attributes each job's settings
+    RESULTS/progress.json         the (variant, shard) units and (attack job, batch) units written
     RESULTS/summary.json          every metric, recomputed from the stored predictions
 
 Each array is chunked by the corpus's shard size, so a unit's rows are one
@@ -91,3 +95,58 @@ class ResultsStore:
         """All stored rows of a variant (also one scored by an earlier run with another --only)."""
         array = self.arrays.get(variant)
         return (array if array is not None else self.root[variant])[...]
+
+    # --- attacks ----------------------------------------------------------------
+
+    def open_attacks(self, rows: np.ndarray, jobs: dict[str, dict], batch_size: int) -> None:
+        """Create (or check) the arrays of the attack jobs ``{job id: settings}`` on ``rows``.
+
+        A job already stored with other settings, rows or batch size is an error:
+        its outcomes would mix two experiments.
+        """
+        group = self.root.require_group("attacks")
+        if "rows" in group:
+            if not np.array_equal(group["rows"][...], rows) or group.attrs.get("batch_size") != batch_size:
+                raise ResultsError(f"{self.path} holds attacks on other rows or with another batch size; "
+                                   "use the --attack-limit and --batch-size of the first run, or a new --out")
+        else:
+            group.create_array("rows", shape=rows.shape, chunks=(max(len(rows), 1),), dtype="int32")[...] = rows
+            group.attrs["batch_size"] = batch_size
+        stored = dict(group.attrs.get("jobs", {}))
+        for job_id, settings in jobs.items():
+            settings = json.loads(json.dumps(settings))  # as it reads back from the attributes
+            if job_id in stored and stored[job_id] != settings:
+                raise ResultsError(f"{self.path}: {job_id} was run with other settings ({stored[job_id]} vs "
+                                   f"{settings}); use a new --out to compare settings")
+            stored[job_id] = settings
+            for name, dtype in (("outcome", "int8"), ("pred", "int32")):
+                if f"{job_id}/{name}" not in group:
+                    group.create_array(f"{job_id}/{name}", shape=rows.shape, chunks=(max(batch_size, 1),),
+                                       dtype=dtype, fill_value=-1)
+        group.attrs["jobs"] = stored
+
+    @staticmethod
+    def attack_unit_id(job_id: str, batch: int) -> str:
+        return f"attack/{job_id}#{batch}"
+
+    def attack_jobs(self) -> dict[str, dict]:
+        """Settings of every attack job in the store (this run's and earlier ones)."""
+        return dict(self.root["attacks"].attrs.get("jobs", {})) if "attacks" in self.root else {}
+
+    def write_attack(self, job_id: str, start: int, outcome: np.ndarray, pred: np.ndarray) -> None:
+        group = self.root["attacks"]
+        group[f"{job_id}/outcome"][start:start + len(outcome)] = outcome
+        group[f"{job_id}/pred"][start:start + len(pred)] = pred
+
+    def attack_outcome(self, job_id: str) -> np.ndarray | None:
+        group = self.root.get("attacks")
+        return None if group is None or f"{job_id}/outcome" not in group else group[f"{job_id}/outcome"][...]
+
+    def fooled_by_others(self, job_id: str, start: int, count: int) -> np.ndarray:
+        """Rows start..start+count fooled by any other stored job at the same budget (for cascades)."""
+        budget = job_id.split("/")[1]
+        hit = np.zeros(count, bool)
+        for other in self.attack_jobs():
+            if other != job_id and other.split("/")[1] == budget and not other.startswith("transfer-"):
+                hit |= self.root["attacks"][f"{other}/outcome"][start:start + count] == 1
+        return hit

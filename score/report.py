@@ -211,5 +211,7 @@ def build_report(results: list[str | Path], out: str | Path, nc_threshold: float
                                 f'{html.escape(caption)}</p><div class="row">{section}</div>'))
         done.append((table, cols))
     index = out / "index.html"
-    index.write_text(_page(models, _findings(models, done, nc_threshold), sections, nc_threshold), "utf-8")
+    findings = _findings(models, done, nc_threshold)
+    index.write_text(_page(models, findings, sections, nc_threshold), "utf-8")
+    (out / "findings.txt").write_text("".join(f"{f}\n" for f in findings), "utf-8")  # for terminals and scripts
     return index

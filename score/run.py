@@ -70,9 +70,17 @@ def _top5(model, pixels: np.ndarray, batch_size: int, device: str) -> np.ndarray
 
 def score(corpus: str, model: str, out: str, *, weights: str | None = None, only: list[str] | None = None,
           device: str = "cpu", batch_size: int = 64, workers: int | None = None, limit: int | None = None,
-          verify: bool = True, progress: bool = True) -> dict:
+          verify: bool = True, progress: bool = True, attacks: list[str] | None = None,
+          budgets: list[str] | None = None, attack_limit: int | None = None, attack_config: dict | None = None,
+          budget_scale: str = "dims", cascade: bool = False, transfer_from: str | None = None) -> dict:
     """Score ``model`` (see :func:`qrobust.shared.models.load_model`) on ``corpus`` into folder ``out``;
     returns the summary (also written to ``out/summary.json``).
+
+    ``attacks`` (names, or ``["all"]``) run live on the clean ``onecrop`` images
+    at ``budgets`` (default all three), on ``attack_limit`` rows spread over the
+    corpus (default all); see :mod:`qrobust.score.adversarial` for budgets,
+    overrides (``attack_config``), ``cascade`` and ``transfer_from`` (an FP
+    model spec whose PGD-Linf examples are replayed on this model).
 
     Raises :class:`~qrobust.shared.errors.QrobustError` subclasses for a bad corpus, model or results folder.
     """
@@ -86,6 +94,8 @@ def score(corpus: str, model: str, out: str, *, weights: str | None = None, only
     source = Corpus(corpus)
     manifest = source.manifest
     variants = sorted(manifest["variants"])
+    if attacks and only and "clean/onecrop" not in only:
+        only = [*only, "clean/onecrop"]  # attacks start from it, and AAI needs its accuracy
     if only:
         for pattern in only:
             if not any(fnmatch.fnmatchcase(v, pattern) for v in variants):
@@ -112,6 +122,12 @@ def score(corpus: str, model: str, out: str, *, weights: str | None = None, only
         workers = min(4, max(0, (os.cpu_count() or 1) - 1))
     if todo:
         _run_units(net, store, source, todo, batch_size, workers, device, verify, progress)
+    jobs_run = None
+    if attacks:
+        jobs_run = _attack(net, store, source, manifest, all_units, rows, attacks=attacks, budgets=budgets,
+                           limit=attack_limit, config=attack_config, rule=budget_scale, cascade=cascade,
+                           transfer_from=transfer_from, n_classes=spec.num_classes, batch_size=batch_size,
+                           device=device, verify=verify, progress=progress, workers=workers)
     predictions = _finished_predictions(store, all_units, manifest)
     summary = compute_summary(
         predictions, store.labels[...], manifest,
@@ -120,8 +136,70 @@ def score(corpus: str, model: str, out: str, *, weights: str | None = None, only
                 "location": _public_location(str(corpus))},
         env={"qrobust": __version__, "torch": torch.__version__, "device": device, "batch_size": batch_size,
              "seed": manifest.get("seed"), "python": sys.version.split()[0]})
+    _attack_results(summary, store, predictions)
+    if jobs_run is not None:
+        summary["env"]["attacks"] = jobs_run
     write_atomic(store.path / "summary.json", json.dumps(summary, indent=1, sort_keys=True))
     return summary
+
+
+def _attack(net, store, source, manifest, all_units, rows, *, attacks, budgets, limit, config, rule, cascade,
+            transfer_from, n_classes, batch_size, device, verify, progress, workers) -> dict:
+    """Plan, check and run the attack jobs; returns {job id: settings} of this run."""
+    from qrobust.score import adversarial
+    from qrobust.score.attacks import BUDGET_NAMES
+    from qrobust.shared.models import load_model
+
+    if "clean/onecrop" not in manifest["variants"]:
+        raise CorpusError("attacks start from clean/onecrop, which this corpus lacks")
+    if limit is not None and limit < 1:
+        raise CorpusError("--attack-limit must be at least 1")
+    crop = manifest["suite"]["spec"]["geometry"]["crop"]
+    jobs = adversarial.plan_jobs(attacks, list(budgets or BUDGET_NAMES), (3, crop, crop), config=config, rule=rule)
+    surrogate = None
+    if transfer_from:
+        surrogate, sspec, _ = load_model(transfer_from, num_classes=n_classes, device=device)
+        if sspec.quant:
+            log.warning("--transfer-from %s is quantized; the transfer check expects a float model", sspec.name)
+        base = [j for j in jobs if j.attack == "pgd-linf"] or adversarial.plan_jobs(
+            ["pgd-linf"], list(budgets or BUDGET_NAMES), (3, crop, crop), config=config, rule=rule)
+        jobs += [adversarial.Job(j.attack, j.budget, j.eps, j.norm, j.cost, j.params, transfer=True) for j in base]
+    subset = adversarial.subset_rows(rows, limit)
+    records = {j.id: {**j.record(), "scale": rule, **({"surrogate": transfer_from} if j.transfer else {})}
+               for j in jobs}
+    store.open_attacks(subset, records, batch_size)
+    onecrop = [u for u in all_units if u.variant == "clean/onecrop"]
+    log.info("attacks: %s on %d rows", ", ".join(records), len(subset))
+    adversarial.run_attacks(net, jobs, store, source, onecrop, subset, seed=manifest.get("seed") or 0,
+                            batch_size=batch_size, device=device, verify=verify, cascade=cascade,
+                            progress=progress, workers=workers, surrogate=surrogate)
+    return records
+
+
+def _attack_results(summary: dict, store: ResultsStore, predictions: dict) -> None:
+    """Fill the summary's attacks, wcar and gradient-masking checks from the store."""
+    from qrobust.score import adversarial
+
+    jobs = store.attack_jobs()
+    if not jobs:
+        return
+    from qrobust.score.attacks.checks import masking_warnings
+
+    rows = store.root["attacks"]["rows"][...]
+    clean = predictions.get("clean/onecrop")
+    correct = clean[rows, 0] == store.labels[...][rows] if clean is not None else None
+    table, wcar = adversarial.attack_summary(store, jobs, rows, correct)
+    summary["attacks"] = {a: v for a, v in table.items() if not a.startswith("transfer-")}
+    summary["wcar"] = wcar
+    ar = {a: {b: e["ar"] for b, e in by.items() if e["ar"] is not None} for a, by in summary["attacks"].items()}
+    transfer = {a.removeprefix("transfer-"): {b: e["ar"] for b, e in by.items()}
+                for a, by in table.items() if a.startswith("transfer-")}
+    zero = store.root["attacks"].attrs.get("zero_grad_share")
+    summary["checks"]["zero_grad_share"] = zero
+    if transfer:
+        summary["checks"]["transfer"] = transfer
+    summary["checks"]["gradient_masking"] = masking_warnings(ar, zero_grad_share=zero, transfer_ar=transfer or None,
+                                                             n=len(rows))
 
 
 def _public_location(location: str) -> str:

@@ -121,22 +121,46 @@ def _add_score(sub) -> None:
     p.add_argument("--workers", type=int, help="data-loading processes (default: min(4, cores - 1))")
     p.add_argument("--limit", type=int, help="score the first N samples of every variant")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of shards (sizes are checked)")
+    a = p.add_argument_group("attacks (run live on clean/onecrop; budgets and settings: README, SETTINGS)")
+    a.add_argument("--attacks", action="append", metavar="NAMES",
+                   help="comma-separated: fgsm-linf, pgd-linf, pgd-l2, pgd-l1, autoattack-linf, or all; extras: "
+                        "apgd-l1, square-linf (`qrobust ls attacks`)")
+    a.add_argument("--budgets", default="small,middle,large", help="comma-separated budget names")
+    a.add_argument("--attack-limit", type=int, metavar="N", help="attack N rows spread over the corpus (default all)")
+    a.add_argument("--attack-config", metavar="TOML", help="per-attack hyper-parameters and budgets")
+    a.add_argument("--attack-set", action="append", metavar="ATTACK.KEY=VALUE",
+                   help="override one setting, e.g. pgd-linf.steps=50 or pgd-l2.budgets.small=0.25 (repeatable)")
+    a.add_argument("--budget-scale", choices=("dims", "none"), default="dims",
+                   help="scale L1/L2 budgets from 3x224x224 to the corpus's crop size (dims, default) or not")
+    a.add_argument("--cascade", action="store_true",
+                   help="cheapest attack first, skip rows already fooled: exact WCAR, no per-attack AR")
+    a.add_argument("--transfer-from", metavar="MODEL", help="FP model whose PGD-Linf examples are replayed "
+                   "(a gradient-masking check)")
     p.set_defaults(run=_cmd_score)
 
 
 def _cmd_score(args) -> int:
     score = _resolve("qrobust.score.run:score")
     only = _globs(args.only)
+    attacks = _globs(args.attacks)
+    config = _resolve("qrobust.score.adversarial:attack_config")(args.attack_config, args.attack_set) \
+        if attacks else None
     summary = score(args.corpus, args.model, args.out, weights=args.weights, only=only, device=args.device,
                     batch_size=args.batch_size, workers=args.workers, limit=args.limit, verify=not args.no_verify,
-                    progress=not args.quiet)
+                    progress=not args.quiet, attacks=attacks or None, budgets=_globs([args.budgets]),
+                    attack_limit=args.attack_limit, attack_config=config, budget_scale=args.budget_scale,
+                    cascade=args.cascade, transfer_from=args.transfer_from)
     acc = summary["clean"]["acc"]
     parts = [f"ACC {acc:.2%}" if acc is not None else "ACC -"]
     for family, key in (("natural", "mnr"), ("sequence", "mfp"), ("systematic", "mean")):
         value = (summary.get(family) or {}).get(key)
         if value is not None:
             parts.append(f"{family} {key} {value:.2%}")
+    if summary.get("wcar"):
+        parts.append("WCAR " + " ".join(f"{b} {v:.2%}" for b, v in summary["wcar"].items()))
     print(f"{args.out}/summary.json: {summary['model']['name']}: " + ", ".join(parts))
+    for warning in summary["checks"].get("gradient_masking") or []:
+        print(f"warning: {warning}", file=sys.stderr)
     return 0
 
 
@@ -157,11 +181,116 @@ def _cmd_report(args) -> int:
     return 0
 
 
+def _recipe_arguments(p) -> None:
+    r = p.add_argument_group("training recipe (defaults: SETTINGS.md / README; every field can be set)")
+    r.add_argument("--epochs", type=int)
+    r.add_argument("--batch-size", type=int, help="global batch (split over torchrun processes)")
+    r.add_argument("--lr", type=float, help="peak learning rate")
+    r.add_argument("--image-size", type=int)
+    r.add_argument("--workers", type=int, help="data-loading processes")
+    r.add_argument("--seed", type=int)
+    r.add_argument("--set", action="append", metavar="FIELD=VALUE", dest="recipe_set",
+                   help="any other recipe field, e.g. --set optimizer=adam --set warmup_epochs=0.5")
+    p.add_argument("--val", help="validation ImageFolder or shards (default: train/../val, else a held-out tenth)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, ...; under torchrun each process takes its GPU")
+
+
+def _recipe_overrides(args) -> dict:
+    out = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "image_size", "workers", "seed")
+           if getattr(args, k) is not None}
+    for item in args.recipe_set or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise _resolve("qrobust.shared.errors:QrobustError")(f"--set {item!r}: expected FIELD=VALUE")
+        import json
+
+        try:
+            out[key.strip()] = json.loads(value)
+        except ValueError:
+            out[key.strip()] = value
+    return out
+
+
+def _recipe(base, overrides: dict):
+    if not overrides:
+        return None if base is None else base
+    recipe = _resolve("qrobust.train.loop:Recipe")
+    return recipe.from_dict({**base.to_dict(), **overrides})
+
+
+def _add_train(sub) -> None:
+    p = _parser(sub, "train", "Train a float model from scratch on an ImageFolder (or WebDataset shards); "
+                "writes a self-describing checkpoint. An interrupted run resumes.",
+                "qrobust train --arch tiny_resnet --train demo-out/data/train --out models/tiny_resnet.safetensors")
+    p.add_argument("--arch", required=True, help="architecture (`qrobust ls models`)")
+    p.add_argument("--train", required=True, help="training ImageFolder, or a folder/glob of WebDataset shards")
+    p.add_argument("--out", required=True, help="checkpoint file (.safetensors) or folder")
+    _recipe_arguments(p)
+    p.set_defaults(run=_cmd_train)
+
+
+def _cmd_train(args) -> int:
+    base = _resolve("qrobust.train.loop:fp_recipe")(args.arch)
+    path = _resolve("qrobust.train.qat:train_fp")(args.arch, args.train, args.out, val_root=args.val,
+                                                   recipe=_recipe(base, _recipe_overrides(args)), device=args.device,
+                                                   progress=not args.quiet)
+    print(f"checkpoint: {path}")
+    return 0
+
+
+def _add_quantize(sub) -> None:
+    p = _parser(sub, "quantize", "Quantization-aware fine-tuning of a float model with DoReFa, PACT or LSQ "
+                "(first/last layer 8 bit); --grid makes the method x bits grid. Multi-GPU: torchrun "
+                "--nproc_per_node N -m qrobust.shared.cli quantize ...",
+                "qrobust quantize --from models/tiny_resnet.safetensors --method lsq --bits 4 "
+                "--train demo-out/data/train --out models/")
+    p.add_argument("--from", dest="fp_model", required=True,
+                   help="FP model: a qrobust checkpoint, FILE with --arch (torchvision/timm/pycls state dict), "
+                        "or ARCH:TORCHVISION_WEIGHTS")
+    p.add_argument("--arch", help="architecture of a plain state dict given to --from")
+    p.add_argument("--method", help="dorefa, pact or lsq (--grid: comma-separated, default all)")
+    p.add_argument("--bits", help="2, 4, 6 or 8 (weights and activations; --grid: comma-separated, default all)")
+    p.add_argument("--grid", action="store_true", help="every method x bits; --out is a folder")
+    p.add_argument("--train", required=True, help="training ImageFolder, or a folder/glob of WebDataset shards")
+    p.add_argument("--out", required=True, help="checkpoint file, or folder (named like resnet18-lsq-w4a4)")
+    p.add_argument("--first-last-bits", default="8", help="bits of the first and last layer, or 'same'")
+    _recipe_arguments(p)
+    p.set_defaults(run=_cmd_quantize)
+
+
+def _cmd_quantize(args) -> int:
+    from qrobust.shared.errors import QrobustError
+
+    qat = _resolve("qrobust.train.qat:quantize_grid") if args.grid else _resolve("qrobust.train.qat:quantize")
+    methods = _globs([args.method]) if args.method else (["dorefa", "pact", "lsq"] if args.grid else [])
+    try:
+        bits = [int(b) for b in _globs([args.bits])] if args.bits else ([2, 4, 6, 8] if args.grid else [])
+        first_last = None if args.first_last_bits == "same" else int(args.first_last_bits)
+    except ValueError:
+        raise QrobustError("--bits and --first-last-bits take integers (or 'same')") from None
+    if not args.grid and (len(methods) != 1 or len(bits) != 1):
+        raise QrobustError("quantize needs one --method and one --bits (or --grid)")
+    fp_model, weights = (args.arch, args.fp_model) if args.arch else (args.fp_model, None)
+    arch = args.arch or _resolve("qrobust.train.qat:fp_arch")(args.fp_model)
+    overrides = _recipe_overrides(args)
+    recipe = _recipe(_resolve("qrobust.train.loop:qat_recipe")(arch, bits[0]), overrides) if overrides else None
+    kw = dict(weights=weights, val_root=args.val, recipe=recipe, first_last_bits=first_last, device=args.device,
+              progress=not args.quiet)
+    if args.grid:
+        paths = qat(fp_model, methods, bits, args.train, args.out, **kw)
+    else:
+        paths = [qat(fp_model, methods[0], bits[0], args.train, args.out, **kw)]
+    for path in paths:
+        print(f"checkpoint: {path}")
+    return 0
+
+
 def _add_ls(sub) -> None:
     p = _parser(sub, "ls", "List registered things: corruptions, suites, model architectures, or the variants "
-                "of a suite.", "qrobust ls variants 'natural/glass*' --suite robustmq")
-    p.add_argument("what", choices=("corruptions", "suites", "variants", "models"))
-    p.add_argument("pattern", nargs="?", default="*", help="glob filter")
+                "of a suite, or the checkpoints in a folder.", "qrobust ls variants 'natural/glass*' --suite robustmq")
+    p.add_argument("what", choices=("corruptions", "suites", "variants", "models", "attacks", "quantizers",
+                                     "checkpoints"))
+    p.add_argument("pattern", nargs="?", default="*", help="glob filter (for checkpoints: the folder)")
     p.add_argument("--suite", default="robustmq", help="suite for `ls variants`")
     p.set_defaults(run=_cmd_ls)
 
@@ -173,6 +302,13 @@ def _cmd_ls(args) -> int:
         names = _resolve("qrobust.generate.natural:CORRUPTIONS").names(args.pattern)
     elif args.what == "models":
         names = _resolve("qrobust.shared.models:ARCHITECTURES").names(args.pattern)
+    elif args.what == "attacks":
+        attacks = _resolve("qrobust.score.attacks:ATTACKS")
+        names = [f"{n:16} {attacks.get(n).norm:5} budgets {attacks.get(n).budgets}" for n in attacks.names(args.pattern)]
+    elif args.what == "quantizers":
+        names = _resolve("qrobust.shared.quant:METHODS").names(args.pattern)
+    elif args.what == "checkpoints":
+        return _ls_checkpoints(args.pattern if args.pattern != "*" else ".")
     elif args.what == "suites":
         names = [n for n in _resolve("qrobust.shared.spec:packaged_suites")() if fnmatch.fnmatchcase(n, args.pattern)]
     else:
@@ -182,17 +318,33 @@ def _cmd_ls(args) -> int:
     return 0 if names else EXIT_PROBLEMS
 
 
+def _ls_checkpoints(folder: str) -> int:
+    rows = _resolve("qrobust.train.qat:list_checkpoints")(folder)
+    for r in rows:
+        if r.get("reason"):
+            print(f"{r['file']}: not a qrobust checkpoint ({r['reason']})")
+        else:
+            acc = r.get("val_acc")
+            print(f"{r['file']}: {r['name']} ({r['classes']} classes"
+                  + (f", val acc {acc:.2%}" if isinstance(acc, (int, float)) else "") + ")")
+    return 0 if rows else EXIT_PROBLEMS
+
+
 def _add_demo(sub) -> None:
     p = _parser(sub, "demo", "Run the benchmark end to end on the built-in demo data (photos shipped with "
-                "scikit-image): build the data set, generate the demo corpus, verify it.",
-                "qrobust demo --out demo-out")
+                "scikit-image): build the data set, train a small model and its DoReFa/PACT/LSQ versions at "
+                "2/4/8 bits, generate and verify the demo corpus, score every model (attacks included), "
+                "write the report.", "qrobust demo --out demo-out")
     p.add_argument("--out", default="demo-out", help="output folder (a second run reuses what is there)")
     p.add_argument("--workers", type=int, help="worker processes (default: all cores)")
+    p.add_argument("--quick", action="store_true",
+                   help="reduced demo (fewer variants and attacked images, 4 bit only, shorter training)")
     p.set_defaults(run=_cmd_demo)
 
 
 def _cmd_demo(args) -> int:
-    return _resolve("qrobust.shared.demo:run_demo")(args.out, workers=args.workers, progress=not args.quiet)
+    return _resolve("qrobust.shared.demo:run_demo")(args.out, workers=args.workers, progress=not args.quiet,
+                                                    quick=args.quick)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -205,7 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"qrobust {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_generate, _add_verify, _add_score, _add_report, _add_ls, _add_demo):
+    for add in (_add_generate, _add_verify, _add_score, _add_report, _add_train, _add_quantize, _add_ls,
+                _add_demo):
         add(sub)
     return parser
 

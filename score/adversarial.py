@@ -1,0 +1,314 @@
+"""The live part of scoring: white-box attacks on the clean ``onecrop`` images.
+
+Each (attack, budget) is a *job*. Jobs run on a deterministic subset of the
+corpus's rows (all, or ``attack_limit`` rows spread evenly over the corpus, so
+a class-sorted corpus keeps every class), in batches of ``batch_size`` subset
+rows; a finished (job, batch) is recorded in the store's progress, so an
+interrupted run resumes at the next batch. Per sample the store keeps the
+final prediction and the outcome: 1 fooled, 0 robust, 2 not attacked because
+an earlier attack of a ``cascade`` fooled it (robust accuracy of later attacks
+is then unknown; WCAR is exact). Samples the model misclassifies clean are
+fooled without being attacked (their prediction is the clean one).
+
+Budgets are defined for 3x224x224 inputs (:data:`REFERENCE_SHAPE`). For other
+crop sizes the default rule ``budget_scale="dims"`` keeps the per-pixel
+perturbation of the reference: L2 budgets scale with sqrt(d / d_ref), L1
+budgets (and absolute L1 step sizes) with d / d_ref, Linf not at all.
+``"none"`` uses the numbers as given. The rule and the resulting eps are
+recorded with every result.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from qrobust.score.stream import CorpusError, Failure, UnitStream
+from qrobust.shared.errors import QrobustError
+from qrobust.shared.seeding import sample_seed
+
+log = logging.getLogger("qrobust.score")
+
+FOOLED, ROBUST, SKIPPED = 1, 0, 2
+SCALE_RULES = ("dims", "none")
+ABSOLUTE_STEP_KEYS = ("step_size",)  # hyper-parameters in the attack's norm units (scaled with the budget)
+
+
+class AttackConfigError(QrobustError, ValueError):
+    """An attack, budget or hyper-parameter was asked for that does not exist or does not fit."""
+
+
+@dataclass(frozen=True)
+class Job:
+    attack: str
+    budget: str
+    eps: float
+    norm: str
+    cost: float
+    params: dict = field(hash=False)
+    transfer: bool = False  # crafted on a surrogate (FP) model, evaluated on the scored one
+
+    @property
+    def id(self) -> str:
+        return f"{'transfer-' if self.transfer else ''}{self.attack}/{self.budget}"
+
+    def record(self) -> dict:
+        return {"attack": self.attack, "budget": self.budget, "eps": self.eps, "norm": self.norm,
+                "params": self.params, "transfer": self.transfer}
+
+
+def scale_factor(norm: str, shape: tuple[int, ...], rule: str) -> float:
+    """How much a reference budget of this norm grows for inputs of ``shape`` (C, H, W).
+
+    >>> scale_factor("l2", (3, 112, 112), "dims"), scale_factor("l1", (3, 112, 112), "dims")
+    (0.5, 0.25)
+    """
+    from qrobust.score.attacks import REFERENCE_SHAPE
+
+    if rule not in SCALE_RULES:
+        raise AttackConfigError(f"budget scale rule {rule!r} is not one of {', '.join(SCALE_RULES)}")
+    if rule == "none" or norm == "linf":
+        return 1.0
+    ratio = math.prod(shape) / math.prod(REFERENCE_SHAPE)
+    return math.sqrt(ratio) if norm == "l2" else ratio
+
+
+def plan_jobs(attacks: list[str], budgets: list[str], shape: tuple[int, ...], *, config: dict | None = None,
+              rule: str = "dims") -> list[Job]:
+    """Resolve attack names (or ``all``), budget names and overrides into jobs.
+
+    ``config`` maps attack name -> {hyper-parameter: value, "budgets": {budget: eps}}
+    (an attack config file, or ``--attack-set`` on the command line); eps given
+    there are taken as they are (no scaling), which the job's record shows.
+    """
+    from qrobust.score.attacks import ATTACKS, BUDGET_NAMES, attack_params
+
+    config = dict(config or {})
+    if attacks == ["all"] or attacks == "all":
+        attacks = [n for n in ATTACKS if ATTACKS.get(n).white_box and n in DEFAULT_ATTACKS]
+    for name in config:
+        ATTACKS.get(name)  # a typo in a config file is an error, not a silent no-op
+    for b in budgets:
+        if b not in BUDGET_NAMES:
+            raise AttackConfigError(f"unknown budget {b!r}; budgets are {', '.join(BUDGET_NAMES)}")
+    jobs = []
+    for name in dict.fromkeys(attacks):
+        spec = ATTACKS.get(name)
+        overrides = dict(config.get(name, {}))
+        eps_overrides = overrides.pop("budgets", {}) or {}
+        unknown = set(eps_overrides) - set(BUDGET_NAMES)
+        if unknown:
+            raise AttackConfigError(f"{name}: unknown budget(s) {sorted(unknown)} in the attack config")
+        params = attack_params(name, overrides)
+        factor = scale_factor(spec.norm, shape, rule)
+        for key in ABSOLUTE_STEP_KEYS:
+            if key in params and key not in overrides:
+                params[key] = params[key] * factor
+        for b in budgets:
+            eps = float(eps_overrides[b]) if b in eps_overrides else spec.budgets[b] * factor
+            if not eps > 0:
+                raise AttackConfigError(f"{name}/{b}: eps must be positive, got {eps}")
+            jobs.append(Job(name, b, eps, spec.norm, spec.cost, params))
+    return jobs
+
+
+# the benchmark's attacks (``--attacks all``); apgd-l1 and square-linf are extra options
+DEFAULT_ATTACKS = ("fgsm-linf", "pgd-l1", "pgd-l2", "pgd-linf", "autoattack-linf")
+
+
+def subset_rows(total: int, limit: int | None) -> np.ndarray:
+    """The corpus rows to attack: all, or ``limit`` rows spread evenly (deterministic).
+
+    >>> subset_rows(10, 4).tolist()
+    [0, 2, 5, 7]
+    """
+    if not limit or limit >= total:
+        return np.arange(total)
+    return (np.arange(limit) * total) // limit
+
+
+def run_attacks(net, jobs: list[Job], store, source, units, rows: np.ndarray, *, seed: int, batch_size: int,
+                device: str, verify: bool, cascade: bool, progress: bool, workers: int = 0,
+                surrogate=None) -> None:
+    """Run every unfinished (job, batch) and write outcomes and predictions into ``store``."""
+    import torch
+
+    from qrobust.score.attacks import run_attack
+
+    n_batches = math.ceil(len(rows) / batch_size)
+    todo = {b: [j for j in jobs if store.attack_unit_id(j.id, b) not in store.done] for b in range(n_batches)}
+    todo = {b: js for b, js in todo.items() if js}
+    if not todo:
+        return
+    if cascade:  # cheapest first within a budget; budgets in the order asked
+        for b in todo:
+            todo[b] = sorted(todo[b], key=lambda j: (j.budget, j.cost))
+    needed = np.concatenate([rows[b * batch_size:(b + 1) * batch_size] for b in sorted(todo)])
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=sum(len(js) * len(rows[b * batch_size:(b + 1) * batch_size]) for b, js in todo.items()),
+                   desc="attacks", unit="img", dynamic_ncols=True, file=sys.stderr)
+    try:
+        for b, keys, labels, pixels in _batches(source, units, rows, needed, sorted(todo), batch_size, verify,
+                                                workers):
+            x = torch.from_numpy(np.ascontiguousarray(pixels)).to(device).permute(0, 3, 1, 2).float().div_(255)
+            y = torch.from_numpy(labels.astype(np.int64)).to(device)
+            with torch.inference_mode():
+                clean_pred = net(x).argmax(1)
+            correct = (clean_pred == y).cpu().numpy()
+            group = store.root["attacks"]
+            if "zero_grad_share" not in group.attrs:  # a gradient-masking probe, once, on the first batch read
+                from qrobust.score.attacks.checks import zero_gradient_share
+
+                group.attrs["zero_grad_share"] = float(zero_gradient_share(net, x, y))
+            lo = b * batch_size
+            for job in todo[b]:
+                outcome = np.where(correct, ROBUST, FOOLED).astype(np.int8)
+                pred = clean_pred.cpu().numpy().astype(np.int32)
+                attack_mask = correct.copy()
+                if cascade:  # skip rows an attack already run at this budget fooled (the store knows them)
+                    earlier = store.fooled_by_others(job.id, lo, len(keys))
+                    outcome[attack_mask & earlier] = SKIPPED
+                    attack_mask &= ~earlier
+                idx = np.flatnonzero(attack_mask)
+                if len(idx):
+                    seeds = torch.tensor([sample_seed(seed, f"attack/{job.id}", keys[i]) for i in idx],
+                                         dtype=torch.int64)
+                    sel = torch.from_numpy(idx).to(device)
+                    crafter = surrogate if job.transfer else net  # a transfer attack is crafted on the FP model
+                    x_adv = run_attack(job.attack, crafter, x[sel], y[sel], job.eps, seeds=seeds, params=job.params)
+                    _check_budget(job, x_adv, x[sel])
+                    with torch.inference_mode():  # rescored in fp32 (the store's prediction is this one)
+                        adv_pred = net(x_adv.float()).argmax(1).cpu().numpy()
+                    pred[idx] = adv_pred
+                    outcome[idx] = np.where(adv_pred == labels[idx], ROBUST, FOOLED)
+                store.write_attack(job.id, lo, outcome, pred)
+                store.mark_done([store.attack_unit_id(job.id, b)])
+                if bar is not None:
+                    bar.update(len(keys))
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _check_budget(job: Job, x_adv, x) -> None:
+    """An attack that leaves its budget or [0, 1] is a bug; never store its outcome."""
+    d = (x_adv - x).flatten(1)
+    size = {"linf": d.abs().amax(1), "l2": d.norm(dim=1), "l1": d.abs().sum(1)}[job.norm]
+    slack = 1e-5 * max(1.0, job.eps)
+    if bool((size > job.eps + slack).any()) or bool((x_adv < 0).any()) or bool((x_adv > 1).any()):
+        worst = float(size.max())
+        raise RuntimeError(f"{job.id}: adversarial examples left the budget ({worst:.6g} > eps {job.eps:.6g}) "
+                           "or [0, 1]; this is a qrobust bug")
+
+
+def _batches(source, units, rows, needed, batch_ids, batch_size, verify, workers):
+    """(batch index, keys, labels, pixels) for each batch id, read from the clean/onecrop units."""
+    from torch.utils.data import DataLoader
+
+    wanted = set(needed.tolist())
+    units = [u for u in units if any(u.start <= r < u.start + u.count for r in wanted)]
+    stream = UnitStream(source, units, verify, {u.variant: 256 for u in units})
+    loader = DataLoader(stream, batch_size=None, num_workers=min(workers, len(units)))
+    pos = {int(r): i for i, r in enumerate(rows)}  # row -> index in the subset
+    pending: dict[int, dict[int, tuple]] = {b: {} for b in batch_ids}
+    want_count = {b: len(rows[b * batch_size:(b + 1) * batch_size]) for b in batch_ids}
+    next_batch = 0
+    for part in loader:
+        if isinstance(part, Failure):
+            raise CorpusError(part.message)
+        for i, key in enumerate(part.keys):
+            r = part.start + i
+            if r in wanted:
+                b = pos[r] // batch_size
+                pending[b][pos[r]] = (key, int(part.labels[i]), part.pixels[i])
+        while next_batch < len(batch_ids) and len(pending[batch_ids[next_batch]]) == want_count[batch_ids[next_batch]]:
+            b = batch_ids[next_batch]
+            items = [pending[b][k] for k in sorted(pending[b])]
+            del pending[b]
+            next_batch += 1
+            yield b, [k for k, _, _ in items], np.array([lab for _, lab, _ in items]), np.stack([p for _, _, p in items])
+    if next_batch < len(batch_ids):
+        raise CorpusError(f"clean/onecrop ended before attack batch {batch_ids[next_batch]} was complete")
+
+
+def attack_summary(store, jobs_record: dict[str, dict], rows: np.ndarray, clean_correct: np.ndarray | None) -> tuple[dict, dict]:
+    """``attacks[attack][budget]`` and ``wcar[budget]`` of the summary, from the stored outcomes.
+
+    AR is the share of attacked rows not fooled; AAI = (ACC - AR) / ACC with ACC
+    the clean accuracy on the same rows; WCAR counts a row robust only if no
+    attack at that budget (every one stored in full) fooled it.
+    """
+    attacks: dict[str, dict] = {}
+    by_budget: dict[str, list[np.ndarray]] = {}
+    acc = float(clean_correct.mean()) if clean_correct is not None and len(clean_correct) else None
+    for job_id, rec in sorted(jobs_record.items()):
+        outcome = store.attack_outcome(job_id)
+        if outcome is None or (outcome < 0).any():
+            continue  # not finished: left out rather than computed from part of the rows
+        attack, budget = job_id.split("/")
+        cascaded = bool((outcome == SKIPPED).any())
+        ar = None if cascaded else float((outcome == ROBUST).mean())
+        entry = {"eps": rec["eps"], "norm": rec["norm"], "n": int(len(outcome)), "ar": ar,
+                 "aai": (acc - ar) / acc if ar is not None and acc else None, "params": rec["params"]}
+        if cascaded:
+            entry["cascade"] = True
+        attacks.setdefault(attack, {})[budget] = entry
+        if not rec.get("transfer"):
+            by_budget.setdefault(budget, []).append(outcome == FOOLED)
+    wcar = {b: float((~np.logical_or.reduce(hits)).mean()) for b, hits in by_budget.items()}
+    return attacks, wcar
+
+
+def describe(jobs: list[Job]) -> str:
+    return json.dumps([j.record() for j in jobs])
+
+
+def attack_config(path: str | None = None, sets: list[str] | None = None) -> dict:
+    """Overrides from a TOML file and ``ATTACK.KEY=VALUE`` strings (these win), as ``{attack: {key: value}}``.
+
+    The file has one table per attack, e.g. ``[pgd-linf]`` ``steps = 50`` and
+    ``[pgd-linf.budgets]`` ``small = 0.001``. A set's value is read as TOML
+    (``50``, ``0.5``, ``true``), else kept as a string; ``pgd-l2.budgets.small=0.25`` sets one eps.
+
+    >>> attack_config(sets=["pgd-linf.steps=50", "pgd-l2.budgets.small=0.25"])
+    {'pgd-linf': {'steps': 50}, 'pgd-l2': {'budgets': {'small': 0.25}}}
+    """
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+
+    config: dict = {}
+    if path:
+        try:
+            with open(path, "rb") as f:
+                config = tomllib.load(f)
+        except OSError as e:
+            raise AttackConfigError(f"attack config {path}: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise AttackConfigError(f"attack config {path}: not valid TOML: {e}") from None
+        bad = [k for k, v in config.items() if not isinstance(v, dict)]
+        if bad:
+            raise AttackConfigError(f"attack config {path}: {bad[0]!r} must be a table named after an attack")
+    for item in sets or []:
+        target, sep, text = item.partition("=")
+        parts = target.strip().split(".")
+        if not sep or len(parts) not in (2, 3) or (len(parts) == 3 and parts[1] != "budgets"):
+            raise AttackConfigError(f"--attack-set {item!r}: expected ATTACK.KEY=VALUE or ATTACK.budgets.BUDGET=EPS")
+        try:
+            value = tomllib.loads(f"v = {text.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text.strip()
+        entry = config.setdefault(parts[0], {})
+        if len(parts) == 3:
+            entry.setdefault("budgets", {})[parts[2]] = value
+        else:
+            entry[parts[1]] = value
+    return config
