@@ -7,8 +7,15 @@ rows; a finished (job, batch) is recorded in the store's progress, so an
 interrupted run resumes at the next batch. Per sample the store keeps the
 final prediction and the outcome: 1 fooled, 0 robust, 2 not attacked because
 an earlier attack of a ``cascade`` fooled it (robust accuracy of later attacks
-is then unknown; WCAR is exact). Samples the model misclassifies clean are
-fooled without being attacked (their prediction is the clean one).
+is then unknown; WCAR is exact), 3 not among this attack's rows. Samples the
+model misclassifies clean are fooled without being attacked (their prediction
+is the clean one).
+
+An expensive attack can run on fewer rows than the others (its ``limit``
+setting, e.g. ``autoattack-linf.limit=1000`` as RobustBench evaluates
+AutoAttack on a subset): its rows are spread evenly over the attack rows, so
+the subsets are nested, and WCAR at a budget is computed on the rows every
+attack at that budget ran on (its ``n`` is in the summary).
 
 Budgets are defined for 3x224x224 inputs (:data:`REFERENCE_SHAPE`). For other
 crop sizes the default rule ``budget_scale="dims"`` keeps the per-pixel
@@ -33,7 +40,7 @@ from qrobust.shared.seeding import sample_seed
 
 log = logging.getLogger("qrobust.score")
 
-FOOLED, ROBUST, SKIPPED = 1, 0, 2
+FOOLED, ROBUST, SKIPPED, NOT_RUN = 1, 0, 2, 3
 SCALE_RULES = ("dims", "none")
 ABSOLUTE_STEP_KEYS = ("step_size",)  # hyper-parameters in the attack's norm units (scaled with the budget)
 
@@ -51,6 +58,7 @@ class Job:
     cost: float
     params: dict = field(hash=False)
     transfer: bool = False  # crafted on a surrogate (FP) model, evaluated on the scored one
+    limit: int | None = None  # attack only this many of the attack rows (spread evenly)
 
     @property
     def id(self) -> str:
@@ -58,7 +66,7 @@ class Job:
 
     def record(self) -> dict:
         return {"attack": self.attack, "budget": self.budget, "eps": self.eps, "norm": self.norm,
-                "params": self.params, "transfer": self.transfer}
+                "params": self.params, "transfer": self.transfer, "limit": self.limit}
 
 
 def scale_factor(norm: str, shape: tuple[int, ...], rule: str) -> float:
@@ -100,6 +108,9 @@ def plan_jobs(attacks: list[str], budgets: list[str], shape: tuple[int, ...], *,
         spec = ATTACKS.get(name)
         overrides = dict(config.get(name, {}))
         eps_overrides = overrides.pop("budgets", {}) or {}
+        limit = overrides.pop("limit", None)
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+            raise AttackConfigError(f"{name}: limit must be a positive integer, not {limit!r}")
         unknown = set(eps_overrides) - set(BUDGET_NAMES)
         if unknown:
             raise AttackConfigError(f"{name}: unknown budget(s) {sorted(unknown)} in the attack config")
@@ -112,7 +123,7 @@ def plan_jobs(attacks: list[str], budgets: list[str], shape: tuple[int, ...], *,
             eps = float(eps_overrides[b]) if b in eps_overrides else spec.budgets[b] * factor
             if not eps > 0:
                 raise AttackConfigError(f"{name}/{b}: eps must be positive, got {eps}")
-            jobs.append(Job(name, b, eps, spec.norm, spec.cost, params))
+            jobs.append(Job(name, b, eps, spec.norm, spec.cost, params, limit=limit))
     return jobs
 
 
@@ -172,6 +183,11 @@ def run_attacks(net, jobs: list[Job], store, source, units, rows: np.ndarray, *,
                 outcome = np.where(correct, ROBUST, FOOLED).astype(np.int8)
                 pred = clean_pred.cpu().numpy().astype(np.int32)
                 attack_mask = correct.copy()
+                if job.limit is not None:  # a nested subset of the attack rows
+                    mine = np.isin(np.arange(lo, lo + len(keys)), subset_rows(len(rows), job.limit))
+                    outcome[~mine] = NOT_RUN
+                    pred[~mine] = -1
+                    attack_mask &= mine
                 if cascade:  # skip rows an attack already run at this budget fooled (the store knows them)
                     earlier = store.fooled_by_others(job.id, lo, len(keys))
                     outcome[attack_mask & earlier] = SKIPPED
@@ -238,32 +254,40 @@ def _batches(source, units, rows, needed, batch_ids, batch_size, verify, workers
         raise CorpusError(f"clean/onecrop ended before attack batch {batch_ids[next_batch]} was complete")
 
 
-def attack_summary(store, jobs_record: dict[str, dict], rows: np.ndarray, clean_correct: np.ndarray | None) -> tuple[dict, dict]:
-    """``attacks[attack][budget]`` and ``wcar[budget]`` of the summary, from the stored outcomes.
+def attack_summary(store, jobs_record: dict[str, dict], rows: np.ndarray,
+                   clean_correct: np.ndarray | None) -> tuple[dict, dict, dict]:
+    """``attacks[attack][budget]``, ``wcar[budget]`` and the rows behind each WCAR, from the stored outcomes.
 
-    AR is the share of attacked rows not fooled; AAI = (ACC - AR) / ACC with ACC
-    the clean accuracy on the same rows; WCAR counts a row robust only if no
-    attack at that budget (every one stored in full) fooled it.
+    AR is the share of an attack's rows not fooled; AAI = (ACC - AR) / ACC with
+    ACC the clean accuracy on the same rows; WCAR counts a row robust only if no
+    attack at that budget (every one stored in full) fooled it, on the rows all
+    of them ran on.
     """
     attacks: dict[str, dict] = {}
     by_budget: dict[str, list[np.ndarray]] = {}
-    acc = float(clean_correct.mean()) if clean_correct is not None and len(clean_correct) else None
     for job_id, rec in sorted(jobs_record.items()):
         outcome = store.attack_outcome(job_id)
         if outcome is None or (outcome < 0).any():
             continue  # not finished: left out rather than computed from part of the rows
         attack, budget = job_id.split("/")
+        ran = outcome != NOT_RUN
         cascaded = bool((outcome == SKIPPED).any())
-        ar = None if cascaded else float((outcome == ROBUST).mean())
-        entry = {"eps": rec["eps"], "norm": rec["norm"], "n": int(len(outcome)), "ar": ar,
-                 "aai": (acc - ar) / acc if ar is not None and acc else None, "params": rec["params"]}
+        ar = None if cascaded else float((outcome[ran] == ROBUST).mean())
+        acc_here = float(clean_correct[ran].mean()) if clean_correct is not None else None
+        entry = {"eps": rec["eps"], "norm": rec["norm"], "n": int(ran.sum()), "ar": ar,
+                 "aai": (acc_here - ar) / acc_here if ar is not None and acc_here else None, "params": rec["params"]}
         if cascaded:
             entry["cascade"] = True
         attacks.setdefault(attack, {})[budget] = entry
         if not rec.get("transfer"):
-            by_budget.setdefault(budget, []).append(outcome == FOOLED)
-    wcar = {b: float((~np.logical_or.reduce(hits)).mean()) for b, hits in by_budget.items()}
-    return attacks, wcar
+            by_budget.setdefault(budget, []).append(outcome)
+    wcar, wcar_n = {}, {}
+    for b, outcomes in by_budget.items():
+        common = np.logical_and.reduce([o != NOT_RUN for o in outcomes])  # rows every attack ran on
+        fooled = np.logical_or.reduce([o == FOOLED for o in outcomes])
+        wcar[b] = float((~fooled[common]).mean()) if common.any() else None
+        wcar_n[b] = int(common.sum())
+    return attacks, wcar, wcar_n
 
 
 def describe(jobs: list[Job]) -> str:

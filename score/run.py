@@ -188,9 +188,10 @@ def _attack_results(summary: dict, store: ResultsStore, predictions: dict) -> No
     rows = store.root["attacks"]["rows"][...]
     clean = predictions.get("clean/onecrop")
     correct = clean[rows, 0] == store.labels[...][rows] if clean is not None else None
-    table, wcar = adversarial.attack_summary(store, jobs, rows, correct)
+    table, wcar, wcar_n = adversarial.attack_summary(store, jobs, rows, correct)
     summary["attacks"] = {a: v for a, v in table.items() if not a.startswith("transfer-")}
     summary["wcar"] = wcar
+    summary["checks"]["wcar_n"] = wcar_n
     ar = {a: {b: e["ar"] for b, e in by.items() if e["ar"] is not None} for a, by in summary["attacks"].items()}
     transfer = {a.removeprefix("transfer-"): {b: e["ar"] for b, e in by.items()}
                 for a, by in table.items() if a.startswith("transfer-")}
@@ -198,8 +199,9 @@ def _attack_results(summary: dict, store: ResultsStore, predictions: dict) -> No
     summary["checks"]["zero_grad_share"] = zero
     if transfer:
         summary["checks"]["transfer"] = transfer
+    n = min((e["n"] for by in summary["attacks"].values() for e in by.values()), default=len(rows))
     summary["checks"]["gradient_masking"] = masking_warnings(ar, zero_grad_share=zero, transfer_ar=transfer or None,
-                                                             n=len(rows))
+                                                             n=n)
 
 
 def _public_location(location: str) -> str:

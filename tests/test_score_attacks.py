@@ -193,3 +193,17 @@ def test_attack_config_parsing():
     assert same[0].eps == 100.0
     assert {j.attack for j in plan_jobs(["all"], ["small"], (3, 224, 224))} == \
         {"fgsm-linf", "pgd-linf", "pgd-l2", "pgd-l1", "autoattack-linf"}
+
+
+def test_expensive_attack_on_a_nested_subset(corpus, checkpoint, tmp_path):
+    """`ATTACK.limit=N` attacks N of the attack rows; WCAR is computed on the rows every attack ran on."""
+    out = tmp_path / "r"
+    s = score(corpus, checkpoint, out, "--attacks", "fgsm-linf,pgd-linf", "--budgets", "large",
+              "--attack-set", "pgd-linf.limit=4")
+    assert s["attacks"]["fgsm-linf"]["large"]["n"] == 12 and s["attacks"]["pgd-linf"]["large"]["n"] == 4
+    pgd, fgsm = _outcome(out, "pgd-linf/large"), _outcome(out, "fgsm-linf/large")
+    ran = pgd != 3
+    assert np.flatnonzero(ran).tolist() == [0, 3, 6, 9]  # spread over the 12 rows (and the 3 classes)
+    assert s["attacks"]["pgd-linf"]["large"]["ar"] == pytest.approx((pgd[ran] == 0).mean())
+    assert s["checks"]["wcar_n"]["large"] == 4
+    assert s["wcar"]["large"] == pytest.approx(((pgd[ran] == 0) & (fgsm[ran] == 0)).mean())
