@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -329,8 +330,8 @@ def test_ddp_with_torchrun_on_cpu_writes_one_loadable_checkpoint(data, tmp_path)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(script), str(data), str(out)], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    reports = sorted((json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")),
-                     key=lambda r: r["rank"])
+    # the two ranks print at the same time, so their lines can run together: take each {...} object
+    reports = sorted((json.loads(obj) for obj in re.findall(r"\{[^{}]*\}", proc.stdout)), key=lambda r: r["rank"])
     assert [(r["rank"], r["world"]) for r in reports] == [(0, 2), (1, 2)]
     model, spec, _ = load_model(str(out))
     assert spec.arch == "tiny_cnn"
@@ -363,3 +364,16 @@ def test_batchnorm_reestimation_fits_the_quantized_model():
     after = model.state_dict()
     quant_keys = [k for k in before if "quant" in k]
     assert quant_keys and all(torch.equal(before[k], after[k]) for k in quant_keys)  # quantizer state untouched
+
+
+def test_rerun_of_a_finished_training_keeps_the_checkpoint_bytes(fp_ckpt, qat_ckpts, data):
+    """A second `qrobust train` / `quantize` with the same recipe returns the checkpoint untouched (its sha256
+    is the QAT children's fp_source_sha256, so rewriting it would orphan them)."""
+    from qrobust.train.qat import quantize, train_fp
+
+    before = {p: p.read_bytes() for p in (fp_ckpt, qat_ckpts["lsq"])}
+    assert train_fp("tiny_cnn", data / "train", fp_ckpt, val_root=data / "val", recipe=FP_RECIPE,
+                    progress=False) == fp_ckpt
+    assert quantize(str(fp_ckpt), "lsq", 4, data / "train", qat_ckpts["lsq"], val_root=data / "val",
+                    recipe=QAT_RECIPE, progress=False) == qat_ckpts["lsq"]
+    assert {p: p.read_bytes() for p in before} == before

@@ -87,6 +87,8 @@ def train_fp(arch: str, train_root: str | os.PathLike, out: str | os.PathLike, *
                                    num_classes=num_classes)
     spec = ModelSpec(arch, num_classes or train_ds.num_classes)
     out = _out_path(out, spec.name)
+    if resume and _finished(out, recipe, train_ds=train_ds, kind="fp"):
+        return out  # rewriting it would change its bytes (timings), and with them every QAT child's source hash
     model = build_model(spec)
     result = train(model, train_ds, val_ds, recipe, state_dir(out), spec=spec, device=device, progress=progress,
                    context={"kind": "fp"}, resume=resume)
@@ -157,8 +159,11 @@ def quantize(fp_model: str, method: str, bits: int, train_root: str | os.PathLik
     _, _, device = setup_distributed(device)
     if calib_batches < 1:
         raise TrainError(f"calib_batches must be at least 1, not {calib_batches}")
-    arch, n_classes, _ = _fp_identity(fp_model, weights)
+    arch, n_classes, fp_sha = _fp_identity(fp_model, weights)
     recipe = recipe or qat_recipe(arch, bits)
+    done = _out_path(out, ModelSpec(arch, quant={"method": method, "w_bits": bits, "a_bits": bits}).name)
+    if resume and _finished(done, recipe, kind="qat", fp_source_sha256=fp_sha):
+        return done
     train_ds, val_ds = open_splits(train_root, val_root, image_size=recipe.image_size, seed=recipe.seed,
                                    num_classes=n_classes)
     model, fp_spec, sha = load_model(fp_model, weights=weights,
@@ -192,6 +197,21 @@ def quantize(fp_model: str, method: str, bits: int, train_root: str | os.PathLik
                           fp_source_sha256=sha, fp_val_acc=fp_meta.get("val_acc"), val_acc_before=val_before,
                           calib_batches=calib_batches)
     return _save(model, spec, out, meta)
+
+
+def _finished(out: Path, recipe: Recipe, *, train_ds=None, kind: str, **same) -> bool:
+    """Whether ``out`` is a checkpoint this very training already wrote (same kind, recipe, data, sources)."""
+    if not out.is_file():
+        return False
+    meta = _read_training_meta(out)
+    if meta.get("kind") != kind or meta.get("recipe") != recipe.to_dict():
+        return False
+    if train_ds is not None and meta.get("data", {}).get("train") != json.loads(json.dumps(train_ds.fingerprint())):
+        return False
+    if any(meta.get(k) != v for k, v in same.items()):
+        return False
+    log.info("%s: finished already, kept", out)
+    return True
 
 
 def _read_training_meta(path) -> dict:
