@@ -42,7 +42,6 @@ log = logging.getLogger("qrobust.score")
 
 FOOLED, ROBUST, SKIPPED, NOT_RUN = 1, 0, 2, 3
 SCALE_RULES = ("dims", "none")
-ABSOLUTE_STEP_KEYS = ("step_size",)  # hyper-parameters in the attack's norm units (scaled with the budget)
 
 
 class AttackConfigError(QrobustError, ValueError):
@@ -70,19 +69,16 @@ class Job:
 
 
 def scale_factor(norm: str, shape: tuple[int, ...], rule: str) -> float:
-    """How much a reference budget of this norm grows for inputs of ``shape`` (C, H, W).
+    """How much a reference budget of this norm grows for inputs of ``shape`` (C, H, W) under ``rule``.
 
-    >>> scale_factor("l2", (3, 112, 112), "dims"), scale_factor("l1", (3, 112, 112), "dims")
-    (0.5, 0.25)
+    >>> scale_factor("l2", (3, 112, 112), "dims"), scale_factor("l1", (3, 112, 112), "none")
+    (0.5, 1.0)
     """
-    from qrobust.score.attacks import REFERENCE_SHAPE
+    from qrobust.score.attacks import budget_scale
 
     if rule not in SCALE_RULES:
         raise AttackConfigError(f"budget scale rule {rule!r} is not one of {', '.join(SCALE_RULES)}")
-    if rule == "none" or norm == "linf":
-        return 1.0
-    ratio = math.prod(shape) / math.prod(REFERENCE_SHAPE)
-    return math.sqrt(ratio) if norm == "l2" else ratio
+    return 1.0 if rule == "none" else budget_scale(norm, shape)
 
 
 def plan_jobs(attacks: list[str], budgets: list[str], shape: tuple[int, ...], *, config: dict | None = None,
@@ -116,8 +112,8 @@ def plan_jobs(attacks: list[str], budgets: list[str], shape: tuple[int, ...], *,
             raise AttackConfigError(f"{name}: unknown budget(s) {sorted(unknown)} in the attack config")
         params = attack_params(name, overrides)
         factor = scale_factor(spec.norm, shape, rule)
-        for key in ABSOLUTE_STEP_KEYS:
-            if key in params and key not in overrides:
+        for key in spec.size_params:  # absolute step sizes scale like the budget, unless given
+            if key not in overrides:
                 params[key] = params[key] * factor
         for b in budgets:
             eps = float(eps_overrides[b]) if b in eps_overrides else spec.budgets[b] * factor

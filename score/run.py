@@ -8,6 +8,7 @@ recomputed from all stored predictions.
 """
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import json
 import logging
@@ -147,7 +148,7 @@ def _attack(net, store, source, manifest, all_units, rows, *, attacks, budgets, 
             transfer_from, n_classes, batch_size, device, verify, progress, workers) -> dict:
     """Plan, check and run the attack jobs; returns {job id: settings} of this run."""
     from qrobust.score import adversarial
-    from qrobust.score.attacks import BUDGET_NAMES
+    from qrobust.score.attacks import BUDGET_NAMES, resolved_params
     from qrobust.shared.models import load_model
 
     if "clean/onecrop" not in manifest["variants"]:
@@ -156,6 +157,8 @@ def _attack(net, store, source, manifest, all_units, rows, *, attacks, budgets, 
         raise CorpusError("--attack-limit must be at least 1")
     crop = manifest["suite"]["spec"]["geometry"]["crop"]
     jobs = adversarial.plan_jobs(attacks, list(budgets or BUDGET_NAMES), (3, crop, crop), config=config, rule=rule)
+    # record what really runs on this model (AutoAttack adapts its targets to the number of classes)
+    jobs = [dataclasses.replace(j, params=resolved_params(j.attack, j.params, n_classes)) for j in jobs]
     surrogate = None
     if transfer_from:
         surrogate, sspec, _ = load_model(transfer_from, num_classes=n_classes, device=device)

@@ -144,7 +144,12 @@ def autoattack_linf(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: flo
     _check_aa(params)
     params = resolve_autoattack(params, _num_classes(model, x))
     with _reference_call(x, seeds) as seed:
-        aa = AutoAttack(_forward(model), norm="Linf", eps=eps, version=version, device=x.device, seed=seed)
+        chatter = logging.getLogger("auto-attack")  # its constructor logs before we can swap its logger
+        was_disabled, chatter.disabled = chatter.disabled, True
+        try:
+            aa = AutoAttack(_forward(model), norm="Linf", eps=eps, version=version, device=x.device, seed=seed)
+        finally:
+            chatter.disabled = was_disabled
         aa.verbose = False
         aa.logger = aa.apgd.logger = aa.apgd_targeted.logger = _private_logger()
         aa.attacks_to_run = params["attacks"]
