@@ -399,8 +399,6 @@ def save_checkpoint(model: nn.Module, spec: ModelSpec, path: str | os.PathLike,
     >>> model, spec, _ = load_model("tiny_cnn", num_classes=10)
     >>> save_checkpoint(model, spec, "/tmp/tiny.safetensors")  # doctest: +SKIP
     """
-    from safetensors.torch import save_file
-
     import qrobust
 
     path = Path(path)
@@ -409,9 +407,17 @@ def save_checkpoint(model: nn.Module, spec: ModelSpec, path: str | os.PathLike,
         raise ValueError(f"extra_metadata may not set {META_MODEL!r} or {META_VERSION!r}")
     meta.update({META_MODEL: json.dumps(spec.to_dict(), sort_keys=True), META_VERSION: qrobust.__version__})
     tensors = {k: v.detach().cpu().contiguous() for k, v in _inner(model).state_dict().items()}
+    return write_safetensors(tensors, path, meta)
+
+
+def write_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str]) -> Path:
+    """Write tensors and string metadata to ``path`` atomically (partial file, fsync, rename)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
     tmp = partial_path(path)
     try:
-        save_file(tensors, str(tmp), metadata=meta)
+        save_file(tensors, str(tmp), metadata=metadata)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

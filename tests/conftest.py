@@ -16,3 +16,15 @@ def class_folder(tmp_path) -> Path:
 @pytest.fixture
 def small_suite(tmp_path) -> Path:
     return write_suite(tmp_path / "small.toml")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models and inputs: one torch thread is as fast, and OpenMP spinning on a busy 2-core machine
+    costs 10-80x. Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

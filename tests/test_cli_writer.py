@@ -17,7 +17,7 @@ from qrobust.shared.cli import build_parser, main
 from qrobust.shared.manifest import shard_summary
 from qrobust.shared.registry import Registry, UnknownNameError
 
-COMMANDS = ("generate", "verify", "score", "report", "ls", "demo")
+COMMANDS = ("generate", "verify", "score", "report", "train", "quantize", "ls", "demo")
 
 
 @pytest.mark.parametrize("command", COMMANDS)

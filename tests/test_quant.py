@@ -20,13 +20,7 @@ SMALL = ("tiny_cnn", "tiny_resnet")
 BIG = tuple(a for a in ARCHITECTURES.names() if a not in SMALL)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small inputs: one thread is nearly as fast, and OpenMP spinning on a busy 2-core box costs 10-80x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def rand(*shape, seed=0, scale=1.0) -> torch.Tensor:

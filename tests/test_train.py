@@ -30,13 +30,7 @@ FP_RECIPE = Recipe(epochs=8, batch_size=32, lr=3e-3, warmup_epochs=0.5, optimize
 QAT_RECIPE = dataclasses.replace(FP_RECIPE, epochs=3, lr=1e-3)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and OpenMP spinning on a busy 2-core box costs 10x)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +40,7 @@ def data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def fp_ckpt(data, tmp_path_factory) -> Path:
-    torch.set_num_threads(1)
+def fp_ckpt(data, tmp_path_factory, one_torch_thread) -> Path:
     return train_fp("tiny_cnn", data / "train", tmp_path_factory.mktemp("models") / "tiny_cnn.safetensors",
                     val_root=data / "val", recipe=FP_RECIPE, progress=False)
 

@@ -40,7 +40,8 @@ import torch
 from torch import nn
 
 from qrobust.shared.errors import QrobustError
-from qrobust.shared.manifest import fsync_dir, partial_path, write_atomic
+from qrobust.shared.manifest import write_atomic
+from qrobust.shared.models import write_safetensors
 from qrobust.shared.seeding import sample_seed
 
 log = logging.getLogger("qrobust.train")
@@ -295,7 +296,6 @@ def _jsonable(x):
 
 def save_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict) -> None:
     """Write the training state atomically (safetensors; optimizer tensors flattened, the rest JSON)."""
-    from safetensors.torch import save_file
 
     tensors = {f"model/{k}": v.detach().cpu().clone() for k, v in model.state_dict().items()}
     osd = optimizer.state_dict()
@@ -311,15 +311,7 @@ def save_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, m
                 entry[name] = {"value": value}
         index[str(pid)] = entry
     meta = dict(meta, optimizer={"state": index, "param_groups": osd["param_groups"]})
-    tmp = partial_path(path)
-    try:
-        save_file(tensors, str(tmp), metadata={META_STATE: json.dumps(_jsonable(meta), sort_keys=True)})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
+    write_safetensors(tensors, path, {META_STATE: json.dumps(_jsonable(meta), sort_keys=True)})
 
 
 def read_state(path: Path) -> tuple[dict, dict]:
