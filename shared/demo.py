@@ -32,6 +32,7 @@ BITS = (2, 4, 8)
 ATTACKS = ["fgsm-linf", "pgd-linf", "pgd-l2", "pgd-l1", "autoattack-linf"]
 ATTACK_ROWS = 48            # attacked images per model, 4 per class
 AUTOATTACK_ROWS = 12        # AutoAttack costs ~7,900 forward passes per robust image: 1 image per class
+NC_THRESHOLD = 0.1          # the report's default
 QUICK_ONLY = ["clean/*", "natural/*-3", "sequence/gaussian_noise", "sequence/rotate", "systematic/*"]
 
 
@@ -82,7 +83,7 @@ def run_demo(out: str, *, workers: int | None = None, progress: bool = True, qui
     step("corpus")
     results = _score_all(out_path, checkpoints, quick=quick, workers=workers, progress=progress)
     step("scoring")
-    index = build_report(results, out_path / "report")
+    index = build_report(results, out_path / "report", nc_threshold=NC_THRESHOLD)
     step("report")
     _print_findings(index, results, manifest, times)
     return 0
@@ -145,6 +146,8 @@ def _print_findings(index: Path, results: list[Path], manifest: dict, times: dic
     print(fmt.format("model", "ACC", "mNR", "mean ACCs", "mFP", "WCAR small", "WCAR large"))
     for name, *vals in rows:
         print(fmt.format(name, *("-" if v is None else f"{100 * v:.1f}" for v in vals)))
+    nc = [name for name, acc, *_ in rows if acc is not None and acc < NC_THRESHOLD]
+    print(f"\nnot converged (clean accuracy below {NC_THRESHOLD:.0%}, NC in the report): {', '.join(nc) or 'none'}")
     findings = index.parent / "findings.txt"
     if findings.is_file():
         print("\nfindings:")

@@ -28,6 +28,7 @@ def test_quick_demo_end_to_end_and_rerun_reuses_everything(tmp_path, capsys):
         assert summary["attacks"]["autoattack-linf"]["small"]["n"] == 6
         assert summary["attacks"]["pgd-l2"]["large"]["eps"] == pytest.approx(8.0 * 64 / 224)
     assert re.search(r"^tiny_cnn-lsq-w4a4 +\d", printed, re.M)  # the terminal table has every model
+    assert "not converged (clean accuracy below 10%, NC in the report): " in printed
     tables = (out / "report" / "tables" / "wcar.md").read_text()
     assert "LSQ" in tables or "lsq" in tables
     html = index.read_text()
