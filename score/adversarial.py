@@ -161,6 +161,8 @@ def run_attacks(net, jobs: list[Job], store, source, units, rows: np.ndarray, *,
 
         bar = tqdm(total=sum(len(js) * len(rows[b * batch_size:(b + 1) * batch_size]) for b, js in todo.items()),
                    desc="attacks", unit="img", dynamic_ncols=True, file=sys.stderr)
+    flags = _ReferenceFlags()  # AutoAttack's own checks (e.g. Square beating APGD) are masking warnings too
+    logging.getLogger("qrobust.attacks.autoattack").addHandler(flags)
     try:
         for b, keys, labels, pixels in _batches(source, units, rows, needed, sorted(todo), batch_size, verify,
                                                 workers):
@@ -205,8 +207,23 @@ def run_attacks(net, jobs: list[Job], store, source, units, rows: np.ndarray, *,
                 if bar is not None:
                     bar.update(len(keys))
     finally:
+        logging.getLogger("qrobust.attacks.autoattack").removeHandler(flags)
+        if flags.messages:
+            group = store.root["attacks"]
+            group.attrs["reference_flags"] = sorted(set(group.attrs.get("reference_flags", [])) | flags.messages)
         if bar is not None:
             bar.close()
+
+
+class _ReferenceFlags(logging.Handler):
+    """Collects the warnings the reference AutoAttack raises about the evaluation, to keep them in the results."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: set[str] = set()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.add(record.getMessage())
 
 
 def _check_budget(job: Job, x_adv, x) -> None:
@@ -245,7 +262,8 @@ def _batches(source, units, rows, needed, batch_ids, batch_size, verify, workers
             items = [pending[b][k] for k in sorted(pending[b])]
             del pending[b]
             next_batch += 1
-            yield b, [k for k, _, _ in items], np.array([lab for _, lab, _ in items]), np.stack([p for _, _, p in items])
+            keys, labels, pixels = zip(*items)
+            yield b, list(keys), np.array(labels), np.stack(pixels)
     if next_batch < len(batch_ids):
         raise CorpusError(f"clean/onecrop ended before attack batch {batch_ids[next_batch]} was complete")
 

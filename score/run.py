@@ -203,8 +203,9 @@ def _attack_results(summary: dict, store: ResultsStore, predictions: dict) -> No
     if transfer:
         summary["checks"]["transfer"] = transfer
     n = min((e["n"] for by in summary["attacks"].values() for e in by.values()), default=len(rows))
+    reference_flags = list(store.root["attacks"].attrs.get("reference_flags", []))  # pyautoattack's own checks
     summary["checks"]["gradient_masking"] = masking_warnings(ar, zero_grad_share=zero, transfer_ar=transfer or None,
-                                                             n=n)
+                                                             n=n) + reference_flags
 
 
 def _public_location(location: str) -> str:

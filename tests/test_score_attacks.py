@@ -207,3 +207,24 @@ def test_expensive_attack_on_a_nested_subset(corpus, checkpoint, tmp_path):
     assert s["attacks"]["pgd-linf"]["large"]["ar"] == pytest.approx((pgd[ran] == 0).mean())
     assert s["checks"]["wcar_n"]["large"] == 4
     assert s["wcar"]["large"] == pytest.approx(((pgd[ran] == 0) & (fgsm[ran] == 0)).mean())
+
+
+def test_reference_autoattack_flags_become_masking_warnings(corpus, checkpoint, tmp_path, monkeypatch):
+    """A warning the reference AutoAttack raises about its own evaluation lands in summary.json and the report."""
+    import logging
+
+    from qrobust.score import attacks as attack_pkg
+
+    real = attack_pkg.run_attack
+
+    def flagging(*args, **kw):
+        logging.getLogger("qrobust.attacks.autoattack").warning("pyautoattack: Square Attack has decreased the "
+                                                                "robust accuracy of 10.00%.")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(attack_pkg, "run_attack", flagging)
+    s = score(corpus, checkpoint, tmp_path / "r", "--attacks", "fgsm-linf", "--budgets", "small")
+    assert any("Square Attack has decreased" in w for w in s["checks"]["gradient_masking"])
+    monkeypatch.setattr(attack_pkg, "run_attack", real)
+    again = score(corpus, checkpoint, tmp_path / "r", "--attacks", "fgsm-linf", "--budgets", "small")
+    assert again["checks"]["gradient_masking"] == s["checks"]["gradient_masking"]  # kept with the results
