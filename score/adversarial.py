@@ -26,7 +26,6 @@ recorded with every result.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import sys
@@ -303,9 +302,6 @@ def attack_summary(store, jobs_record: dict[str, dict], rows: np.ndarray,
         wcar_n[b] = int(common.sum())
     return attacks, wcar, wcar_n
 
-
-def describe(jobs: list[Job]) -> str:
-    return json.dumps([j.record() for j in jobs])
 
 
 def attack_config(path: str | None = None, sets: list[str] | None = None) -> dict:
