@@ -148,6 +148,32 @@ def test_cascade_gives_the_same_wcar(corpus, checkpoint, tmp_path):
                if e.get("cascade"))
 
 
+def test_autoattack_only_attacks_samples_not_yet_fooled(corpus, checkpoint, tmp_path, monkeypatch):
+    """AutoAttack (the costliest) gets only clean-correct rows, and with --cascade only those PGD left robust."""
+    import qrobust.score.attacks as attacks
+
+    handed = []
+    real = attacks.run_attack
+
+    def spy(name, model, x, y, eps, **kw):
+        if name == "autoattack-linf":
+            with torch.no_grad():
+                handed.append(int((model(x).argmax(1) == y).sum()) - len(x))  # 0: every row correct clean
+            handed.append(len(x))
+        return real(name, model, x, y, eps, **kw)
+
+    monkeypatch.setattr(attacks, "run_attack", spy)
+    s = score(corpus, checkpoint, tmp_path / "r", "--attacks", "pgd-linf,autoattack-linf", "--budgets", "large",
+              "--attack-set", "autoattack-linf.n_iter=5", "--cascade")
+    misclassified_handed, sizes = handed[0::2], handed[1::2]
+    assert misclassified_handed and all(m == 0 for m in misclassified_handed)
+    correct = round(s["clean"]["acc"] * 12)
+    pgd, aa = _outcome(tmp_path / "r", "pgd-linf/large"), _outcome(tmp_path / "r", "autoattack-linf/large")
+    assert (pgd == 1).sum() > 12 - correct  # PGD fooled some correct rows, which AutoAttack then skipped
+    assert sum(sizes) == correct - ((pgd == 1).sum() - (12 - correct)) == ((aa == 0) | (aa == 1)).sum() - (12 - correct)
+    assert (aa == 2).sum() == (pgd == 1).sum() - (12 - correct)
+
+
 def test_attack_limit_spreads_over_classes_and_transfer_check(corpus, checkpoint, tmp_path):
     import zarr
 
