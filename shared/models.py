@@ -8,8 +8,16 @@ units. A model is named by a :class:`ModelSpec`; :func:`load_model` accepts
 * ``resnet18`` with ``weights=FILE`` -- a torchvision-style state dict
   (``.pt``/``.pth`` read with ``weights_only=True``, or ``.safetensors``);
 * ``resnet18:IMAGENET1K_V1`` -- torchvision's published weights (downloads);
-* ``package.module:callable`` -- any callable returning an ``nn.Module``;
+* ``package.module:callable`` -- any callable returning an ``nn.Module``
+  (with ``weights=FILE``: a state dict, or a qrobust checkpoint of that callable);
 * ``resnet18`` alone -- random initialisation (seed 0), with a warning.
+
+Loading a file never runs code from it: ``.pt``/``.pth`` files go through
+``torch.load(weights_only=True)`` (tensors and plain containers only), and a
+checkpoint's metadata may name a registered architecture but not a callable
+(a ``module:callable`` in a file's metadata is what a pickle's GLOBAL opcode
+is; the user names the callable instead). Every malformed, hostile or
+mismatched file is a one-line :class:`ModelError` that names it.
 """
 from __future__ import annotations
 
@@ -20,6 +28,7 @@ import inspect
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -43,6 +52,7 @@ META_MODEL, META_VERSION = "qrobust.model", "qrobust.version"
 ARCHITECTURES: Registry[Callable[[int], nn.Module]] = Registry("architecture")
 # architectures whose torchvision weights ``arch:WEIGHTS_NAME`` can name (torchvision has no RegNetX-600MF)
 TORCHVISION_WEIGHTS = ("resnet18", "resnet50", "mobilenet_v2")
+MAX_CLASSES = 100_000  # a spec read from a file asking for more (a 10**12-way classifier) is refused, not allocated
 
 
 class ModelError(QrobustError, ValueError):
@@ -153,11 +163,33 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelSpec":
+        """The spec a dict (read from a file: untrusted) describes; :class:`ModelError` unless every field
+        has the right type and a sane value."""
         known = {f.name for f in dataclasses.fields(cls)}
         if not isinstance(d, dict) or "arch" not in d or set(d) - known:
             extra = sorted(set(d) - known) if isinstance(d, dict) else []
-            raise ModelError(f"not a qrobust model spec: {d!r}" + (f" (unknown keys {extra})" if extra else ""))
+            raise ModelError(f"not a qrobust model spec: {_short(d)}" + (f" (unknown keys {extra})" if extra else ""))
+        n = d.get("num_classes", 1000)
+        problems = [
+            what for what, bad in (
+                ("arch must be a non-empty string", not isinstance(d["arch"], str) or not d["arch"].strip()),
+                (f"num_classes must be an integer from 1 to {MAX_CLASSES}",
+                 not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_CLASSES),
+                ("quant must be null or an object", d.get("quant") is not None and not isinstance(d["quant"], dict)),
+                ("quant.method must be a string", isinstance(d.get("quant"), dict)
+                 and not isinstance(d["quant"].get("method", ""), str)),
+                ("weights must be null or a string",
+                 d.get("weights") is not None and not isinstance(d["weights"], str)),
+                (f"source must be one of {', '.join(SOURCES)}", d.get("source", "init") not in SOURCES),
+            ) if bad]
+        if problems:
+            raise ModelError(f"not a qrobust model spec ({'; '.join(problems)}): {_short(d)}")
         return cls(**d)
+
+
+def _short(value, limit: int = 120) -> str:
+    text = " ".join(repr(value).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def build_model(spec: ModelSpec | str, num_classes: int | None = None) -> nn.Module:
@@ -227,6 +259,10 @@ def _inner(model: nn.Module) -> nn.Module:
 def read_checkpoint_metadata(path: str | os.PathLike) -> dict:
     """The string metadata of a ``.safetensors`` file ({} if it has none).
 
+    Only the header is parsed (safetensors bounds it, checks every tensor's
+    offsets against the file size, and never unpickles); a missing, truncated
+    or malformed file is a one-line :class:`ModelError` naming it.
+
     >>> json.loads(read_checkpoint_metadata("ckpt.safetensors")["qrobust.model"])["arch"]  # doctest: +SKIP
     'resnet18'
     """
@@ -238,7 +274,41 @@ def read_checkpoint_metadata(path: str | os.PathLike) -> dict:
     except FileNotFoundError:
         raise ModelError(f"{path}: no such file") from None
     except Exception as e:  # safetensors raises its own error types for malformed headers
-        raise ModelError(f"{path}: not a readable safetensors file: {e}") from None
+        raise ModelError(f"{path}: not a readable safetensors file: {_one_line(e)}") from None
+
+
+def read_checkpoint_spec(path: str | os.PathLike) -> ModelSpec:
+    """The :class:`ModelSpec` a qrobust checkpoint records, without building the model.
+
+    :class:`ModelError` (one line, naming the file) when the file is not a
+    readable safetensors file, has no ``qrobust.model`` metadata, or records a
+    spec that is not valid JSON or not a valid spec.
+    """
+    meta = read_checkpoint_metadata(path)
+    if META_MODEL not in meta:
+        raise ModelError(f"{path} is not a qrobust checkpoint (no {META_MODEL!r} metadata): name its "
+                         f"architecture and pass the file as weights, e.g. load_model('resnet18', weights=...)")
+    try:
+        return ModelSpec.from_dict(json.loads(meta[META_MODEL]))
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise ModelError(f"{path}: malformed {META_MODEL} metadata (not JSON: {_one_line(e)})") from None
+    except ModelError as e:
+        raise ModelError(f"{path}: malformed {META_MODEL} metadata: {e}") from None
+
+
+def _one_line(e: BaseException | str) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", str(e))
+    return " ".join(text.split()) or (type(e).__name__ if isinstance(e, BaseException) else "")
+
+
+def _pickle_refusal(e: BaseException) -> str:
+    """What torch's weights-only unpickler refused, without its advice to load unsafely."""
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", str(e))
+    m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\.\s|\n|$)", text, re.S)
+    if m:
+        return _one_line(m.group(1))
+    lines = [line for line in text.splitlines() if line.strip()]
+    return _one_line(lines[0]) if lines else type(e).__name__
 
 
 def _read_state_dict(path: Path) -> dict:
@@ -249,12 +319,15 @@ def _read_state_dict(path: Path) -> dict:
         from safetensors.torch import load_file
 
         read_checkpoint_metadata(path)  # turns a malformed file into a one-line error
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as e:  # a dtype torch lacks, a file changed under us
+            raise ModelError(f"{path}: cannot read its tensors: {_one_line(e)}") from None
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError for payloads, RuntimeError for non-zip files
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"{path}: refused, not a plain tensor state dict (weights_only load: {first})") from None
+        raise ModelError(f"{path}: refused, not a plain tensor state dict (weights_only load: "
+                         f"{_pickle_refusal(e)})") from None
     for key in ("state_dict", "model"):  # common training-checkpoint wrappers
         if isinstance(sd, dict) and isinstance(sd.get(key), dict) and not any(torch.is_tensor(v) for v in sd.values()):
             sd = sd[key]
@@ -349,23 +422,16 @@ def load_model(spec_string: str, weights: str | os.PathLike | None = None, num_c
     if path.is_file() or path.suffix in (".safetensors", ".pt", ".pth", ".bin") or os.sep in text:
         if not path.is_file():
             raise ModelError(f"model file {path} not found")
-        meta = read_checkpoint_metadata(path) if path.suffix == ".safetensors" else {}
-        if META_MODEL not in meta:
+        if path.suffix != ".safetensors":  # never opened: only safetensors files carry a spec
             raise ModelError(f"{path} is not a qrobust checkpoint (no {META_MODEL!r} metadata): name its "
                              f"architecture and pass the file as weights, e.g. load_model('resnet18', weights=...)")
+        read_checkpoint_spec(path)  # a file that is not a checkpoint says so before any other complaint
         if weights is not None:
             raise ModelError(f"{path} is a qrobust checkpoint with its own weights; do not pass weights as well")
-        try:
-            saved = ModelSpec.from_dict(json.loads(meta[META_MODEL]))
-        except (json.JSONDecodeError, TypeError) as e:
-            raise ModelError(f"{path}: malformed {META_MODEL} metadata: {e}") from None
-        if num_classes not in (None, saved.num_classes):
-            raise ModelError(f"{path} has {saved.num_classes} classes, not {num_classes}")
-        spec = dataclasses.replace(saved, source="checkpoint", weights=str(path))
-        model = build_model(saved)
-        _load_into(model, _read_state_dict(path), f"{saved.arch} ({saved.num_classes} classes)")
-        sha = file_sha256(path)
+        return _load_checkpoint(path, num_classes, device)
     elif ":" in text and text.partition(":")[0] not in ARCHITECTURES:
+        if weights is not None and _is_checkpoint(Path(weights)):  # the user names the code, the file its spec
+            return _load_checkpoint(Path(weights), num_classes, device, callable_named=text)
         model, n = _build_callable(text, num_classes)
         spec = ModelSpec(text, n, weights=str(weights) if weights is not None else None, source="callable")
     elif ":" in text:
@@ -387,9 +453,45 @@ def load_model(spec_string: str, weights: str | os.PathLike | None = None, num_c
         spec = ModelSpec(text, n, weights=None if weights is None else str(weights),
                          source="init" if weights is None else "state_dict")
     if weights is not None and spec.source in ("state_dict", "callable"):
-        _load_into(model, _read_state_dict(Path(weights)), f"{spec.arch} ({spec.num_classes} classes)")
+        try:
+            _load_into(model, _read_state_dict(Path(weights)), f"{spec.arch} ({spec.num_classes} classes)")
+        except ModelError as e:
+            raise _naming(weights, e) from None
         sha = file_sha256(weights)
     return model.to(device).eval(), spec, sha
+
+
+def _naming(path, e: Exception) -> ModelError:
+    """``e`` as a one-line :class:`ModelError` that starts with the file's name."""
+    text = _one_line(e)
+    return ModelError(text if text.startswith(str(path)) else f"{path}: {text}")
+
+
+def _is_checkpoint(path: Path) -> bool:
+    return path.suffix == ".safetensors" and path.is_file() and META_MODEL in read_checkpoint_metadata(path)
+
+
+def _load_checkpoint(path: Path, num_classes: int | None, device, callable_named: str | None = None):
+    """Build the model a qrobust checkpoint describes and load its weights (see :func:`load_model`)."""
+    saved = read_checkpoint_spec(path)
+    if callable_named is not None and saved.arch != callable_named:
+        raise ModelError(f"{path} is a checkpoint of {saved.arch!r}, not of {callable_named!r}")
+    if callable_named is None and ":" in saved.arch:
+        raise ModelError(f"{path} names the callable {saved.arch!r} as its architecture, and a checkpoint may not "
+                         f"choose code to run: if you trust that code, name it yourself, "
+                         f"load_model({saved.arch!r}, weights={str(path)!r}) "
+                         f"(qrobust score --model {saved.arch} --weights {path})")
+    if ":" not in saved.arch and saved.arch not in ARCHITECTURES:
+        raise ModelError(f"{path}: {ARCHITECTURES.unknown_message(saved.arch)}")
+    if num_classes not in (None, saved.num_classes):
+        raise ModelError(f"{path} has {saved.num_classes} classes, not {num_classes}")
+    spec = dataclasses.replace(saved, source="checkpoint", weights=str(path))
+    try:
+        model = build_model(saved)
+        _load_into(model, _read_state_dict(path), f"{saved.arch} ({saved.num_classes} classes)")
+    except (QrobustError, TypeError, ValueError) as e:  # e.g. a quantization spec with bits=3 or method "x"
+        raise _naming(path, e) from None
+    return model.to(device).eval(), spec, file_sha256(path)
 
 
 def save_checkpoint(model: nn.Module, spec: ModelSpec, path: str | os.PathLike,

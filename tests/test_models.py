@@ -139,15 +139,20 @@ def test_checkpoint_of_a_callable_model_round_trips(tmp_path):
     with torch.no_grad():
         model.net[0].weight.mul_(2)
     path = save_checkpoint(model, spec, tmp_path / "c.safetensors")
-    loaded, loaded_spec, _ = load_model(path)
+    with pytest.raises(ModelError, match="may not choose code to run"):  # the file alone may not name code
+        load_model(path)
+    loaded, loaded_spec, _ = load_model("test_models:make_net", weights=path)  # the user names it
     assert same_outputs(model, loaded) and loaded_spec.arch == "test_models:make_net"
-    again, _, _ = load_model(save_checkpoint(loaded, loaded_spec, tmp_path / "again.safetensors"))
+    assert loaded_spec.source == "checkpoint"
+    again, _, _ = load_model("test_models:make_net",
+                             weights=save_checkpoint(loaded, loaded_spec, tmp_path / "again.safetensors"))
     assert same_outputs(model, again)
     # a callable that normalizes by itself (no wrapper, no num_classes argument) round trips too
     model, spec, _ = load_model("test_models:make_self_normalizing_net")
     with torch.no_grad():
         model[0].weight.mul_(2)
-    loaded, _, _ = load_model(save_checkpoint(model, spec, tmp_path / "s.safetensors"))
+    loaded, _, _ = load_model("test_models:make_self_normalizing_net",
+                              weights=save_checkpoint(model, spec, tmp_path / "s.safetensors"))
     assert not isinstance(loaded, Normalized) and same_outputs(model, loaded)
 
 

@@ -200,7 +200,7 @@ def test_resume_is_bit_exact_and_a_different_recipe_is_refused(data, tmp_path):
 
     # the checkpoint of the in-memory model loads alone and computes the same thing
     path = save_checkpoint(straight, spec, tmp_path / "straight.safetensors")
-    loaded, _, _ = load_model(str(path))
+    loaded, _, _ = load_model("test_train:dropout_net", weights=str(path))  # a callable is named by the user
     x = torch.rand(4, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(loaded(x), straight(x))

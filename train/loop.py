@@ -326,6 +326,9 @@ def read_state(path: Path) -> tuple[dict, dict]:
     except Exception as e:  # malformed header, missing key, bad JSON
         raise TrainError(f"{path}: not a readable qrobust training state ({type(e).__name__}: {e}); "
                          "delete it or pass resume=False") from None
+    if not isinstance(meta, dict):
+        raise TrainError(f"{path}: not a qrobust training state ({META_STATE} holds {type(meta).__name__}); "
+                         "delete it or pass resume=False")
     if meta.get("schema") != STATE_SCHEMA:
         raise TrainError(f"{path}: training state schema {meta.get('schema')!r}, expected {STATE_SCHEMA!r}")
     return meta, tensors
@@ -429,11 +432,11 @@ def _train(model, train_data, val_data, recipe: Recipe, out_dir: Path, *, spec, 
         try:
             net.load_state_dict(model_sd, strict=True)
             optimizer.load_state_dict(_optimizer_state(meta, tensors))
-        except (RuntimeError, KeyError, ValueError) as e:
-            first = str(e).strip().splitlines()[0]
+            start_epoch, history = int(meta["epoch"]), list(meta.get("history", []))
+        except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise TrainError(f"{state_path} does not fit this model: {first}; delete it or pass resume=False") \
                 from None
-        start_epoch, history = int(meta["epoch"]), list(meta.get("history", []))
         if meta.get("world_size", 1) != world:
             log.warning("resuming a %d-rank run on %d ranks: same recipe, not bit-identical",
                         meta.get("world_size", 1), world)

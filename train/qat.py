@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from qrobust.shared.models import META_MODEL, META_VERSION, ModelError, ModelSpec, build_model, load_model, \
-    read_checkpoint_metadata, save_checkpoint
+    read_checkpoint_metadata, read_checkpoint_spec, save_checkpoint
 from qrobust.train.data import DataError, Loader, open_splits
 from qrobust.train.loop import Recipe, TrainError, barrier, evaluate, fp_recipe, is_main_process, qat_recipe, \
     setup_distributed, train
@@ -216,9 +216,10 @@ def _finished(out: Path, recipe: Recipe, *, train_ds=None, kind: str, **same) ->
 
 def _read_training_meta(path) -> dict:
     try:
-        return json.loads(read_checkpoint_metadata(path).get(META_TRAINING, "{}"))
-    except (ModelError, json.JSONDecodeError):
+        meta = json.loads(read_checkpoint_metadata(path).get(META_TRAINING, "{}"))
+    except (ModelError, ValueError, RecursionError):  # JSONDecodeError is a ValueError
         return {}
+    return meta if isinstance(meta, dict) else {}
 
 
 def _fp_identity(fp_model: str, weights) -> tuple[str, int | None, str]:
@@ -227,10 +228,9 @@ def _fp_identity(fp_model: str, weights) -> tuple[str, int | None, str]:
 
     path = Path(str(fp_model))
     if path.is_file() or path.suffix == ".safetensors":
-        meta = read_checkpoint_metadata(path) if path.suffix == ".safetensors" else {}
-        if META_MODEL not in meta:
+        if path.suffix != ".safetensors":
             raise ModelError(f"{path} is not a qrobust checkpoint: name the architecture and pass weights=FILE")
-        spec = ModelSpec.from_dict(json.loads(meta[META_MODEL]))
+        spec = read_checkpoint_spec(path)  # one-line ModelError naming the file for anything malformed
         if spec.quant:
             raise TrainError(f"{fp_model} is already quantized ({spec.name}); start from a float model")
         return spec.arch, spec.num_classes, file_sha256(path)
@@ -307,9 +307,9 @@ def list_checkpoints(directory: str | os.PathLike) -> list[dict]:
                                          "(a plain state dict? load it with an architecture and weights=FILE)"))
             continue
         try:
-            spec = ModelSpec.from_dict(json.loads(meta[META_MODEL]))
-        except (json.JSONDecodeError, ModelError) as e:
-            rows.append(dict(row, reason=f"malformed {META_MODEL} metadata: {e}"))
+            spec = read_checkpoint_spec(path)
+        except ModelError as e:  # bad JSON (nested too deep too), not a spec, bad field types
+            rows.append(dict(row, reason=str(e).removeprefix(f"{path}: ")))
             continue
         q = spec.quant or {}
         training = _read_training_meta(path)
