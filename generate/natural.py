@@ -5,6 +5,11 @@ by :mod:`qrobust.generate.imagecorruptions_compat`. :func:`corrupt` is the one
 public entry: a deterministic function of (image, corruption, severity, seed).
 It reseeds NumPy's legacy global generator because that is what the reference
 draws from, and restores the caller's generator state afterwards.
+
+The corruptions in :data:`ACCELERATED` run the faster implementations of
+:mod:`qrobust.generate.natural_fast` (same random draws, same float operations,
+outputs equal bit for bit; imported on first use since it compiles with numba);
+the others run the reference. :func:`reference` always gives the reference.
 """
 from __future__ import annotations
 
@@ -37,9 +42,38 @@ def _reference(name: str):
     return run
 
 
+# Corruptions computed by qrobust.generate.natural_fast (bit-identical to the reference);
+# pixelate and jpeg_compression (Pillow, under a millisecond) stay with the reference.
+ACCELERATED = (
+    "gaussian_noise", "shot_noise", "impulse_noise",
+    "defocus_blur", "glass_blur", "motion_blur", "zoom_blur",
+    "snow", "frost", "fog", "brightness",
+    "contrast", "elastic_transform",
+)
+
+
+def _accelerated(name: str):
+    """A corruption computed by qrobust.generate.natural_fast (imported, with numba, on first use)."""
+
+    def run(image: np.ndarray, severity: int) -> np.ndarray:
+        from qrobust.generate import natural_fast
+
+        return natural_fast.FUNCTIONS[name](image, severity)
+
+    run.__name__ = name
+    run.__doc__ = f"{name}, accelerated, bit-identical to the reference imagecorruptions implementation."
+    return run
+
+
+def reference(name: str):
+    """``fn(image, severity) -> uint8`` computed by the reference implementation (for tests and benchmarks)."""
+    CORRUPTIONS.get(name)  # unknown names raise UnknownNameError with suggestions
+    return _reference(name)
+
+
 CORRUPTIONS: Registry = Registry("corruption")
 for _name in CORRUPTION_NAMES:
-    CORRUPTIONS.add(_name, _reference(_name))
+    CORRUPTIONS.add(_name, _accelerated(_name) if _name in ACCELERATED else _reference(_name))
 
 
 def corrupt(image: np.ndarray, name: str, severity: int, seed: int) -> np.ndarray:
@@ -47,8 +81,10 @@ def corrupt(image: np.ndarray, name: str, severity: int, seed: int) -> np.ndarra
 
     Returns a new uint8 array of the same shape, equal bit for bit to
     ``np.random.seed(seed); imagecorruptions.corrupt(image, corruption_name=name,
-    severity=severity)`` with the compatibility mends applied. The caller's
-    global NumPy random state is left as it was.
+    severity=severity)`` with the compatibility mends applied (whether ``name``
+    runs the reference or its accelerated twin in
+    :mod:`qrobust.generate.natural_fast`). The caller's global NumPy random
+    state is left as it was.
 
     >>> import numpy as np
     >>> x = np.full((64, 64, 3), 128, np.uint8)
