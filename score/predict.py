@@ -36,6 +36,15 @@ class ResultsError(QrobustError):
     """A results folder belongs to another model, corpus or setting."""
 
 
+def _read_json(path: Path):
+    """A results-folder JSON file, or :class:`ResultsError` naming it (never a traceback)."""
+    try:
+        return json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError) as e:
+        raise ResultsError(f"{path}: unreadable ({str(e)[:120]}); it is not what `qrobust score` wrote: "
+                           "use a new --out, or delete the file to start over") from None
+
+
 class ResultsStore:
     def __init__(self, path: str | Path, identity: dict, layout: dict[str, tuple[int, ...]], chunk_rows: int):
         """Open (or create) the store at ``path`` for ``identity``; ``layout`` maps
@@ -48,7 +57,7 @@ class ResultsStore:
         ident_path = self.path / "results.json"
         identity = {"schema": RESULTS_SCHEMA, **identity}
         if ident_path.is_file():
-            old = json.loads(ident_path.read_text())
+            old = _read_json(ident_path)
             if old != identity:
                 differ = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
                 raise ResultsError(f"{self.path} holds results of another {', '.join(differ)}; "
@@ -65,7 +74,10 @@ class ResultsStore:
         self.labels = self._array("labels", (n,), chunk_rows)
         self.arrays = {vid: self._array(vid, shape, chunk_rows) for vid, shape in layout.items()}
         progress = self.path / "progress.json"
-        self.done = set(json.loads(progress.read_text())) if progress.is_file() else set()
+        done = _read_json(progress) if progress.is_file() else []
+        if not isinstance(done, list) or not all(isinstance(u, str) for u in done):
+            raise ResultsError(f"{progress}: not a list of finished units; delete it to score every unit again")
+        self.done = set(done)
 
     def _array(self, name: str, shape: tuple[int, ...], chunk_rows: int):
         if name in self.root:

@@ -20,6 +20,7 @@ import numpy as np
 from qrobust.score.predict import TOPK, ResultsStore
 from qrobust.score.stream import Corpus, CorpusError, Failure, Unit, UnitStream
 from qrobust.score.summary import compute_summary
+from qrobust.shared.errors import QrobustError
 from qrobust.shared.manifest import write_atomic
 
 log = logging.getLogger("qrobust.score")
@@ -32,8 +33,10 @@ def plan_units(manifest: dict, variants: list[str], limit: int | None) -> tuple[
     units = []
     for vid in variants:
         entry = manifest["variants"][vid]
-        if entry["count"] != total:
-            raise CorpusError(f"{vid}: {entry['count']} samples, the corpus has {total} (run `qrobust verify`)")
+        held = sum(s["count"] for s in entry["shards"])
+        if entry["count"] != total or held != total:
+            raise CorpusError(f"{vid}: manifest says {entry['count']} samples, its shards {held}, the corpus {total} "
+                              f"(run `qrobust verify`; `--exclude {vid}` scores the rest)")
         start = 0
         for index, shard in enumerate(entry["shards"]):
             if start >= rows:
@@ -53,15 +56,44 @@ def _layout(manifest: dict, variants: list[str], rows: int) -> dict[str, tuple[i
     return out
 
 
-def _top5(model, pixels: np.ndarray, batch_size: int, device: str) -> np.ndarray:
-    """Top-5 class ids of uint8 (n, H, W, 3) images, in batches."""
+class ModelOutputError(QrobustError, ValueError):
+    """A model's logits cannot be ranked: NaN or infinite values, or not one score per class."""
+
+
+def _top5(model, pixels: np.ndarray, batch_size: int, device: str, num_classes: int | None = None,
+          where=None) -> np.ndarray:
+    """Top-5 class ids of uint8 (n, H, W, 3) images, in batches.
+
+    The logits must be (batch, ``num_classes``) and finite: NaN and infinities
+    have no rank (``topk`` would put NaN first), and another width means class
+    ids that are not the corpus's, so either would give metrics that look fine
+    and mean nothing. Raises :class:`ModelOutputError`; ``where(i)`` describes
+    row ``i`` of ``pixels`` for the message.
+    """
     import torch
+
+    def at(i: int) -> str:
+        return where(i) if where is not None else f"row {i}"
 
     out = []
     for i in range(0, len(pixels), batch_size):
         batch = torch.from_numpy(np.ascontiguousarray(pixels[i:i + batch_size])).to(device)
         batch = batch.permute(0, 3, 1, 2).float().div_(255)
         logits = model(batch)
+        if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[0] != len(batch) \
+                or (num_classes is not None and logits.shape[1] != num_classes):
+            shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise ModelOutputError(f"returned logits of shape {shape} for a batch of {len(batch)} at {at(i)}; "
+                                   f"expected ({len(batch)}, {num_classes or 'classes'}): one score per class "
+                                   "of the corpus")
+        finite = torch.isfinite(logits).all(dim=1)
+        if not bool(finite.all()):
+            first = int((~finite).nonzero()[0, 0])
+            bad = int((~finite).sum())
+            raise ModelOutputError(f"returned NaN or infinite logits for {bad} of {len(batch)} samples of the "
+                                   f"batch at {at(i)}, first {at(i + first)}; NaN/inf have no rank, so no "
+                                   "prediction or metric is recorded (a quantizer overflow? check the model "
+                                   "on this input)")
         ids = logits.topk(min(TOPK, logits.shape[1]), dim=1).indices.to(torch.int32).cpu().numpy()
         if ids.shape[1] < TOPK:  # fewer than 5 classes: pad with -1 (no class)
             ids = np.pad(ids, ((0, 0), (0, TOPK - ids.shape[1])), constant_values=-1)
@@ -70,12 +102,20 @@ def _top5(model, pixels: np.ndarray, batch_size: int, device: str) -> np.ndarray
 
 
 def score(corpus: str, model: str, out: str, *, weights: str | None = None, only: list[str] | None = None,
-          device: str = "cpu", batch_size: int = 64, workers: int | None = None, limit: int | None = None,
-          verify: bool = True, progress: bool = True, attacks: list[str] | None = None,
+          exclude: list[str] | None = None, device: str = "cpu", batch_size: int = 64, workers: int | None = None,
+          limit: int | None = None, verify: bool = True, progress: bool = True, attacks: list[str] | None = None,
           budgets: list[str] | None = None, attack_limit: int | None = None, attack_config: dict | None = None,
           budget_scale: str = "dims", cascade: bool = False, transfer_from: str | None = None) -> dict:
     """Score ``model`` (see :func:`qrobust.shared.models.load_model`) on ``corpus`` into folder ``out``;
     returns the summary (also written to ``out/summary.json``).
+
+    ``only`` and ``exclude`` (globs over variant ids) select the variants. The
+    corpus is checked before anything is scored: a manifest edited by hand, or
+    a selected variant with shards missing, of the wrong size, extra or
+    outside the corpus, is refused (``exclude`` a damaged variant to score the
+    rest); each shard's sha256, structure and keys are checked as it is read.
+    A model whose logits are NaN, infinite or not one per class stops the run
+    (:class:`ModelOutputError`, naming the model and the first sample).
 
     ``attacks`` (names, or ``["all"]``) run live on the clean ``onecrop`` images
     at ``budgets`` (default all three), on ``attack_limit`` rows spread over the
@@ -102,13 +142,30 @@ def score(corpus: str, model: str, out: str, *, weights: str | None = None, only
             if not any(fnmatch.fnmatchcase(v, pattern) for v in variants):
                 raise CorpusError(f"--only {pattern!r} matches no variant of this corpus")
         variants = [v for v in variants if any(fnmatch.fnmatchcase(v, p) for p in only)]
+    if exclude:
+        for pattern in exclude:
+            if not any(fnmatch.fnmatchcase(v, pattern) for v in manifest["variants"]):
+                raise CorpusError(f"--exclude {pattern!r} matches no variant of this corpus")
+        variants = [v for v in variants if not any(fnmatch.fnmatchcase(v, p) for p in exclude)]
+        if attacks and "clean/onecrop" not in variants:
+            raise CorpusError("attacks start from clean/onecrop, which --exclude leaves out")
+    if not variants:
+        raise CorpusError("--only and --exclude leave no variant to score")
+    problems = source.problems(variants)
+    if problems:
+        raise CorpusError(_refusal(problems, str(corpus)))
     n_classes = len(manifest.get("classes") or []) or None
     net, spec, sha = load_model(model, weights=weights, num_classes=n_classes, device=device)
     if n_classes and spec.num_classes != n_classes:
         raise CorpusError(f"the model has {spec.num_classes} outputs but the corpus {n_classes} classes; labels would "
                           "not line up (for an ImageNet subset, generate with --classes LOC_synset_mapping.txt)")
-    all_units, rows = plan_units(manifest, sorted(manifest["variants"]), limit)
-    units = [u for u in all_units if u.variant in set(variants)]
+    units, rows = plan_units(manifest, variants, limit)
+    all_units = list(units)  # + the units of the other variants, whose earlier results join the summary
+    for vid in sorted(set(manifest["variants"]) - set(variants)):
+        try:
+            all_units += plan_units(manifest, [vid], limit)[0]
+        except CorpusError:  # a damaged variant left out of this run
+            pass
     # what must not change within one results folder; the batch size too, since it can flip near-ties
     identity = {"model": {"arch": spec.arch, "num_classes": spec.num_classes, "quant": spec.quant,
                           "source": spec.source},
@@ -122,7 +179,11 @@ def score(corpus: str, model: str, out: str, *, weights: str | None = None, only
     if workers is None:
         workers = min(4, max(0, (os.cpu_count() or 1) - 1))
     if todo:
-        _run_units(net, store, source, todo, batch_size, workers, device, verify, progress)
+        try:
+            _run_units(net, store, source, todo, batch_size, workers, device, verify, progress, spec.num_classes)
+        except ModelOutputError as e:
+            named = spec.name if spec.name == str(model) else f"{spec.name} ({model})"
+            raise ModelOutputError(f"model {named} {e}") from None
     jobs_run = None
     if attacks:
         jobs_run = _attack(net, store, source, manifest, all_units, rows, attacks=attacks, budgets=budgets,
@@ -208,6 +269,16 @@ def _attack_results(summary: dict, store: ResultsStore, predictions: dict) -> No
                                                              n=n) + reference_flags
 
 
+def _refusal(problems: list[tuple[str | None, str]], corpus: str) -> str:
+    """One line: why a corpus is refused, and the way on (leave the damaged variants out, or regenerate)."""
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    if any(vid is None for vid, _ in problems):
+        how = "the manifest as a whole is in question: regenerate the corpus or restore its manifest"
+    else:
+        how = f"`--exclude {','.join(sorted({vid for vid, _ in problems}))}` scores the rest"
+    return f"corpus refused: {problems[0][1]}{more}; `qrobust verify {corpus}` lists every problem; {how}"
+
+
 def _public_location(location: str) -> str:
     """A corpus location fit for a shared summary: no credentials or signed query strings."""
     from urllib.parse import urlsplit, urlunsplit
@@ -228,7 +299,8 @@ def _finished_predictions(store: ResultsStore, units: list[Unit], manifest: dict
     return out
 
 
-def _run_units(net, store, source, todo, batch_size, workers, device, verify, progress) -> None:
+def _run_units(net, store, source, todo, batch_size, workers, device, verify, progress,
+               num_classes: int | None = None) -> None:
     import torch
     from torch.utils.data import DataLoader
 
@@ -252,10 +324,12 @@ def _run_units(net, store, source, todo, batch_size, workers, device, verify, pr
                 pixels = part.pixels
                 if part.unit.variant in sequences:  # (n, T, H, W, 3): every frame is an image
                     n, t = pixels.shape[:2]
-                    top5 = _top5(net, pixels.reshape(n * t, *pixels.shape[2:]), batch_size, device)
+                    top5 = _top5(net, pixels.reshape(n * t, *pixels.shape[2:]), batch_size, device, num_classes,
+                                 lambda i, part=part, t=t: _where(part, i // t, f", frame {i % t}"))
                     top5 = top5.reshape(n, t, TOPK)
                 else:
-                    top5 = _top5(net, pixels, batch_size, device)
+                    top5 = _top5(net, pixels, batch_size, device, num_classes,
+                                 lambda i, part=part: _where(part, i))
                 store.write(part.unit.variant, part.start, top5, part.labels)
                 uid = store.unit_id(part.unit.variant, part.unit.index)
                 remaining[uid] -= len(part.keys)
@@ -266,3 +340,9 @@ def _run_units(net, store, source, todo, batch_size, workers, device, verify, pr
     finally:
         if bar is not None:
             bar.close()
+
+
+def _where(part, i: int, extra: str = "") -> str:
+    """Sample ``i`` of a piece, for messages: variant, key, row and shard."""
+    return (f"{part.unit.variant} sample {part.keys[i]!r}{extra} (row {part.start + i}, "
+            f"shard {part.unit.shard['name']})")

@@ -68,7 +68,9 @@ def _cmd_generate(args) -> int:
 
 
 def _add_verify(sub) -> None:
-    p = _parser(sub, "verify", "Re-hash and recount a corpus against its manifest; exit 1 naming every mismatch.",
+    p = _parser(sub, "verify", "Re-hash and recount a corpus against its manifest (sizes, sha256, sample order "
+                "and keys, members qrobust does not read, extra or missing files, links out of the corpus, "
+                "hand edits of the manifest); exit 1 naming every mismatch.",
                 "qrobust verify corpora/robustmq")
     p.add_argument("corpus")
     p.add_argument("--size-only", action="store_true", help="check presence and byte sizes only (fast)")
@@ -107,15 +109,22 @@ def _cmd_verify(args) -> int:
 
 def _add_score(sub) -> None:
     p = _parser(sub, "score", "Stream a corpus through a model; store top-5 predictions and every metric "
-                "(RESULTS/summary.json). An interrupted run resumes.",
-                "qrobust score --corpus demo-out/corpus --model tiny_cnn --out results/tiny --limit 16")
-    p.add_argument("--corpus", required=True, help="corpus folder, or a URL (http(s)://, s3://, ...) of one")
+                "(RESULTS/summary.json). An interrupted run resumes. A corpus that does not match its manifest "
+                "is refused (a damaged variant can be left out with --exclude); a model whose logits are NaN, "
+                "infinite or not one per class stops the run.",
+                "qrobust score --corpus demo-out/corpus --model tiny_cnn --out results/tiny --limit 16 "
+                "--exclude 'natural/fog-*'   # --exclude: leave out variants that `qrobust verify` reports damaged")
+    p.add_argument("--corpus", required=True, help="corpus folder, or a URL of one (http(s)://, s3://, gs://, az://, "
+                   "hf://; pipe: and chained URLs are refused)")
     p.add_argument("--model", required=True,
                    help="checkpoint.safetensors | ARCH (with --weights FILE) | ARCH:TORCHVISION_WEIGHTS | "
                         "module:callable; `qrobust ls models` lists architectures")
     p.add_argument("--weights", help="state dict (.pth/.pt loaded with weights_only=True, or .safetensors)")
     p.add_argument("--out", required=True, help="results folder (one per model and corpus)")
     p.add_argument("--only", action="append", metavar="GLOB", help="score only these variant ids (repeatable)")
+    p.add_argument("--exclude", action="append", metavar="GLOB",
+                   help="leave these variant ids out (repeatable or comma-separated), e.g. a variant that "
+                        "`qrobust verify` reports damaged: --exclude natural/fog-3")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, help="data-loading processes (default: min(4, cores - 1))")
@@ -145,7 +154,8 @@ def _cmd_score(args) -> int:
     attacks = _globs(args.attacks)
     config = _resolve("qrobust.score.adversarial:attack_config")(args.attack_config, args.attack_set) \
         if attacks else None
-    summary = score(args.corpus, args.model, args.out, weights=args.weights, only=only, device=args.device,
+    summary = score(args.corpus, args.model, args.out, weights=args.weights, only=only,
+                    exclude=_globs(args.exclude) or None, device=args.device,
                     batch_size=args.batch_size, workers=args.workers, limit=args.limit, verify=not args.no_verify,
                     progress=not args.quiet, attacks=attacks or None, budgets=_globs([args.budgets]),
                     attack_limit=args.attack_limit, attack_config=config, budget_scale=args.budget_scale,

@@ -11,7 +11,11 @@ A shard sample is ``<key>.cls`` (the integer label, as text) plus one payload
 every variant. The manifest records how the corpus was made (suite, source
 fingerprint, label map, library versions) and, per shard, its byte size,
 sha256, sample count and a sha256 over its keys, which :func:`verify_corpus`
-checks.
+checks. :func:`parse_manifest` accepts only well-typed manifests whose shard
+names stay inside the corpus; :func:`manifest_problems` finds hand edits;
+:func:`scan_shard` checks a shard's structure (regular-file members with plain
+names, of the types qrobust reads, inside the shard, samples in strictly
+increasing key order) before ``verify`` or ``score`` trust it.
 """
 from __future__ import annotations
 
@@ -20,8 +24,12 @@ import io
 import json
 import os
 import posixpath
+import re
+import stat
 import tarfile
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from qrobust.shared.errors import QrobustError
@@ -29,6 +37,7 @@ from qrobust.shared.errors import QrobustError
 SCHEMA = "qrobust.manifest/1"
 MANIFEST_NAME = "manifest.json"
 PARTIAL_SUFFIX = ".partial"
+MAX_MANIFEST_BYTES = 64 << 20  # the paper's 101-variant ImageNet corpus has a manifest of about 1 MiB
 
 
 def partial_path(path: Path) -> Path:
@@ -69,12 +78,98 @@ def member_key(name: str) -> str:
     return posixpath.join(folder, stem) if folder else stem
 
 
+class ShardError(QrobustError, ValueError):
+    """A shard is not a well-formed qrobust shard: not a readable tar, a member that is not a plain
+    file with a plain name, a type qrobust does not read, a size beyond the shard, or samples out of
+    order, duplicated or incomplete. Messages name the member; callers prefix the shard."""
+
+
+# the member types qrobust reads (cls: the label as text; images; sequences as video or uint8 npy):
+# anything else, pickle-based types (.pyd, .pth, .pickle, ...) included, is refused, never decoded
+LABEL_EXT = "cls"
+PAYLOAD_EXTS = ("jpg", "png", "mp4", "mkv", "npy")
+MEMBER_EXTS = (LABEL_EXT, *PAYLOAD_EXTS)
+MAX_MEMBER_NAME = 1024  # a sample key is a file stem (at most 255 bytes)
+
+
+@dataclass(frozen=True)
+class ShardSample:
+    """One sample of a shard: its key and, per member type, (member name, offset, size) in the shard bytes."""
+
+    key: str
+    members: dict
+
+
+def _member_name_problem(name: str) -> str | None:
+    if not name or len(name) > MAX_MEMBER_NAME:
+        return "has an empty or overlong name"
+    if "/" in name or name.startswith("."):  # (a backslash is an ordinary character in a POSIX name)
+        return "is not a plain file name (a path: absolute, with folders or '..'); qrobust never extracts members"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return "has control characters in its name"
+    return None
+
+
+def scan_shard(data: bytes) -> list[ShardSample]:
+    """Check the structure of a shard's bytes (no member is decoded) and list its samples in order.
+
+    Every member must be a regular file with a plain name (no folders, no
+    ``..``, not absolute), of a type in :data:`MEMBER_EXTS`, lying wholly
+    inside the shard; samples must be in strictly increasing key order (a
+    reordered or duplicated sample is refused), each with exactly one label
+    and one payload. Raises :class:`ShardError`, naming the member.
+    """
+    samples: list[ShardSample] = []
+    current: dict = {}
+    key: str | None = None
+
+    def finish():
+        if LABEL_EXT not in current or len(current) != 2:
+            raise ShardError(f"sample {key!r} must hold a label (cls) and one payload, has {sorted(current)}")
+        samples.append(ShardSample(key, dict(current)))
+
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            for member in tar:
+                name = member.name
+                if not member.isfile():
+                    raise ShardError(f"member {name!r} is not a regular file (a link, folder or device)")
+                problem = _member_name_problem(name)
+                if problem:
+                    raise ShardError(f"member {name!r} {problem}")
+                stem, _, ext = name.partition(".")
+                if ext not in MEMBER_EXTS:
+                    raise ShardError(f"member {name!r}: type {ext!r} is refused; qrobust reads only "
+                                     f"{', '.join(MEMBER_EXTS)} members (nothing from a shard is unpickled)")
+                if member.size < 0 or member.offset_data + member.size > len(data):
+                    raise ShardError(f"member {name!r} claims {member.size} bytes, beyond the end of the "
+                                     f"shard ({len(data)} bytes)")
+                if key is not None and stem != key:
+                    if stem < key:
+                        raise ShardError(f"sample {stem!r} out of key order (after {key!r}): samples reordered "
+                                         "or duplicated")
+                    finish()
+                    current = {}
+                if ext in current:
+                    raise ShardError(f"member {name!r} appears twice (a duplicated sample)")
+                key = stem
+                current[ext] = (name, member.offset_data, member.size)
+    except ShardError:
+        raise
+    except (tarfile.TarError, ValueError, EOFError, OverflowError, UnicodeError) as e:
+        raise ShardError(f"not a readable tar: {e}") from None
+    if key is not None:
+        finish()
+    return samples
+
+
 def shard_summary(path: str | os.PathLike) -> dict:
     """sha256, byte size, sample count and keys digest of one shard file.
 
-    Raises :class:`ValueError` if the file is not a readable tar, or if its
-    samples are not in strictly increasing key order (a reordered or duplicated
-    sample).
+    Raises :class:`ShardError` (a :class:`ValueError`) if the file is not a
+    well-formed shard (see :func:`scan_shard`): not a readable tar, an unsafe
+    or unexpected member, or samples not in strictly increasing key order (a
+    reordered or duplicated sample).
     """
     return read_shard_keys(path)[0]
 
@@ -82,22 +177,7 @@ def shard_summary(path: str | os.PathLike) -> dict:
 def read_shard_keys(path: str | os.PathLike) -> tuple[dict, list[str]]:
     """:func:`shard_summary` and the shard's sample keys in order."""
     data = Path(path).read_bytes()
-    keys: list[str] = []
-    members: set[str] = set()
-    try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-            for member in tar:
-                key = member_key(member.name)
-                if not keys or keys[-1] != key:
-                    if keys and key < keys[-1]:
-                        raise ValueError(f"sample {key!r} out of key order (after {keys[-1]!r})")
-                    keys.append(key)
-                    members.clear()
-                if member.name in members:
-                    raise ValueError(f"member {member.name!r} appears twice")
-                members.add(member.name)
-    except tarfile.TarError as e:
-        raise ValueError(f"not a readable tar: {e}") from None
+    keys = [s.key for s in scan_shard(data)]
     return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "count": len(keys),
             "keys_sha256": keys_digest(keys)}, keys
 
@@ -105,9 +185,9 @@ def read_shard_keys(path: str | os.PathLike) -> tuple[dict, list[str]]:
 def plan_of(manifest: dict) -> dict:
     """The settings a corpus was made with, as recorded in its manifest; equal
     plans make equal shards, so resumption and verification compare these."""
-    source = manifest.get("source", {})
-    spec = manifest.get("suite", {}).get("spec") or {}
-    versions = manifest.get("versions", {})
+    source = manifest.get("source") or {}
+    spec = (manifest.get("suite") or {}).get("spec") or {}
+    versions = manifest.get("versions") or {}
     return {"suite": manifest.get("suite", {}).get("spec"), "source": source.get("fingerprint"),
             "classes": manifest.get("classes"), "selection": source.get("selection"),
             "versions": {lib: versions.get(lib) for lib in pixel_libraries(spec)}}
@@ -163,7 +243,7 @@ def library_versions() -> dict:
 
 def environment_differences(manifest: dict) -> list[str]:
     """Pixel-deciding libraries (recorded in the manifest) whose installed version differs."""
-    built, here = manifest.get("versions", {}), library_versions()
+    built, here = manifest.get("versions") or {}, library_versions()
     libs = pixel_libraries(manifest.get("suite", {}).get("spec") or {})
     return [f"{lib}: corpus built with {built[lib]}, installed {here.get(lib)}"
             for lib in libs if built.get(lib) is not None and built[lib] != here.get(lib)]
@@ -205,7 +285,13 @@ def load_manifest(corpus: str | os.PathLike) -> dict:
     corpus = Path(corpus)
     path = corpus / MANIFEST_NAME
     try:
-        raw = path.read_bytes()
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):
+            raise ManifestError(f"{path} is not a regular file")
+        if st.st_size > MAX_MANIFEST_BYTES:
+            raise ManifestError(f"{path}: larger than {MAX_MANIFEST_BYTES >> 20} MiB, not a qrobust manifest")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_MANIFEST_BYTES + 1)
     except FileNotFoundError:
         raise ManifestError(f"{path} not found: is {corpus} a qrobust corpus (made by `qrobust generate`)?") from None
     except OSError as e:
@@ -213,37 +299,156 @@ def load_manifest(corpus: str | os.PathLike) -> dict:
     return parse_manifest(raw, str(path))
 
 
+VARIANT_ID = re.compile(r"[A-Za-z0-9_]+/[A-Za-z0-9_][A-Za-z0-9_.+-]*")
+
+
+# bounds far above any real corpus, so that no number read from a manifest sizes an absurd allocation
+MAX_SAMPLES = 10 ** 9
+MAX_SHARD_BYTES = 1 << 44
+MAX_CROP = 1 << 14
+MAX_FRAMES = 10_000
+
+
+def _int(value, minimum: int = 0, maximum: int = MAX_SAMPLES) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and minimum <= value <= maximum
+
+
+def _optional(value, kind) -> bool:
+    return value is None or isinstance(value, kind)
+
+
 def parse_manifest(raw: bytes, path: str) -> dict:
-    """Parse and check manifest bytes (from a file or a URL): schema, types, and shard
-    names that are exactly ``shard_name(variant, i)`` (so none can leave the corpus)."""
+    """Parse and check manifest bytes (from a file or a URL): schema, the types of every field
+    ``verify`` and ``score`` use, and shard names that are exactly ``shard_name(variant, i)`` (so
+    none can leave the corpus). Raises :class:`ManifestError` and nothing else, whatever the bytes."""
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise ManifestError(f"{path}: larger than {MAX_MANIFEST_BYTES >> 20} MiB, not a qrobust manifest")
     try:
         manifest = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ManifestError(f"{path}: cannot read: {e}") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, too-long integers, nesting
+        raise ManifestError(f"{path}: cannot read: {str(e)[:200]}") from None
     if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
-        raise ManifestError(f"{path}: schema is {manifest.get('schema') if isinstance(manifest, dict) else None!r}, "
-                            f"expected {SCHEMA!r}")
+        found = manifest.get("schema") if isinstance(manifest, dict) else None
+        raise ManifestError(f"{path}: schema is {str(found)[:80]!r}, expected {SCHEMA!r}")
+
+    def bad(what: str) -> ManifestError:
+        return ManifestError(f"{path}: {what} (malformed or edited manifest; regenerate the corpus)")
+
+    suite = manifest.get("suite")
+    spec = suite.get("spec") if isinstance(suite, dict) else None
+    if not isinstance(spec, dict) or not isinstance(suite.get("name"), str):
+        raise bad("no suite name and spec")
+    geometry, shards_table = spec.get("geometry"), spec.get("shards", {})
+    if not isinstance(geometry, dict) or not _int(geometry.get("crop"), 1, MAX_CROP) \
+            or not isinstance(shards_table, dict) or not _int(shards_table.get("samples", 1), 1):
+        raise bad("the suite spec has no [geometry] crop or a malformed [shards] table")
+    classes = manifest.get("classes", [])
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise bad("classes is not a list of names")
+    seed = manifest.get("seed")
+    if seed is not None and not _int(seed, 0, 2 ** 64):
+        raise bad("seed is not a non-negative integer")
+    for key in ("source", "versions"):
+        if not _optional(manifest.get(key), dict):
+            raise bad(f"{key} is not a table")
+    if not _optional(manifest.get("plan_sha256"), str):
+        raise bad("plan_sha256 is not a string")
     variants = manifest.get("variants")
     samples = manifest.get("samples")
-    if not isinstance(variants, dict) or not isinstance(samples, dict) or not isinstance(samples.get("count"), int):
+    if not isinstance(variants, dict) or not isinstance(samples, dict) or not _int(samples.get("count")) \
+            or not _optional(samples.get("keys_sha256"), str):
         raise ManifestError(f"{path}: no variants table or sample count")
     for vid, entry in variants.items():
         shards = entry.get("shards") if isinstance(entry, dict) else None
-        if not isinstance(shards, list) or not isinstance(entry.get("count"), int) \
+        if not isinstance(shards, list) or not _int(entry.get("count")) \
                 or not isinstance(entry.get("params"), dict) or not isinstance(entry.get("family"), str):
-            raise ManifestError(f"{path}: variant {vid!r} has no shard list, count, family or params")
+            raise ManifestError(f"{path}: variant {vid[:80]!r} has no shard list, count, family or params")
+        if not VARIANT_ID.fullmatch(vid) or vid.split("/")[0] != entry["family"]:
+            raise ManifestError(f"{path}: variant id {vid[:80]!r} is not family/name of its family "
+                                f"{entry['family'][:40]!r}")
+        params = entry["params"]
+        needs = {"natural": {"corruption": str, "severity": (1, 1_000)},  # a sequence needs 2 frames for a flip
+                 "sequence": {"perturbation": str, "difficulty": (1, 1_000), "frames": (2, MAX_FRAMES)}
+                 }.get(entry["family"], {})
+        for key, kind in needs.items():  # str, or the bounds of an int
+            value = params.get(key)
+            if not (isinstance(value, str) if kind is str else _int(value, *kind)):
+                raise ManifestError(f"{path}: variant {vid!r} has no valid {key} parameter")
         for i, shard in enumerate(shards):
             if not isinstance(shard, dict) or not {"name", "sha256", "bytes", "count"} <= set(shard) \
-                    or not all(isinstance(shard[k], int) and not isinstance(shard[k], bool) for k in ("bytes", "count")):
+                    or not _int(shard["bytes"], 0, MAX_SHARD_BYTES) or not _int(shard["count"]) \
+                    or not _optional(shard["sha256"], str) or not _optional(shard.get("keys_sha256"), str):
                 raise ManifestError(f"{path}: variant {vid!r} has a malformed shard entry")
             try:
                 safe_relative(Path("."), shard["name"])
             except ManifestError as e:
                 raise ManifestError(f"{path}: variant {vid!r}: {e}") from None
             if shard["name"] != shard_name(vid, i):
-                raise ManifestError(f"{path}: shard {i} of {vid!r} is {shard['name']!r}, "
+                raise ManifestError(f"{path}: shard {i} of {vid!r} is {shard['name'][:200]!r}, "
                                     f"expected {shard_name(vid, i)!r}")
     return manifest
+
+
+def manifest_problems(manifest: dict) -> list[tuple[str | None, str]]:
+    """What in a parsed manifest disagrees with itself, as (variant id or None for the whole corpus,
+    one-line message naming manifest.json or the variant).
+
+    Finds hand edits: the settings no longer match the plan digest recorded at
+    generation; the top-level seed or geometry differ from the suite spec's; a
+    variant's family, name, parameters or encoding differ from what the suite
+    spec defines for that id (or the spec defines no such id); a variant's
+    shard counts disagree with its count or the corpus's sample count.
+    """
+    from qrobust.shared.spec import FAMILIES
+
+    out: list[tuple[str | None, str]] = []
+    if manifest.get("plan_sha256") != plan_digest(plan_of(manifest)):
+        out.append((None, f"{MANIFEST_NAME}: edited by hand (suite, source, classes, selection or library versions "
+                          "do not match the plan digest recorded when the corpus was made)"))
+    spec = manifest["suite"]["spec"]
+    if manifest.get("seed") != spec.get("seed", 0):
+        out.append((None, f"{MANIFEST_NAME}: edited by hand (seed {manifest.get('seed')!r}, the suite spec says "
+                          f"{spec.get('seed', 0)!r})"))
+    if "geometry" in manifest and manifest["geometry"] != {k: spec["geometry"].get(k) for k in ("resize", "crop")}:
+        out.append((None, f"{MANIFEST_NAME}: edited by hand (geometry differs from the suite spec's)"))
+    expected = {}
+    try:
+        for family, table in spec.items():
+            if family in FAMILIES:
+                expected.update({v.id: v for v in FAMILIES.get(family)(table)})
+    except Exception as e:  # the spec is data from a file: any failure means it is no valid suite
+        out.append((None, f"{MANIFEST_NAME}: its suite spec is not a valid suite ({str(e)[:200]})"))
+    total = manifest["samples"]["count"]
+    for vid, entry in sorted(manifest["variants"].items()):
+        v = expected.get(vid)
+        if v is None and expected:
+            out.append((vid, f"{MANIFEST_NAME}: variant {vid} is not defined by the suite spec (edited by hand)"))
+        elif v is not None:
+            record = {"family": entry.get("family"), "name": entry.get("name"), "params": entry.get("params"),
+                      "encoding": entry.get("encoding")}
+            want = v.as_record()
+            if v.family == "sequence" and isinstance(record["encoding"], dict):  # + the recipe, a library matter
+                record["encoding"] = {"format": record["encoding"].get("format")}
+            differ = sorted(k for k in want if record[k] != want[k])
+            if differ:
+                out.append((vid, f"{MANIFEST_NAME}: variant {vid}: {', '.join(differ)} differ from the suite "
+                                 "spec's (edited by hand)"))
+        held = sum(s["count"] for s in entry["shards"])
+        if held != entry["count"] or held != total:
+            out.append((vid, f"{vid}: shards hold {held} samples, manifest says {entry['count']} (corpus: {total})"))
+    # every variant holds the same samples in the same shards: a variant whose shard counts or keys differ
+    # from the others' was edited or had shards swapped (with ties, every variant off the common layout)
+    layouts = {vid: tuple((s["count"], s.get("keys_sha256")) for s in entry["shards"])
+               for vid, entry in manifest["variants"].items()}
+    tally = Counter(layouts.values())
+    if len(tally) > 1:
+        top = tally.most_common(2)
+        common = top[0][0] if top[0][1] > top[1][1] else None
+        for vid in sorted(layouts):
+            if layouts[vid] != common:
+                out.append((vid, f"{MANIFEST_NAME}: variant {vid}: its shards hold other samples than the other "
+                                 "variants' (shards swapped or manifest edited)"))
+    return out
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -254,29 +459,78 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def local_shard_problem(corpus: Path, name: str, size: int) -> str | None:
+    """Why the shard file ``name`` of a local corpus cannot be used as is, or None: missing, not a
+    regular file (a FIFO or device would block or never end), resolving outside the corpus (a
+    symbolic link), or of another size than the manifest's. Reads nothing."""
+    path = corpus / name
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return f"{name}: missing"
+    except OSError as e:
+        return f"{name}: cannot read: {e.strerror or e}"
+    if not stat.S_ISREG(st.st_mode):
+        return f"{name}: not a regular file"
+    if not inside(corpus, path):
+        return f"{name}: resolves outside the corpus ({path.resolve()}); shards must be files inside it"
+    if st.st_size != size:
+        return f"{name}: {st.st_size} bytes, manifest says {size}"
+    return None
+
+
+def inside(corpus: Path, path: Path) -> bool:
+    """Whether ``path``, all links followed, lies inside ``corpus`` (itself resolved)."""
+    try:
+        return path.resolve().is_relative_to(corpus.resolve())
+    except (OSError, RuntimeError):  # a link loop
+        return False
+
+
 def _check_shard(corpus: Path, shard: dict, rehash: bool) -> tuple[list[str], list[str] | None]:
     """(problems, keys read or None) for one shard."""
     name = shard["name"]
-    path = corpus / name
-    if not path.is_file():
-        return [f"{name}: missing"], None
-    size = path.stat().st_size
-    if size != shard["bytes"]:
-        return [f"{name}: {size} bytes, manifest says {shard['bytes']}"], None
+    problem = local_shard_problem(corpus, name, shard["bytes"])
+    if problem:
+        return [problem], None
     if not rehash:
         return [], None
     try:
-        found, keys = read_shard_keys(path)
-    except (OSError, ValueError) as e:
-        return [f"{name}: {e}"], None
+        data = (corpus / name).read_bytes()
+    except OSError as e:
+        return [f"{name}: cannot read: {e.strerror or e}"], None
     problems = []
-    if found["sha256"] != shard["sha256"]:
+    if hashlib.sha256(data).hexdigest() != shard["sha256"]:
         problems.append(f"{name}: sha256 mismatch (content changed)")
-    if found["count"] != shard["count"]:
-        problems.append(f"{name}: {found['count']} samples, manifest says {shard['count']}")
-    elif "keys_sha256" in shard and found["keys_sha256"] != shard["keys_sha256"]:
+    try:
+        keys = [s.key for s in scan_shard(data)]
+    except ShardError as e:
+        return problems + [f"{name}: {e}"], None
+    if len(keys) != shard["count"]:
+        problems.append(f"{name}: {len(keys)} samples, manifest says {shard['count']}")
+    elif "keys_sha256" in shard and keys_digest(keys) != shard["keys_sha256"]:
         problems.append(f"{name}: sample keys differ from the manifest's")
     return problems, keys
+
+
+def extra_files(corpus: Path, manifest: dict, variants: list[str] | None = None) -> list[str]:
+    """Files of a local corpus that its manifest does not list (relative paths): in the folders of
+    ``variants`` only, or anywhere but ``manifest.json`` and hidden entries (``.qrobust/``) if None."""
+    listed = {s["name"] for entry in manifest["variants"].values() for s in entry["shards"]}
+    if variants is None:
+        roots = sorted(p for p in corpus.iterdir() if not p.name.startswith(".") and p.name != MANIFEST_NAME)
+    else:
+        roots = [corpus / v for v in variants if (corpus / v).is_dir()]
+    found = []
+    for root in roots:
+        paths = [root] if not root.is_dir() or root.is_symlink() else sorted(root.rglob("*"))
+        for path in paths:
+            if path.is_dir() and not path.is_symlink():
+                continue
+            rel = path.relative_to(corpus).as_posix()
+            if rel not in listed:
+                found.append(rel)
+    return found
 
 
 def verify_corpus(corpus: str | os.PathLike, *, rehash: bool = True, workers: int | None = None,
@@ -284,23 +538,17 @@ def verify_corpus(corpus: str | os.PathLike, *, rehash: bool = True, workers: in
     """Check every shard of a corpus against its manifest; return the problems found.
 
     Each problem is one line naming the file: missing, extra, wrong size,
-    wrong sha256, wrong sample count, keys out of order, and variants whose
-    counts disagree with the manifest. An empty list means the corpus is
-    intact. Raises :class:`ManifestError` if the manifest itself is unusable.
+    wrong sha256, wrong sample count, keys out of order or duplicated, unsafe
+    or unexpected members (see :func:`scan_shard`), shards that are links out
+    of the corpus, a manifest edited by hand (see :func:`manifest_problems`),
+    and variants whose counts disagree with the manifest. An empty list means
+    the corpus is intact. Raises :class:`ManifestError` if the manifest itself is unusable.
     """
     corpus = Path(corpus)
     manifest = load_manifest(corpus)
-    problems: list[str] = []
-    if manifest.get("plan_sha256") != plan_digest(plan_of(manifest)):
-        problems.append(f"{MANIFEST_NAME}: edited by hand (suite, source, classes or selection do not match "
-                        "the plan digest recorded when the corpus was made)")
-    samples = manifest.get("samples", {})
+    problems = [message for _, message in manifest_problems(manifest)]
+    samples = manifest["samples"]
     shards = [s for entry in manifest["variants"].values() for s in entry["shards"]]
-    for vid, entry in sorted(manifest["variants"].items()):
-        total = sum(s["count"] for s in entry["shards"])
-        if total != entry["count"] or total != samples.get("count"):
-            problems.append(f"{vid}: shards hold {total} samples, manifest says {entry['count']} "
-                            f"(corpus: {samples.get('count')})")
     keys_by_shard: dict[str, list[str] | None] = {}
     with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
         for shard, (found, keys) in zip(shards, pool.map(lambda s: _check_shard(corpus, s, rehash), shards)):
@@ -314,11 +562,5 @@ def verify_corpus(corpus: str | os.PathLike, *, rehash: bool = True, workers: in
             if all(p is not None for p in parts) and keys_digest([k for p in parts for k in p]) != \
                     samples.get("keys_sha256"):
                 problems.append(f"{vid}: its samples differ from the corpus's sample list")
-    listed = {s["name"] for s in shards}
-    for family_dir in sorted(p for p in corpus.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        for path in sorted(family_dir.rglob("*")):
-            if path.is_file():
-                rel = path.relative_to(corpus).as_posix()
-                if rel not in listed:
-                    problems.append(f"{rel}: extra file not in the manifest")
+    problems += [f"{rel}: extra file not in the manifest" for rel in extra_files(corpus, manifest)]
     return problems
