@@ -168,7 +168,7 @@ def run_attacks(net, jobs: list[Job], store, source, units, rows: np.ndarray, *,
             x = torch.from_numpy(np.ascontiguousarray(pixels)).to(device).permute(0, 3, 1, 2).float().div_(255)
             y = torch.from_numpy(labels.astype(np.int64)).to(device)
             with torch.inference_mode():
-                clean_pred = net(x).argmax(1)
+                clean_pred = _ranked(net(x), "clean", keys).argmax(1)
             correct = (clean_pred == y).cpu().numpy()
             group = store.root["attacks"]
             if "zero_grad_share" not in group.attrs:  # a gradient-masking probe, once, on the first batch read
@@ -198,7 +198,7 @@ def run_attacks(net, jobs: list[Job], store, source, units, rows: np.ndarray, *,
                     x_adv = run_attack(job.attack, crafter, x[sel], y[sel], job.eps, seeds=seeds, params=job.params)
                     _check_budget(job, x_adv, x[sel])
                     with torch.inference_mode():  # rescored in fp32 (the store's prediction is this one)
-                        adv_pred = net(x_adv.float()).argmax(1).cpu().numpy()
+                        adv_pred = _ranked(net(x_adv.float()), job.id, [keys[i] for i in idx]).argmax(1).cpu().numpy()
                     pred[idx] = adv_pred
                     outcome[idx] = np.where(adv_pred == labels[idx], ROBUST, FOOLED)
                 store.write_attack(job.id, lo, outcome, pred)
@@ -212,6 +212,21 @@ def run_attacks(net, jobs: list[Job], store, source, units, rows: np.ndarray, *,
             group.attrs["reference_flags"] = sorted(set(group.attrs.get("reference_flags", [])) | flags.messages)
         if bar is not None:
             bar.close()
+
+
+def _ranked(logits, what: str, keys):
+    """``logits`` if every row is finite; else the run stops (argmax would rank NaN first and call it a class)."""
+    import torch
+
+    finite = torch.isfinite(logits).all(dim=1)
+    if not bool(finite.all()):
+        from qrobust.score.run import ModelOutputError
+
+        first = int((~finite).nonzero()[0, 0])
+        raise ModelOutputError(f"returned NaN or infinite logits on {int((~finite).sum())} of {len(keys)} "
+                               f"{what} images of an attack batch, first sample {keys[first]!r}; NaN/inf have no "
+                               "rank, so no outcome is recorded")
+    return logits
 
 
 class _ReferenceFlags(logging.Handler):

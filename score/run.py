@@ -186,10 +186,14 @@ def score(corpus: str, model: str, out: str, *, weights: str | None = None, only
             raise ModelOutputError(f"model {named} {e}") from None
     jobs_run = None
     if attacks:
-        jobs_run = _attack(net, store, source, manifest, all_units, rows, attacks=attacks, budgets=budgets,
-                           limit=attack_limit, config=attack_config, rule=budget_scale, cascade=cascade,
-                           transfer_from=transfer_from, n_classes=spec.num_classes, batch_size=batch_size,
-                           device=device, verify=verify, progress=progress, workers=workers)
+        try:
+            jobs_run = _attack(net, store, source, manifest, all_units, rows, attacks=attacks, budgets=budgets,
+                               limit=attack_limit, config=attack_config, rule=budget_scale, cascade=cascade,
+                               transfer_from=transfer_from, n_classes=spec.num_classes, batch_size=batch_size,
+                               device=device, verify=verify, progress=progress, workers=workers)
+        except ModelOutputError as e:
+            named = spec.name if spec.name == str(model) else f"{spec.name} ({model})"
+            raise ModelOutputError(f"model {named} {e}") from None
     predictions = _finished_predictions(store, all_units, manifest)
     summary = compute_summary(
         predictions, store.labels[...], manifest,

@@ -7,12 +7,16 @@ their entry points by dotted path, imported only when a subcommand runs, so
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import sys
 
 EXIT_PROBLEMS = 1   # the command ran and found problems (e.g. verify mismatches)
 EXIT_USAGE = 2      # bad arguments or inputs
+EXIT_NO_SPACE = 3   # a write failed for lack of space; the run can resume
+# No space left, over quota, or over a file size limit: the user frees space and reruns.
+NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 def _resolve(dotted: str):
@@ -391,6 +395,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"qrobust {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except OSError as e:
+        if e.errno not in NO_SPACE:
+            raise
+        where = f" writing {e.filename}" if e.filename else ""
+        print(f"qrobust {args.command}: error: out of disk space{where} ({e.strerror}); nothing half-written is "
+              "kept: free space and rerun the same command to resume", file=sys.stderr)
+        return EXIT_NO_SPACE
 
 
 if __name__ == "__main__":

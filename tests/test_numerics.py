@@ -65,6 +65,25 @@ def image_shaped_model():
     return Logits(extra_dim=True)
 
 
+class NaNOffTheGrid(torch.nn.Module):
+    """Finite (class 0 first) on images of whole 1/255 steps, as decoded; NaN once an attack moves a pixel off them."""
+
+    qrobust_normalizes_input = True
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor([1.0, 0.0, 0.0]))
+
+    def forward(self, x):
+        logits = self.w + x.mean(dim=(1, 2, 3))[:, None] * torch.tensor([0.0, 1.0, 0.0])  # a gradient to follow
+        off = ((x * 255 - (x * 255).round()).abs().flatten(1).amax(1) > 1e-3)
+        return torch.where(off[:, None], torch.full_like(logits, float("nan")), logits)
+
+
+def nan_under_attack_model():
+    return NaNOffTheGrid()
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("numerics")
@@ -137,3 +156,13 @@ def test_top5_finds_the_first_bad_row_across_batches():
     pixels[[5, 6], 0, 0, 0] = 255
     with pytest.raises(ModelOutputError, match="for 1 of 2 samples of the batch at row 4, first row 5"):
         _top5(NaNAt(), pixels, 2, "cpu", 3)
+
+
+def test_non_finite_logits_under_attack_stop_the_run(corpus, tmp_path, capsys):
+    capsys.readouterr()
+    assert score(corpus, tmp_path, "nan_under_attack_model", "--only", "clean/onecrop", "--attacks", "fgsm-linf",
+                 "--budgets", "small") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "model test_numerics:nan_under_attack_model" in err, err
+    assert "NaN or infinite logits on" in err and "fgsm-linf/small" in err and "first sample 'astronaut_" in err, err
+    assert not (tmp_path / "nan_under_attack_model" / "summary.json").exists()
