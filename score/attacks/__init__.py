@@ -199,9 +199,10 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
     """
     from torch.ao.quantization import FakeQuantizeBase
 
-    modes = [(m, m.training) for m in model.modules()]
+    modules = list(model.modules())  # one walk of the module tree (it is most of this context's cost)
+    modes = [(m, m.training) for m in modules]
     grads = [(p, p.requires_grad) for p in model.parameters()]
-    observers = [(m, m.observer_enabled.clone()) for m in model.modules()
+    observers = [(m, m.observer_enabled.clone()) for m in modules
                  if isinstance(m, FakeQuantizeBase) and torch.is_tensor(getattr(m, "observer_enabled", None))]
     try:
         model.eval()
@@ -274,10 +275,10 @@ def _enforce_budget(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str)
     x_adv = x_adv.clamp(0, 1)
     if norm == "linf":
         for _ in range(4):
-            over = (x_adv - x).abs() > eps
-            if not over.any():
+            d = (x_adv - x).abs_()
+            if not bool(d.amax() > eps):  # one reduction in the usual case: nothing over
                 break
-            x_adv = torch.where(over, torch.nextafter(x_adv, x), x_adv)
+            x_adv = torch.where(d > eps, torch.nextafter(x_adv, x), x_adv)
         return x_adv
     d = (x_adv - x).double().flatten(1)
     size = d.abs().sum(1) if norm == "l1" else d.norm(dim=1)
