@@ -1,13 +1,15 @@
 """The worker side of ``qrobust generate``: what runs in each process of the pool.
 
-A :class:`Job` is one shard index of one variant group: the same slice of
-samples rendered for every variant of the group (the five severities of a
-corruption share one decode), each variant into its own shard. Workers also
-scan the sources once (decode + crop) so unusable files are known before any
-shard is planned.
+A :class:`Job` is one shard index of one variant group (or, when the planner
+splits a heavy group, of one variant of it): the same slice of samples
+rendered for every variant of the job (the five severities of a corruption
+share one decode), each variant into its own shard. Workers also scan the
+sources once (decode + crop) so unusable files are known before any shard is
+planned, and load the code the run needs as they start.
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from qrobust.shared.spec import Suite, Variant
 
 @dataclass(frozen=True)
 class Job:
-    group: tuple[str, ...]             # variant ids rendered together
+    group: tuple[str, ...]             # variant ids rendered together (a variant group, or part of one)
     shard: int                         # shard index, the same for every variant of the group
     samples: tuple[SourceSample, ...]  # this shard's slice of the sample list, in key order
     expected: tuple = ()               # per variant: sha256 an earlier manifest recorded, or None
@@ -41,7 +43,8 @@ def _die_with_parent() -> None:
         pass
 
 
-def init_worker(suite: Suite, out: str, progress) -> None:
+def init_worker(suite: Suite, out: str, progress, warm: tuple[str, ...] = ()) -> None:
+    """Set up a worker process; ``warm``: ids of the variants it may render, whose code it loads now."""
     _die_with_parent()
     try:
         import cv2
@@ -51,6 +54,35 @@ def init_worker(suite: Suite, out: str, progress) -> None:
         pass
     _worker.update(suite=suite, out=Path(out), progress=progress,
                    variants={v.id: v for v in suite.variants})
+    _warm_up([_worker["variants"][vid] for vid in warm if vid in _worker["variants"]])
+
+
+def _warm_up(variants: list[Variant]) -> None:
+    """Import (and, for compiled corruptions, load) what ``variants`` need, so a worker does it while
+    the main process is still listing sources rather than in its first job. Best effort: a real
+    failure is reported by the job that meets it."""
+    try:
+        import numpy as np
+
+        modules = ["qrobust.generate.render", "qrobust.generate.writer"]
+        if any(v.family == "sequence" or v.params.get("decoder") == "ffmpeg" for v in variants):
+            modules.append("av")
+        for module in modules:
+            importlib.import_module(module)
+        from qrobust.generate import natural
+
+        tiny = np.zeros((natural.MIN_SIDE, natural.MIN_SIDE, 3), np.uint8)
+    except Exception:
+        return
+    for name in dict.fromkeys(v.params["corruption"] for v in variants if v.family == "natural"):
+        try:
+            natural.corrupt(tiny, name, 1, 0)
+        except Exception:
+            pass
+
+
+def ready() -> None:
+    """A no-op task: submitting one per worker makes the pool start every worker at once."""
 
 
 def _tick(n: int) -> None:

@@ -1,10 +1,14 @@
 """``qrobust generate``: plan the shards of a corpus and build them in parallel.
 
 The unit of work is one shard index of one variant group (see
-:mod:`qrobust.generate.jobs`, which runs in the worker processes). Every (variant, sample) is seeded from (suite seed, variant id, key), shards
-are published atomically and skipped when present, and the manifest is
-written last, so the corpus is byte-identical whatever the worker count and
-however often a run was interrupted and resumed.
+:mod:`qrobust.generate.jobs`, which runs in the worker processes); jobs run
+longest first, and a group too heavy for the worker count is split into one
+job per variant (:func:`plan_jobs`), so the workers finish together. Every
+(variant, sample) is seeded from (suite seed, variant id, key), each shard is
+written by one job from its samples in key order, shards are published
+atomically and skipped when present, and the manifest is written last, so the
+corpus is byte-identical whatever the worker count, however the jobs were cut,
+and however often a run was interrupted and resumed.
 """
 from __future__ import annotations
 
@@ -21,8 +25,8 @@ from pathlib import Path
 from qrobust.generate import jobs
 from qrobust.generate.writer import encoding_record
 from qrobust.shared import manifest as mf
-from qrobust.shared.errors import QrobustError
-from qrobust.shared.sources import SourceDataset, SourceSample, open_source
+from qrobust.shared.errors import NO_SPACE, QrobustError
+from qrobust.shared.sources import SourceDataset, SourceSample, one_line, open_source
 from qrobust.shared.spec import Suite, Variant, load_suite
 
 log = logging.getLogger("qrobust.generate")
@@ -90,27 +94,86 @@ def _run_pool(pool: ProcessPoolExecutor, fn, calls: list, q, progress: _Progress
         for f in done:
             try:
                 results.append(f.result())
+            except OSError as e:
+                if e.errno not in NO_SPACE:
+                    errors.append(str(e))
+                    log.error("%s", e)
+                    continue
+                for other in pending:  # out of space: every other job would fail the same way
+                    other.cancel()
+                raise
             except Exception as e:  # a bug or a broken worker: finish the rest, then report
                 errors.append(str(e))
                 log.error("%s", e)
     progress.drain(q)
 
 
-def plan_jobs(suite: Suite, variants: list[Variant], samples: list[SourceSample],
-              recorded: dict[str, str] | None = None) -> list[jobs.Job]:
-    """Jobs in suite order: every shard index of every variant group.
+# Rough CPU seconds per sample and variant at the robustmq geometry on one core, render and encoding
+# included (bench/bench_families.py). They only decide the schedule: jobs run longest first and a
+# group that alone would outlast the others is split into one job per variant, so no worker idles at
+# the end behind one long job. The bytes never depend on them.
+SOURCE_COST = 0.005  # reading, decoding and cropping one source, once per job and sample
+FAMILY_COST = {"clean": 0.003, "natural": 0.01, "sequence": 0.8, "systematic": 0.006}
+SEQUENCE_COST = {"gaussian_noise": 1.5, "shot_noise": 1.6, "zoom_blur": 0.5, "translate": 0.3, "tilt": 0.6}
+LOSSLESS_SEQUENCE = 0.25  # the lossless recipe (veryfast, qp 0) costs about a quarter of the reference one
+SPLIT = 4  # split a group whose job costs more than 1/(SPLIT x workers) of the whole run
 
+
+def variant_cost(variant: Variant) -> float:
+    """Estimated CPU seconds per sample of one variant (see :data:`FAMILY_COST`)."""
+    if variant.family == "sequence":
+        cost = SEQUENCE_COST.get(variant.params["perturbation"], FAMILY_COST["sequence"])
+        return cost * (LOSSLESS_SEQUENCE if variant.encoding.get("format") == "lossless" else 1.0)
+    return FAMILY_COST.get(variant.family, FAMILY_COST["natural"])
+
+
+def job_cost(job: jobs.Job, variants: dict[str, Variant], built=lambda vid, shard: False) -> float:
+    """Estimated CPU seconds of a job; shards already on disk (``built``) cost nothing but a hash."""
+    todo = [variants[vid] for vid in job.group if not built(vid, job.shard)]
+    return len(job.samples) * ((SOURCE_COST if todo else 0.0) + sum(variant_cost(v) for v in todo))
+
+
+def plan_jobs(suite: Suite, variants: list[Variant], samples: list[SourceSample],
+              recorded: dict[str, str] | None = None, *, workers: int = 1,
+              built=lambda vid, shard: False) -> list[jobs.Job]:
+    """The jobs of a run, longest (estimated) first: every shard index of every variant group.
+
+    A variant group (e.g. the five severities of a corruption, which share the
+    decode) is one job per shard, unless with several ``workers`` that job
+    would cost more than 1/(SPLIT x workers) of the run: then each of its
+    variants is a job of its own, so the workers finish together. ``built(vid,
+    shard)`` says which shards exist (they cost almost nothing).
     ``recorded`` maps shard names to the sha256 an earlier manifest of this
-    corpus recorded; existing shards that differ are rebuilt."""
+    corpus recorded; existing shards that differ are rebuilt. However the
+    jobs are cut and ordered, each shard is written by one job, from the same
+    samples in key order: the bytes do not depend on the plan.
+    """
     recorded = recorded or {}
+    by_id = {v.id: v for v in variants}
     groups: dict[str, list[str]] = {}
     for v in variants:
         groups.setdefault(v.group, []).append(v.id)
     per = suite.samples_per_shard
-    return [jobs.Job(tuple(ids), i, tuple(samples[start:start + per]),
-                tuple(recorded.get(mf.shard_name(vid, i)) for vid in ids))
-            for ids in groups.values()
-            for i, start in enumerate(range(0, len(samples), per))]
+
+    def job(ids, i, start):
+        return jobs.Job(tuple(ids), i, tuple(samples[start:start + per]),
+                        tuple(recorded.get(mf.shard_name(vid, i)) for vid in ids))
+
+    planned = [job(ids, i, start) for ids in groups.values()
+               for i, start in enumerate(range(0, len(samples), per))]
+    costs = [job_cost(j, by_id, built) for j in planned]
+    if workers > 1:
+        limit = sum(costs) / (SPLIT * workers)
+        split = []
+        for j, cost in zip(planned, costs):
+            if cost > limit and len(j.group) > 1:
+                split.extend(job([vid], j.shard, j.shard * per) for vid in j.group)
+            else:
+                split.append(j)
+        planned = split
+        costs = [job_cost(j, by_id, built) for j in planned]
+    order = sorted(range(len(planned)), key=lambda k: -costs[k])  # stable: suite order among equals
+    return [planned[k] for k in order]
 
 
 def _old_manifest(out: Path) -> dict | None:
@@ -202,45 +265,60 @@ def generate(suite: str, source: str, out: str, *, labels: str | None = None, cl
             "versions": {lib: versions.get(lib) for lib in mf.pixel_libraries(the_suite.spec)}}
     old_manifest = _old_manifest(out_path)
     _check_plan(out_path, plan, old_manifest)
-    with _exclusive(out_path):
-        return _generate_locked(the_suite, variants, listed, out_path, old_manifest, plan, versions,
+    if not workers:
+        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    shards = -(-len(listed.samples) // the_suite.samples_per_shard)
+    workers = max(1, min(workers, shards * len(variants)))  # never more workers than jobs can use
+    with _exclusive(out_path), _worker_pool(the_suite, variants, out_path, workers) as (pool, q):
+        return _generate_locked(pool, q, the_suite, variants, listed, out_path, old_manifest, plan, versions,
                                 workers=workers, strict=strict, progress=progress, source=source)
 
 
-def _generate_locked(the_suite: Suite, variants: list[Variant], listed: SourceDataset, out_path: Path,
-                     old_manifest: dict | None, plan: dict, versions: dict, *, workers, strict, progress,
-                     source) -> dict:
-    _remove_partials(out_path)
-    if not workers:
-        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    for r in listed.rejected:
-        log.warning("rejected %s: %s", r.path, r.reason)
-
+@contextlib.contextmanager
+def _worker_pool(suite: Suite, variants: list[Variant], out: Path, workers: int):
+    """A pool of ``workers`` spawned processes, all started at once (the executor would start them one
+    submission at a time, and the first tasks, the source scan, may be fewer than the workers), each
+    loading the code that ``variants`` need as it starts, while this process cleans up and plans."""
     ctx = multiprocessing.get_context("spawn")
     q = ctx.Queue()
-    errors: list[str] = []
     with _single_threaded_children(), ProcessPoolExecutor(
             max_workers=workers, mp_context=ctx, initializer=jobs.init_worker,
-            initargs=(the_suite, str(out_path), q)) as pool:
-        dataset = _scan_sources(pool, listed, out_path, q, progress, strict, errors)
-        if errors:
-            raise GenerateError("scanning the source failed: " + "; ".join(errors[:3]))
-        if not dataset.samples:
-            raise GenerateError(f"no usable samples in {source}")
-        recorded = {s["name"]: s["sha256"] for v in (old_manifest or {}).get("variants", {}).values()
-                    for s in v["shards"]}
-        planned = plan_jobs(the_suite, variants, dataset.samples, recorded)
-        sizes = [len(j.group) * len(j.samples) for j in planned]
-        done_images = sum(n for j, n in zip(planned, sizes)
-                          if all((out_path / mf.shard_name(v, j.shard)).is_file() for v in j.group))
-        log.info("%d variants x %d samples in %d jobs on %d workers (%d images already built)",
-                 len(variants), len(dataset.samples), len(planned), workers, done_images)
-        results: list = []
-        bar = _Progress(sum(sizes), "generate", progress, initial=done_images)
-        try:
-            _run_pool(pool, jobs.run_job, [(j,) for j in planned], q, bar, results, errors)
-        finally:
-            bar.close()
+            initargs=(suite, str(out), q, tuple(v.id for v in variants))) as pool:
+        for _ in range(workers):  # each submission finds no idle worker and starts one
+            pool.submit(jobs.ready)
+        yield pool, q
+
+
+def _generate_locked(pool: ProcessPoolExecutor, q, the_suite: Suite, variants: list[Variant],
+                     listed: SourceDataset, out_path: Path, old_manifest: dict | None, plan: dict, versions: dict,
+                     *, workers, strict, progress, source) -> dict:
+    _remove_partials(out_path)
+    for r in listed.rejected:
+        log.warning("rejected %s: %s", r.path, r.reason)
+    errors: list[str] = []
+    dataset = _scan_sources(pool, listed, out_path, q, progress, strict, errors, workers)
+    if errors:
+        raise GenerateError("scanning the source failed: " + "; ".join(errors[:3]))
+    if not dataset.samples:
+        raise GenerateError(f"no usable samples in {source}")
+    recorded = {s["name"]: s["sha256"] for v in (old_manifest or {}).get("variants", {}).values()
+                for s in v["shards"]}
+    on_disk = {p.relative_to(out_path).as_posix() for p in out_path.glob("*/*/*.tar")}
+
+    def built(vid: str, shard: int) -> bool:
+        return mf.shard_name(vid, shard) in on_disk
+
+    planned = plan_jobs(the_suite, variants, dataset.samples, recorded, workers=workers, built=built)
+    total = sum(len(j.group) * len(j.samples) for j in planned)
+    done_images = sum(len(j.samples) for j in planned for vid in j.group if built(vid, j.shard))
+    log.info("%d variants x %d samples in %d jobs on %d workers (%d images already built)",
+             len(variants), len(dataset.samples), len(planned), workers, done_images)
+    results: list = []
+    bar = _Progress(total, "generate", progress, initial=done_images)
+    try:
+        _run_pool(pool, jobs.run_job, [(j,) for j in planned], q, bar, results, errors)
+    finally:
+        bar.close()
     for _, notes in results:
         for note in notes:
             log.warning("%s", note)
@@ -254,7 +332,7 @@ def _generate_locked(the_suite: Suite, variants: list[Variant], listed: SourceDa
 
 
 def _scan_sources(pool, listed: SourceDataset, out: Path, q, progress: bool, strict: bool,
-                  errors: list) -> SourceDataset:
+                  errors: list, workers: int = 1) -> SourceDataset:
     """Decode every selected source once (cached per source fingerprint); move failures to the rejects."""
     cache = out / STATE_DIR / "scan.json"
     fingerprint = listed.fingerprint()
@@ -265,14 +343,15 @@ def _scan_sources(pool, listed: SourceDataset, out: Path, q, progress: bool, str
             bad = cached["bad"]
     if bad is None:
         n = len(listed.samples)
+        chunk = max(1, min(SCAN_CHUNK, -(-n // (4 * workers))))  # several chunks per worker: all of them scan
         results: list = []
         bar = _Progress(n, "scan sources", progress)
         try:
-            _run_pool(pool, jobs.scan, [(listed.samples[i:i + SCAN_CHUNK],) for i in range(0, n, SCAN_CHUNK)], q,
+            _run_pool(pool, jobs.scan, [(listed.samples[i:i + chunk],) for i in range(0, n, chunk)], q,
                       bar, results, errors)
         finally:
             bar.close()
-        bad = {k: v for part in results for k, v in part.items()}
+        bad = {k: one_line(v) for part in results for k, v in part.items()}  # the log and --strict: one line
         if not errors:
             mf.write_atomic(cache, json.dumps({"source": fingerprint, "bad": bad}, indent=1, sort_keys=True))
     if strict and bad:

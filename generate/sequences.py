@@ -38,16 +38,62 @@ def _crop(resized: Image.Image, crop: int) -> np.ndarray:
     return np.asarray(center_crop(resized, crop))
 
 
-def _to_uint8(x: np.ndarray) -> np.ndarray:
-    """[0, 1] floats to uint8 by truncation (torchvision's ToPILImage, numpy's uint8 cast)."""
-    return (np.clip(x, 0, 1) * 255).astype(np.uint8)
+def _to_uint8_into(out: np.ndarray, x: np.ndarray) -> None:
+    """``out[...] = (np.clip(x, 0, 1) * 255).astype(np.uint8)``: [0, 1] floats to uint8 by truncation
+    (torchvision's ToPILImage, numpy's uint8 cast), reusing ``x`` (a float temporary) for the clip
+    and the scale."""
+    np.clip(x, 0, 1, out=x)
+    x *= 255
+    out[...] = x  # the same float -> uint8 cast (truncation) as astype
 
 
-def _motion_blur(image: np.ndarray, radius: int, sigma: float, angle: float) -> np.ndarray:
-    from qrobust.generate import imagecorruptions_compat
+def _frames(count: int, crop: int) -> np.ndarray:
+    return np.empty((count, crop, crop, 3), np.uint8)
 
-    blurred = imagecorruptions_compat.apply()._motion_blur(image, radius=radius, sigma=sigma, angle=angle)
-    return np.clip(np.round(blurred), 0, 255).astype(np.uint8)
+
+class _MotionBlur:
+    """imagecorruptions' ``_motion_blur`` (the numpy port of ImageMagick's), bit for bit, for many angles
+    of one image: the shifted copies are views into one edge-padded image instead of two ``np.roll``
+    copies and a fill per kernel tap, and the products and sums run in place in the same order and
+    float64 arithmetic (``blurred + kernel[i] * shifted``, starting from zeros)."""
+
+    def __init__(self, image: np.ndarray, radius: int, sigma: float):
+        from qrobust.generate import imagecorruptions_compat
+
+        ref = imagecorruptions_compat.apply()
+        self.image = image
+        self.width = ref.getOptimalKernelWidth1D(radius, sigma)
+        self.kernel = ref.getMotionBlurKernel(self.width, sigma)
+        pad = [(self.width, self.width), (self.width, self.width)] + [(0, 0)] * (image.ndim - 2)
+        self.padded = np.pad(image, pad, mode="edge")  # shifts never exceed the kernel width
+        self.term = np.empty(image.shape, np.float64)
+
+    def __call__(self, angle: float) -> np.ndarray:
+        h, w = self.image.shape[:2]
+        width, pad = self.width, self.width
+        point = (width * np.sin(np.deg2rad(angle)), width * np.cos(np.deg2rad(angle)))
+        hypot = math.hypot(point[0], point[1])
+        blurred = None
+        for i in range(width):
+            dy = -math.ceil(((i * point[0]) / hypot) - 0.5)
+            dx = -math.ceil(((i * point[1]) / hypot) - 0.5)
+            if abs(dy) >= h or abs(dx) >= w:  # simulated motion exceeded image borders
+                break
+            # the reference's shift(image, dx, dy): pixel (r, c) <- image[clip(r - dy), clip(c - dx)]
+            shifted = self.padded[pad - dy:pad - dy + h, pad - dx:pad - dx + w]
+            if blurred is None:  # float32 zeros + float64 product: the product, as float64
+                blurred = np.multiply(shifted, self.kernel[i], dtype=np.float64)
+            else:
+                np.multiply(shifted, self.kernel[i], out=self.term, dtype=np.float64)
+                blurred += self.term
+        return np.zeros(self.image.shape, np.float32) if blurred is None else blurred
+
+    def uint8(self, angle: float) -> np.ndarray:
+        """The blur rounded to uint8, as ImageMagick's PNG output is."""
+        blurred = self(angle)
+        np.round(blurred, out=blurred)
+        np.clip(blurred, 0, 255, out=blurred)
+        return blurred.astype(np.uint8)
 
 
 def affine(image: Image.Image, angle: float = 0.0, translate: tuple[float, float] = (0, 0), scale: float = 1.0,
@@ -66,7 +112,11 @@ def affine(image: Image.Image, angle: float = 0.0, translate: tuple[float, float
 
 
 def _geometric(resized: Image.Image, crop: int, params, make) -> np.ndarray:
-    return np.stack([_crop(make(resized, p), crop) for p in params])
+    params = list(params)
+    frames = _frames(len(params), crop)
+    for k, p in enumerate(params):
+        frames[k] = _crop(make(resized, p), crop)
+    return frames
 
 
 @PERTURBATIONS.register("gaussian_noise")
@@ -75,24 +125,39 @@ def gaussian_noise(resized: Image.Image, crop: int, rng: np.random.Generator, di
     clean = _crop(resized, crop)
     x = clean.astype(np.float32) / 255
     sigma = np.float32(GAUSSIAN_SIGMA[difficulty])
-    frames = [clean] + [_to_uint8(x + sigma * rng.standard_normal(x.shape, dtype=np.float32)) for _ in range(30)]
-    return np.stack(frames)
+    frames = _frames(31, crop)
+    frames[0] = clean
+    noise = np.empty(x.shape, np.float32)
+    for i in range(1, 31):
+        rng.standard_normal(x.shape, dtype=np.float32, out=noise)  # the same draws as without out=
+        noise *= sigma
+        np.add(x, noise, out=noise)  # x + sigma * noise, in float32
+        _to_uint8_into(frames[i], noise)
+    return frames
 
 
 @PERTURBATIONS.register("shot_noise")
 def shot_noise(resized: Image.Image, crop: int, rng: np.random.Generator, difficulty: int = 1) -> np.ndarray:
     """Frame 0 clean; frame i >= 1: poisson(x lambda) / lambda, fresh per frame."""
     clean = _crop(resized, crop)
-    x = clean / 255.0
     lam = SHOT_LAMBDA[difficulty]
-    return np.stack([clean] + [_to_uint8(rng.poisson(x * lam) / lam) for _ in range(30)])
+    mean = clean / 255.0 * lam  # the same per frame: computed once
+    frames = _frames(31, crop)
+    frames[0] = clean
+    for i in range(1, 31):
+        counts = rng.poisson(mean)
+        _to_uint8_into(frames[i], np.true_divide(counts, lam))
+    return frames
 
 
 @PERTURBATIONS.register("motion_blur")
 def motion_blur(resized: Image.Image, crop: int, rng: np.random.Generator, difficulty: int = 1) -> np.ndarray:
     """Motion blur radius 10, sigma 3, angle (i - 30) * 4 degrees, i = 0..30 (no clean frame)."""
-    clean = _crop(resized, crop)
-    return np.stack([_motion_blur(clean, 10, 3, (i - 30) * 4) for i in range(31)])
+    blur = _MotionBlur(_crop(resized, crop), 10, 3)
+    frames = _frames(31, crop)
+    for i in range(31):
+        frames[i] = blur.uint8((i - 30) * 4)
+    return frames
 
 
 @PERTURBATIONS.register("zoom_blur")
@@ -100,11 +165,14 @@ def zoom_blur(resized: Image.Image, crop: int, rng: np.random.Generator, difficu
     """Frame 0 clean; frame i: running mean of the crop and zooms 1 + 0.004 j, j = 1..i."""
     clean = _crop(resized, crop)
     total = clean.astype(np.float32) / 255
-    frames = [clean]
+    frames = _frames(31, crop)
+    frames[0] = clean
     for i in range(1, 31):
-        total = total + _crop(affine(resized, scale=1 + 0.004 * i), crop).astype(np.float32) / 255
-        frames.append(_to_uint8(total / (i + 1)))
-    return np.stack(frames)
+        zoomed = _crop(affine(resized, scale=1 + 0.004 * i), crop).astype(np.float32)
+        zoomed /= 255
+        total += zoomed
+        _to_uint8_into(frames[i], np.true_divide(total, i + 1, dtype=np.float32))
+    return frames
 
 
 def _snow_layer(size: int, rng: np.random.Generator) -> np.ndarray:
@@ -129,26 +197,44 @@ def snow(resized: Image.Image, crop: int, rng: np.random.Generator, difficulty: 
     x = _crop(resized, crop) / 255.0
     gray = cv2.cvtColor(x.astype(np.float32), cv2.COLOR_RGB2GRAY)[..., None]
     base = 0.85 * x + 0.15 * np.maximum(x, gray * 1.5 + 0.5)
-    layer = _snow_layer(crop, rng)
-    frames = []
+    blur = _MotionBlur(_snow_layer(crop, rng), 14, 4)
+    frames = _frames(31, crop)
     for i in range(31):
-        flakes = (_motion_blur(layer, 14, 4, 4 * i - 150) / 255.0)[..., None]
-        frames.append(_to_uint8(base + flakes + np.rot90(flakes, k=2)))
-    return np.stack(frames)
+        flakes = (blur.uint8(4 * i - 150) / 255.0)[..., None]
+        x = base + flakes
+        x += np.rot90(flakes, k=2)
+        _to_uint8_into(frames[i], x)
+    return frames
 
 
 @PERTURBATIONS.register("brightness")
 def brightness(resized: Image.Image, crop: int, rng: np.random.Generator, difficulty: int = 1) -> np.ndarray:
     """HSV value + (i - 15) * 0.02, i = 0..30."""
-    from skimage.color import hsv2rgb, rgb2hsv
+    from skimage.color import rgb2hsv
 
     hsv = rgb2hsv(_crop(resized, crop) / 255.0)
-    frames = []
+    factors = _hsv2rgb_factors(hsv)
+    frames = _frames(31, crop)
     for i in range(31):
-        shifted = hsv.copy()
-        shifted[..., 2] = np.clip(shifted[..., 2] + (i - 15) * 0.02, 0, 1)
-        frames.append(_to_uint8(hsv2rgb(shifted)))
-    return np.stack(frames)
+        v = np.clip(hsv[..., 2] + (i - 15) * 0.02, 0, 1)
+        _to_uint8_into(frames[i], v[..., None] * factors)
+    return frames
+
+
+def _hsv2rgb_factors(hsv: np.ndarray) -> np.ndarray:
+    """scikit-image's ``hsv2rgb`` with the value channel factored out: every output channel is
+    ``v``, ``p = v * (1 - s)``, ``q = v * (1 - f s)`` or ``t = v * (1 - (1 - f) s)``, chosen by the hue
+    sector; this returns the factor (1, 1 - s, 1 - f s or 1 - (1 - f) s) of each channel, so
+    ``hsv2rgb(hsv with value v) == v[..., None] * factors`` bit for bit (the same products; v * 1 == v)
+    for any v: the brightness frames, which change only the value, need one product each."""
+    h, s = hsv[..., 0], hsv[..., 1]
+    hi = np.floor(h * 6)
+    f = h * 6 - hi
+    one = np.ones_like(h)
+    p, q, t = 1 - s, 1 - f * s, 1 - (1 - f) * s
+    sector = hi.astype(np.uint8) % 6
+    table = ((one, t, p), (q, one, p), (p, one, t), (p, q, one), (t, p, one), (one, p, q))  # hsv2rgb's choose
+    return np.stack([np.choose(sector, [row[c] for row in table]) for c in range(3)], axis=-1)
 
 
 @PERTURBATIONS.register("translate")

@@ -36,7 +36,10 @@ def decode_opencv(data: bytes) -> np.ndarray:
     """OpenCV: ``cv2.imdecode(..., IMREAD_COLOR)`` (orientation ignored), BGR -> RGB."""
     import cv2
 
-    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    try:
+        bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    except cv2.error as e:  # jobs.scan reports BadImage as a rejected input; a cv2.error would stop the run
+        raise BadImage(f"OpenCV cannot decode it: {' '.join(str(e).split())}") from None
     if bgr is None:
         raise BadImage("OpenCV cannot decode it")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)

@@ -2,25 +2,58 @@
 
 ``webdataset.ShardWriter`` writes in place and stamps the current time, so a
 crash leaves a truncated shard under its final name and no two runs give the
-same bytes. Here each shard is written by ``webdataset.TarWriter`` with
-``mtime=0`` to ``<name>.partial-<pid>`` and renamed when complete.
+same bytes. Here each shard is written with ``mtime=0`` to
+``<name>.partial-<pid>`` and renamed when complete. The tar bytes are exactly
+those of ``webdataset.TarWriter(encoder=False, mtime=0, user="qrobust",
+group="qrobust")`` (a test compares them), written with the standard library's
+``tarfile`` headers: importing webdataset imports torch, which cost every
+worker process (and the main one) over a second of start-up.
 """
 from __future__ import annotations
 
 import contextlib
 import io
 import os
+import tarfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from webdataset import TarWriter
 
 from qrobust.shared.manifest import fsync_dir, partial_path, shard_summary
 from qrobust.shared.spec import Variant
 from qrobust.shared.video import encode_frames, recipe_for
 
 PNG_LEVEL = 1  # OpenCV PNG level 1: lossless like any level, 5-7x faster to write than Pillow's default
+
+
+class TarMembers:
+    """Appends tar members to a binary file as ``webdataset.TarWriter`` does (which writes through
+    ``tarfile.open(mode="w|")``): a header from ``TarInfo.tobuf`` in tarfile's default format and
+    encoding, the data, NUL padding to 512 bytes; ``close`` writes the two end blocks and pads the
+    archive to tarfile's 10240-byte record, as ``TarFile.close`` does."""
+
+    MODE, OWNER = 0o444, "qrobust"
+
+    def __init__(self, fileobj):
+        self.file = fileobj
+        self.offset = 0
+
+    def add(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = len(data), 0, self.MODE
+        info.uname = info.gname = self.OWNER
+        header = info.tobuf(tarfile.DEFAULT_FORMAT, tarfile.ENCODING, "surrogateescape")
+        pad = -len(data) % tarfile.BLOCKSIZE
+        self.file.write(header)
+        self.file.write(data)
+        self.file.write(tarfile.NUL * pad)
+        self.offset += len(header) + len(data) + pad
+
+    def close(self) -> None:
+        end = 2 * tarfile.BLOCKSIZE
+        self.file.write(tarfile.NUL * (end + -(self.offset + end) % tarfile.RECORDSIZE))
+        self.offset = -1
 
 
 def encode_image(image: np.ndarray, encoding: dict) -> tuple[str, bytes]:
@@ -77,30 +110,42 @@ class ShardFile:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.partial = partial_path(self.path)
         self._file = open(self.partial, "wb")
-        self._tar = TarWriter(self._file, encoder=False, mtime=0, user="qrobust", group="qrobust")
+        self._tar = TarMembers(self._file)
         self._last_key: str | None = None
 
     def add(self, key: str, label: int, ext: str, payload: bytes) -> None:
         if self._last_key is not None and key <= self._last_key:
             raise ValueError(f"samples must be added in increasing key order ({key!r} after {self._last_key!r})")
-        self._tar.write({"__key__": key, "cls": str(int(label)).encode(), ext: payload})
+        with self._named_errors():
+            for name, data in sorted({"cls": str(int(label)).encode(), ext: payload}.items()):  # webdataset's order
+                self._tar.add(f"{key}.{name}", data)
         self._last_key = key
 
     def publish(self) -> dict:
-        self._tar.close()  # closes the tar stream, not our file object
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
+        with self._named_errors():
+            self._tar.close()  # the end of the archive, not our file object
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
         summary = shard_summary(self.partial)
         os.replace(self.partial, self.path)
         fsync_dir(self.path.parent)
         return summary
 
+    @contextlib.contextmanager
+    def _named_errors(self):
+        """A failed write (a full disk) names no file: name the shard being written."""
+        try:
+            yield
+        except OSError as e:
+            if e.filename is None:
+                raise OSError(e.errno, e.strerror, str(self.path)) from e
+            raise
+
     def discard(self) -> None:
         if not self._file.closed:
-            with contextlib.suppress(Exception):
-                self._tar.close()  # else tarfile's finalizer writes into the closed file later
-            self._file.close()
+            with contextlib.suppress(OSError):  # flushing the rest onto a full disk fails again
+                self._file.close()
         self.partial.unlink(missing_ok=True)
 
     def __enter__(self) -> "ShardFile":

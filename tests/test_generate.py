@@ -352,3 +352,88 @@ def test_reference_sequence_encoding_needs_its_encoder(tmp_path, class_folder, s
                "--sequence-encoding", "reference", "--only", "sequence/*") == 2
     err = capsys.readouterr().err
     assert "no libx264 encoder" in err and "--sequence-encoding lossless" in err
+
+
+def test_shard_bytes_equal_webdataset_tarwriter(tmp_path):
+    """The shard writer writes its tars itself (importing webdataset imports torch, over a second per
+    worker): byte for byte what webdataset.TarWriter(encoder=False, mtime=0) wrote before."""
+    import webdataset as wds
+
+    from qrobust.generate.writer import ShardFile
+
+    rng = np.random.default_rng(0)
+    samples = [("a", 0, "png", rng.bytes(1000)), ("b\u00e9t\u00e9", 12, "jpg", rng.bytes(512)),  # pax header
+               ("c" * 120, 3, "mp4", b""), ("d", 7, "mkv", rng.bytes(10240 - 1536)), ("e", 999, "npy", rng.bytes(1))]
+    for n in range(1, len(samples) + 1):  # archives ending at different offsets in tarfile's 10240-byte record
+        reference = io.BytesIO()
+        writer = wds.TarWriter(reference, encoder=False, mtime=0, user="qrobust", group="qrobust")
+        for key, label, ext, payload in samples[:n]:
+            writer.write({"__key__": key, "cls": str(label).encode(), ext: payload})
+        writer.close()
+        shard = ShardFile(tmp_path / f"s{n}.tar")
+        for key, label, ext, payload in samples[:n]:
+            shard.add(key, label, ext, payload)
+        summary = shard.publish()
+        assert (tmp_path / f"s{n}.tar").read_bytes() == reference.getvalue(), n
+        assert summary["count"] == n
+
+
+def test_plan_splits_the_heaviest_groups_and_runs_longest_first(tmp_path):
+    from qrobust.generate.run import job_cost, plan_jobs
+    from qrobust.shared.manifest import shard_name
+    from qrobust.shared.sources import SourceSample
+    from qrobust.shared.spec import load_suite
+
+    suite = load_suite(str(write_suite(tmp_path / "s.toml", corruptions=("fog", "glass_blur"), severities=(1, 2, 3),
+                                       shard=4)))
+    variants = list(suite.variants)
+    by_id = {v.id: v for v in variants}
+    samples = [SourceSample(f"k{i:02d}", f"/x/{i}.jpg", i % 3, 100) for i in range(12)]
+    expected = {(v.id, i): samples[4 * i:4 * i + 4] for v in variants for i in range(3)}
+
+    def shards(planned):
+        out = {}
+        for j in planned:
+            for vid in j.group:
+                assert (vid, j.shard) not in out  # every shard is written by exactly one job
+                out[(vid, j.shard)] = list(j.samples)
+        return out
+
+    one = plan_jobs(suite, variants, samples, workers=1)
+    two = plan_jobs(suite, variants, samples, workers=2)
+    assert shards(one) == shards(two) == expected
+    # next to the sequences the natural groups are small: whole (one decode for three severities)
+    assert len(two) == len(one) and {len(j.group) for j in two if j.group[0].startswith("natural/")} == {3}
+    natural = [v for v in variants if v.family == "natural"]  # alone, a group would hold up one worker: split
+    assert {len(j.group) for j in plan_jobs(suite, natural, samples, workers=1)} == {3}
+    split = plan_jobs(suite, natural, samples, workers=2)
+    assert {len(j.group) for j in split} == {1} and shards(split) == {k: s for k, s in expected.items()
+                                                                      if k[0].startswith("natural/")}
+    costs = [job_cost(j, by_id) for j in two]
+    assert costs == sorted(costs, reverse=True) and costs[0] > costs[-1]
+    assert two[0].group[0].startswith("sequence/gaussian_noise")  # the most expensive runs first
+    # shards already on disk cost (almost) nothing: they go last
+    built = {shard_name(vid, 0) for vid in by_id if vid.startswith("sequence/")}
+    resumed = plan_jobs(suite, variants, samples, workers=2, built=lambda vid, i: shard_name(vid, i) in built)
+    assert shards(resumed) == expected
+    assert all(j.group[0].startswith("sequence/") and j.shard == 0 for j in resumed[-2:])
+
+
+def test_split_jobs_do_not_change_bytes(tmp_path, class_folder):
+    """A natural-only suite: with two workers each severity is a job of its own, with one they share one."""
+    from qrobust.generate.run import plan_jobs
+    from qrobust.shared.sources import open_source
+    from qrobust.shared.spec import load_suite
+
+    suite_path = write_suite(tmp_path / "s.toml", corruptions=("glass_blur", "fog"), severities=(1, 2, 3), shard=6)
+    text = suite_path.read_text()
+    suite_path.write_text(text[:text.index("[sequence]")])  # natural and clean only
+    suite = load_suite(str(suite_path))
+    samples = open_source(class_folder).samples
+    assert len(plan_jobs(suite, list(suite.variants), samples, workers=2)) > \
+        len(plan_jobs(suite, list(suite.variants), samples, workers=1))
+    for n in (1, 2):
+        assert run("generate", "--suite", suite_path, "--source", class_folder, "--out", tmp_path / f"w{n}",
+                   "--workers", n) == 0
+    assert shard_hashes(tmp_path / "w1") == shard_hashes(tmp_path / "w2")
+    assert (tmp_path / "w1" / "manifest.json").read_bytes() == (tmp_path / "w2" / "manifest.json").read_bytes()

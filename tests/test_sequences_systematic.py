@@ -285,3 +285,122 @@ def test_x264_output_is_its_plain_c_output_and_stable(resized):
     for _ in range(4):
         clutter.append(np.random.default_rng().bytes(1 << 16))  # move the allocator around between encodes
         assert encode_frames(frames, recipe) == expected
+
+
+# ------------------------------------------- rewritten frame code against the previous implementation
+# The perturbations below were rewritten for speed (preallocated frames, in-place float work, the
+# motion blur's shifts as views, brightness with hsv2rgb factored); these are the previous
+# implementations, kept as the oracle: the frames must not change by a single bit.
+
+
+def _reference_to_uint8(x):
+    return (np.clip(x, 0, 1) * 255).astype(np.uint8)
+
+
+def _reference_motion_blur(image, radius, sigma, angle):
+    blurred = imagecorruptions_compat.apply()._motion_blur(image, radius=radius, sigma=sigma, angle=angle)
+    return np.clip(np.round(blurred), 0, 255).astype(np.uint8)
+
+
+def _reference_frames(resized, crop, name, rng, difficulty):
+    from skimage.color import hsv2rgb, rgb2hsv
+
+    from qrobust.generate.sequences import GAUSSIAN_SIGMA, SHOT_LAMBDA, _snow_layer
+
+    def cropped(image):
+        return np.asarray(center_crop(image, crop))
+
+    clean = cropped(resized)
+    if name == "gaussian_noise":
+        x = clean.astype(np.float32) / 255
+        sigma = np.float32(GAUSSIAN_SIGMA[difficulty])
+        return np.stack([clean] + [_reference_to_uint8(x + sigma * rng.standard_normal(x.shape, dtype=np.float32))
+                                   for _ in range(30)])
+    if name == "shot_noise":
+        x, lam = clean / 255.0, SHOT_LAMBDA[difficulty]
+        return np.stack([clean] + [_reference_to_uint8(rng.poisson(x * lam) / lam) for _ in range(30)])
+    if name == "motion_blur":
+        return np.stack([_reference_motion_blur(clean, 10, 3, (i - 30) * 4) for i in range(31)])
+    if name == "zoom_blur":
+        total, frames = clean.astype(np.float32) / 255, [clean]
+        for i in range(1, 31):
+            total = total + cropped(affine(resized, scale=1 + 0.004 * i)).astype(np.float32) / 255
+            frames.append(_reference_to_uint8(total / (i + 1)))
+        return np.stack(frames)
+    if name == "snow":
+        import cv2
+
+        x = clean / 255.0
+        gray = cv2.cvtColor(x.astype(np.float32), cv2.COLOR_RGB2GRAY)[..., None]
+        base = 0.85 * x + 0.15 * np.maximum(x, gray * 1.5 + 0.5)
+        layer = _snow_layer(crop, rng)
+        frames = []
+        for i in range(31):
+            flakes = (_reference_motion_blur(layer, 14, 4, 4 * i - 150) / 255.0)[..., None]
+            frames.append(_reference_to_uint8(base + flakes + np.rot90(flakes, k=2)))
+        return np.stack(frames)
+    if name == "brightness":
+        hsv = rgb2hsv(clean / 255.0)
+        frames = []
+        for i in range(31):
+            shifted = hsv.copy()
+            shifted[..., 2] = np.clip(shifted[..., 2] + (i - 15) * 0.02, 0, 1)
+            frames.append(_reference_to_uint8(hsv2rgb(shifted)))
+        return np.stack(frames)
+    if name == "translate":
+        return np.stack([cropped(affine(resized, translate=(dx, 0), resample=Image.NEAREST)) for dx in range(-20, 21)])
+    if name == "rotate":
+        return np.stack([cropped(affine(resized, angle=a)) for a in range(-15, 16)])
+    if name == "scale":
+        return np.stack([cropped(affine(resized, scale=(2.5 * i + 40) / 100)) for i in range(31)])
+    raise KeyError(name)
+
+
+@pytest.mark.parametrize("name", ["gaussian_noise", "shot_noise", "motion_blur", "zoom_blur", "snow", "brightness",
+                                  "translate", "rotate", "scale"])
+def test_rewritten_perturbations_equal_the_previous_implementation(resized, name):
+    odd = photo("coffee").convert("RGB").resize((61, 45), Image.BILINEAR)  # non-square, odd, small
+    for image, crop, seed in ((resized, 80, 3), (odd, 40, 11)):
+        for difficulty in ((1, 2, 3) if "noise" in name else (1,)):
+            new = render_sequence(image, crop, name, difficulty, seed)
+            old = _reference_frames(image, crop, name, np.random.default_rng(seed), difficulty)
+            assert new.dtype == old.dtype == np.uint8 and new.shape == old.shape, (name, crop)
+            np.testing.assert_array_equal(new, old, err_msg=f"{name} difficulty {difficulty} crop {crop}")
+
+
+def test_motion_blur_equals_the_reference_port_bit_for_bit():
+    """The float blur itself (before rounding), for colour and gray images, every direction, and images
+    narrower than the kernel (where the reference stops early at the border)."""
+    from qrobust.generate.sequences import _MotionBlur
+
+    reference = imagecorruptions_compat.apply()._motion_blur
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (37, 52, 3), dtype=np.uint8), rng.integers(0, 256, (48, 48), dtype=np.uint8),
+              rng.integers(0, 256, (5, 9, 3), dtype=np.uint8), rng.integers(0, 256, (12, 3), dtype=np.uint8)]
+    for image in images:
+        for radius, sigma in ((10, 3), (14, 4), (2, 1.5)):
+            blur = _MotionBlur(image, radius, sigma)
+            for angle in (-150, -120, -93, -45, -4, 0, 1, 30, 45, 90, 135, 180, 222, 270, 359):
+                expected = reference(image, radius=radius, sigma=sigma, angle=angle)
+                got = blur(angle)
+                assert got.dtype == expected.dtype and got.shape == expected.shape
+                np.testing.assert_array_equal(got, expected, err_msg=f"{image.shape} r{radius} angle {angle}")
+                np.testing.assert_array_equal(blur.uint8(angle), _reference_motion_blur(image, radius, sigma, angle))
+
+
+def test_brightness_factors_equal_skimage_hsv2rgb():
+    from skimage.color import hsv2rgb, rgb2hsv
+
+    from qrobust.generate.sequences import _hsv2rgb_factors
+
+    rng = np.random.default_rng(1)
+    hsv = rng.random((40, 30, 3))
+    hsv[:5, :, 1] = 0  # gray pixels
+    hsv[5:10, :, 0] = np.array([0, 1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6] * 5)[:30]  # sector boundaries
+    photo_hsv = rgb2hsv(np.asarray(photo("astronaut").convert("RGB").resize((30, 40))) / 255.0)
+    for base in (hsv, photo_hsv):
+        factors = _hsv2rgb_factors(base)
+        for v in (base[..., 2], rng.random(base.shape[:2]), np.ones(base.shape[:2]), np.zeros(base.shape[:2])):
+            shifted = base.copy()
+            shifted[..., 2] = v
+            np.testing.assert_array_equal(v[..., None] * factors, hsv2rgb(shifted))
