@@ -7,7 +7,6 @@ their entry points by dotted path, imported only when a subcommand runs, so
 from __future__ import annotations
 
 import argparse
-import errno
 import importlib
 import logging
 import sys
@@ -15,8 +14,6 @@ import sys
 EXIT_PROBLEMS = 1   # the command ran and found problems (e.g. verify mismatches)
 EXIT_USAGE = 2      # bad arguments or inputs
 EXIT_NO_SPACE = 3   # a write failed for lack of space; the run can resume
-# No space left, over quota, or over a file size limit: the user frees space and reruns.
-NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 def _resolve(dotted: str):
@@ -385,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="qrobust: %(message)s", stream=sys.stderr)
-    from qrobust.shared.errors import USER_ERRORS
+    from qrobust.shared.errors import NO_SPACE, USER_ERRORS
 
     try:
         return args.run(args)
