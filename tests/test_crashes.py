@@ -11,7 +11,6 @@ same corpus.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import random
 import resource
