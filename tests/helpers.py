@@ -72,3 +72,22 @@ def write_suite(path: Path, corruptions=("gaussian_noise", "impulse_noise", "fog
     return path
 
 
+
+
+def small_corpus(tmp: Path, only: str, severities=(1,)) -> Path:
+    """A corpus of 6 real photos (3 classes), 2 samples per shard, of the variants ``only`` selects."""
+    from qrobust.shared.cli import main
+
+    src = make_class_folder(tmp / "src", per_class=2)
+    suite = write_suite(tmp / "small.toml", corruptions=("fog",), severities=severities, shard=2)
+    assert main(["-q", "generate", "--suite", str(suite), "--source", str(src), "--out", str(tmp / "corpus"),
+                 "--workers", "2", "--only", only]) == 0
+    return tmp / "corpus"
+
+
+def tar_members(path: Path) -> list:
+    """(TarInfo, bytes) of every member of a tar, in order."""
+    import tarfile
+
+    with tarfile.open(path) as tar:
+        return [(m, tar.extractfile(m).read()) for m in tar]

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import make_class_folder, write_suite
+from helpers import small_corpus, tar_members as members
 from qrobust.score.stream import Corpus, CorpusError, decode_member, decode_npy, iter_samples
 from qrobust.shared.cli import main
 from qrobust.shared.manifest import ManifestError, load_manifest
@@ -64,12 +64,7 @@ class Exploit:
 
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("hostile")
-    src = make_class_folder(tmp / "src", per_class=2)
-    suite = write_suite(tmp / "small.toml", corruptions=("fog",), severities=(1,), shard=2)
-    assert run("generate", "--suite", suite, "--source", src, "--out", tmp / "corpus", "--workers", 2,
-               "--only", "clean/*") == 0
-    return tmp / "corpus"
+    return small_corpus(tmp_path_factory.mktemp("hostile"), "clean/*", severities=(1,))
 
 
 @pytest.fixture
@@ -77,11 +72,6 @@ def corpus(pristine, tmp_path) -> Path:
     copy = tmp_path / "corpus"
     shutil.copytree(pristine, copy)
     return copy
-
-
-def members(path: Path) -> list[tuple[tarfile.TarInfo, bytes]]:
-    with tarfile.open(path) as tar:
-        return [(m, tar.extractfile(m).read()) for m in tar]
 
 
 def tar_bytes(items) -> bytes:

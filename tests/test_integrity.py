@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import make_class_folder, write_suite
+from helpers import small_corpus, tar_members as members
 from qrobust.shared.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -50,12 +50,7 @@ MODEL = "test_integrity:constant_model"
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory) -> Path:
     """6 samples, 2 per shard: clean/onecrop, clean/square, natural/fog-1, natural/fog-3 (12 shards)."""
-    tmp = tmp_path_factory.mktemp("integrity")
-    src = make_class_folder(tmp / "src", per_class=2)
-    suite = write_suite(tmp / "small.toml", corruptions=("fog",), severities=(1, 3), shard=2)
-    assert run("generate", "--suite", suite, "--source", src, "--out", tmp / "corpus", "--workers", 2,
-               "--only", "clean/*,natural/*") == 0
-    return tmp / "corpus"
+    return small_corpus(tmp_path_factory.mktemp("integrity"), "clean/*,natural/*", severities=(1, 3))
 
 
 @pytest.fixture
@@ -66,11 +61,6 @@ def corpus(pristine, tmp_path) -> Path:
 
 
 # ---- damage ------------------------------------------------------------------------------------------
-
-
-def members(path: Path) -> list[tuple[tarfile.TarInfo, bytes]]:
-    with tarfile.open(path) as tar:
-        return [(m, tar.extractfile(m).read()) for m in tar]
 
 
 def write_members(path: Path, items) -> None:
