@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qrobust.shared import manifest as mf
+from qrobust.shared.shards import shard_summary
 from qrobust.shared.seeding import sample_seed
 from qrobust.shared.sources import BadImage, SourceSample
 from qrobust.shared.spec import Suite, Variant
@@ -113,7 +114,7 @@ def _existing_summary(path: Path, expected: str | None, notes: list[str]) -> dic
     if not path.is_file():
         return None
     try:
-        summary = mf.shard_summary(path)
+        summary = shard_summary(path)
     except (OSError, ValueError) as e:
         notes.append(f"rebuilding {path}: {e}")
     else:

@@ -26,6 +26,7 @@ from qrobust.generate import jobs
 from qrobust.generate.writer import encoding_record
 from qrobust.shared import manifest as mf
 from qrobust.shared.errors import NO_SPACE, QrobustError
+from qrobust.shared.shards import keys_digest
 from qrobust.shared.sources import SourceDataset, SourceSample, one_line, open_source
 from qrobust.shared.spec import Suite, Variant, load_suite
 
@@ -384,7 +385,7 @@ def build_manifest(suite: Suite, variants: list[Variant], listed: SourceDataset,
                    "fingerprint": plan["source"], "selection": plan["selection"],
                    "label_entries_without_file": listed.label_entries_without_file},
         "classes": listed.classes,
-        "samples": {"count": len(dataset.samples), "keys_sha256": mf.keys_digest([s.key for s in dataset.samples])},
+        "samples": {"count": len(dataset.samples), "keys_sha256": keys_digest([s.key for s in dataset.samples])},
         "rejected": [{"path": r.path, "reason": r.reason} for r in dataset.rejected],
         "versions": versions,
         "plan_sha256": mf.plan_digest(plan),

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from qrobust.shared.manifest import fsync_dir, partial_path, shard_summary
+from qrobust.shared.manifest import fsync_dir, partial_path
+from qrobust.shared.shards import shard_summary
 from qrobust.shared.spec import Variant
 from qrobust.shared.video import encode_frames, recipe_for
 

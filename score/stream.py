@@ -5,7 +5,7 @@ holding ``manifest.json`` and the shards it lists; ``pipe:`` locations, chained
 fsspec URLs and other schemes are refused. Each shard is read whole (at most
 the manifest's byte count plus one: a larger file is refused, not slurped), its
 sha256 and byte size checked against the manifest, then its tar structure is
-checked before any member is decoded (:func:`~qrobust.shared.manifest.scan_shard`:
+checked before any member is decoded (:func:`~qrobust.shared.shards.scan_shard`:
 regular files with plain names only, no member beyond the shard's end, samples
 in strictly increasing key order, one label and one payload each), and its
 sample count and keys are checked against the manifest. A local shard must be a
@@ -35,9 +35,9 @@ import numpy as np
 import torch.utils.data
 
 from qrobust.shared.errors import QrobustError
-from qrobust.shared.manifest import (MANIFEST_NAME, MAX_MANIFEST_BYTES, ManifestError, ShardError, extra_files, inside,
-                                     keys_digest, local_shard_problem, manifest_problems, parse_manifest,
-                                     safe_relative, scan_shard)
+from qrobust.shared.manifest import (MANIFEST_NAME, MAX_MANIFEST_BYTES, ManifestError, extra_files, inside,
+                                     local_shard_problem, manifest_problems, parse_manifest, safe_relative)
+from qrobust.shared.shards import ShardError, keys_digest, scan_shard
 
 IMAGE_EXTS = ("jpg", "png")
 VIDEO_EXTS = ("mp4", "mkv")
@@ -265,7 +265,7 @@ def decode_npy(payload: bytes, shape: tuple[int, ...] | None = None) -> np.ndarr
 
 def iter_samples(name: str, data: bytes, shape: tuple[int, ...] | None = None, keys: list | None = None):
     """(key, label, pixels) of every sample of a shard, in order; each member is decoded only after the
-    whole shard's structure has been checked (:func:`~qrobust.shared.manifest.scan_shard`). Raises
+    whole shard's structure has been checked (:func:`~qrobust.shared.shards.scan_shard`). Raises
     :class:`CorpusError` naming the shard and the member. ``keys``, if given, receives every key first."""
     try:
         samples = scan_shard(data)

@@ -14,7 +14,7 @@ from PIL import Image
 from helpers import photo_crop
 from qrobust.generate.writer import ShardFile, encode_image
 from qrobust.shared.cli import build_parser, main
-from qrobust.shared.manifest import shard_summary
+from qrobust.shared.shards import shard_summary
 from qrobust.shared.registry import Registry, UnknownNameError
 
 COMMANDS = ("generate", "verify", "score", "report", "train", "quantize", "ls", "demo")

@@ -2,7 +2,7 @@
 
 Whatever the bytes, the only outcomes allowed are a correct parse or qrobust's own errors
 (:class:`~qrobust.score.stream.CorpusError`, :class:`~qrobust.shared.manifest.ManifestError`,
-:class:`~qrobust.shared.manifest.ShardError`): never another exception, a hang or a crash.
+:class:`~qrobust.shared.shards.ShardError`): never another exception, a hang or a crash.
 
 Reproducible and bounded for CI: ``derandomize=True`` (examples drawn from a seed fixed per test) and
 ``database=None``; the default example counts keep the module well under a minute on 2 cores. For a
@@ -29,7 +29,8 @@ from hypothesis import strategies as st
 from helpers import make_class_folder, write_suite
 from qrobust.score.stream import Corpus, CorpusError, iter_samples
 from qrobust.shared.cli import main
-from qrobust.shared.manifest import SCHEMA, ManifestError, ShardError, manifest_problems, parse_manifest, scan_shard
+from qrobust.shared.manifest import SCHEMA, ManifestError, manifest_problems, parse_manifest
+from qrobust.shared.shards import ShardError, scan_shard
 
 EXAMPLES = int(os.environ.get("QROBUST_FUZZ_EXAMPLES", "0"))
 SEED = os.environ.get("QROBUST_FUZZ_SEED")

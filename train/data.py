@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision.transforms import v2
 
 from qrobust.shared.errors import QrobustError
-from qrobust.shared.manifest import member_key
+from qrobust.shared.shards import member_key
 from qrobust.shared.seeding import sample_seed
 from qrobust.shared.sources import BadImage, decode_rgb, open_source
 
