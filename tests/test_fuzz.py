@@ -26,9 +26,8 @@ import pytest
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
-from helpers import make_class_folder, write_suite
+from helpers import small_corpus
 from qrobust.score.stream import Corpus, CorpusError, iter_samples
-from qrobust.shared.cli import main
 from qrobust.shared.manifest import SCHEMA, ManifestError, manifest_problems, parse_manifest
 from qrobust.shared.shards import ShardError, scan_shard
 
@@ -66,18 +65,10 @@ def time_limit(seconds: float):
         signal.signal(signal.SIGALRM, previous)
 
 
-def run(*args) -> int:
-    return main(["-q", *map(str, args)])
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("fuzz")
-    src = make_class_folder(tmp / "src", per_class=1)
-    suite = write_suite(tmp / "small.toml", corruptions=("fog",), severities=(1,), shard=2)
-    assert run("generate", "--suite", suite, "--source", src, "--out", tmp / "corpus", "--workers", 2,
-               "--only", "clean/onecrop,natural/fog-1,sequence/rotate") == 0
-    return tmp / "corpus"
+    return small_corpus(tmp_path_factory.mktemp("fuzz"), "clean/onecrop,natural/fog-1,sequence/rotate",
+                        per_class=1)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import make_class_folder, write_suite
+from helpers import small_corpus
 from qrobust.shared.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -86,12 +86,7 @@ def nan_under_attack_model():
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("numerics")
-    src = make_class_folder(tmp / "src", per_class=2)
-    suite = write_suite(tmp / "small.toml", corruptions=("fog",), severities=(1,), shard=2)
-    assert run("generate", "--suite", suite, "--source", src, "--out", tmp / "corpus", "--workers", 2,
-               "--only", "clean/onecrop,sequence/rotate") == 0
-    return tmp / "corpus"
+    return small_corpus(tmp_path_factory.mktemp("numerics"), "clean/onecrop,sequence/rotate")
 
 
 def score(corpus, tmp_path, model, *extra) -> int:
