@@ -10,6 +10,7 @@ planned, and load the code the run needs as they start.
 from __future__ import annotations
 
 import importlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,9 +45,11 @@ def _die_with_parent() -> None:
         pass
 
 
-def init_worker(suite: Suite, out: str, progress, warm: tuple[str, ...] = ()) -> None:
-    """Set up a worker process; ``warm``: ids of the variants it may render, whose code it loads now."""
-    _die_with_parent()
+def init_worker(suite: Suite, out: str, progress, warm: tuple[str, ...] = (), local: bool = True) -> None:
+    """Set up a worker process; ``warm``: ids of the variants it may render, whose code it loads now.
+    A ``local`` worker (a child of ``qrobust generate``) ends with its parent."""
+    if local:
+        _die_with_parent()
     try:
         import cv2
 
@@ -80,6 +83,17 @@ def _warm_up(variants: list[Variant]) -> None:
             natural.corrupt(tiny, name, 1, 0)
         except Exception:
             pass
+
+
+def on_cluster(setup: tuple, name: str, *args):
+    """Run the worker function ``name`` (:func:`scan` or :func:`run_job`) on a Dask worker, set up first
+    for this corpus (once per worker process and corpus). ``setup``: (suite, out folder, warm ids)."""
+    suite, out, warm = setup
+    key = (out, json.dumps(suite.spec, sort_keys=True))
+    if _worker.get("key") != key:
+        init_worker(suite, out, None, warm, local=False)
+        _worker["key"] = key
+    return {"scan": scan, "run_job": run_job}[name](*args)
 
 
 def ready() -> None:

@@ -15,17 +15,13 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import multiprocessing
 import os
-import queue as queue_module
-import sys
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
 
-from qrobust.generate import jobs
+from qrobust.generate import executors, jobs, parts
 from qrobust.generate.writer import encoding_record
 from qrobust.shared import manifest as mf
-from qrobust.shared.errors import NO_SPACE, QrobustError
+from qrobust.shared.errors import QrobustError
 from qrobust.shared.shards import keys_digest
 from qrobust.shared.sources import SourceDataset, SourceSample, one_line, open_source
 from qrobust.shared.spec import Suite, Variant, load_suite
@@ -33,8 +29,6 @@ from qrobust.shared.spec import Suite, Variant, load_suite
 log = logging.getLogger("qrobust.generate")
 
 STATE_DIR = ".qrobust"
-THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS",
-              "VECLIB_MAXIMUM_THREADS", "NUMBA_NUM_THREADS")
 SCAN_CHUNK = 64
 
 
@@ -42,71 +36,6 @@ class GenerateError(QrobustError, RuntimeError):
     """The run cannot go on (bad arguments, a different corpus in --out, --strict and a bad input)."""
 
 
-
-
-@contextlib.contextmanager
-def _single_threaded_children():
-    """Children inherit the environment at spawn: one BLAS/OpenMP thread each."""
-    saved = {k: os.environ.get(k) for k in THREAD_ENV}
-    os.environ.update({k: "1" for k in THREAD_ENV})
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-class _Progress:
-    """A tqdm bar fed from the workers' queue (or silent)."""
-
-    def __init__(self, total: int, desc: str, enabled: bool, initial: int = 0):
-        self.bar = None
-        if enabled:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=initial, desc=desc, unit="img", dynamic_ncols=True,
-                            smoothing=0.05, file=sys.stderr)
-
-    def drain(self, q) -> None:
-        n = 0
-        while True:
-            try:
-                n += q.get_nowait()
-            except queue_module.Empty:
-                break
-        if self.bar is not None and n:
-            self.bar.update(n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _run_pool(pool: ProcessPoolExecutor, fn, calls: list, q, progress: _Progress, results: list,
-              errors: list) -> None:
-    futures: dict[Future, object] = {pool.submit(fn, *c): c for c in calls}
-    pending = set(futures)
-    while pending:
-        done, pending = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
-        progress.drain(q)
-        for f in done:
-            try:
-                results.append(f.result())
-            except OSError as e:
-                if e.errno not in NO_SPACE:
-                    errors.append(str(e))
-                    log.error("%s", e)
-                    continue
-                for other in pending:  # out of space: every other job would fail the same way
-                    other.cancel()
-                raise
-            except Exception as e:  # a bug or a broken worker: finish the rest, then report
-                errors.append(str(e))
-                log.error("%s", e)
-    progress.drain(q)
 
 
 # Rough CPU seconds per sample and variant at the robustmq geometry on one core, render and encoding
@@ -162,13 +91,21 @@ def plan_jobs(suite: Suite, variants: list[Variant], samples: list[SourceSample]
 
     planned = [job(ids, i, start) for ids in groups.values()
                for i, start in enumerate(range(0, len(samples), per))]
+    return split_heavy(planned, by_id, workers, built)
+
+
+def split_heavy(planned: list[jobs.Job], by_id: dict[str, Variant], workers: int,
+                built=lambda vid, shard: False) -> list[jobs.Job]:
+    """``planned`` longest first, each job of a group that would cost more than 1/(SPLIT x ``workers``)
+    of them all cut into one job per variant (same shard index and samples)."""
     costs = [job_cost(j, by_id, built) for j in planned]
     if workers > 1:
         limit = sum(costs) / (SPLIT * workers)
         split = []
         for j, cost in zip(planned, costs):
             if cost > limit and len(j.group) > 1:
-                split.extend(job([vid], j.shard, j.shard * per) for vid in j.group)
+                split.extend(jobs.Job((vid,), j.shard, j.samples, (sha,))
+                             for vid, sha in zip(j.group, j.expected or (None,) * len(j.group)))
             else:
                 split.append(j)
         planned = split
@@ -203,32 +140,40 @@ def _check_plan(out: Path, plan: dict, old_manifest: dict | None) -> None:
 
 
 @contextlib.contextmanager
-def _exclusive(out: Path):
-    """One generate at a time per corpus folder (an advisory lock, released at exit)."""
+def _locked(out: Path, shared: bool = False):
+    """An advisory lock on the corpus folder, released at exit: exclusive for a whole run or
+    --finalize, shared by the --part runs (they build disjoint shards side by side)."""
     (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
     with open(out / STATE_DIR / "lock", "w") as f:
         try:
             import fcntl
 
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(f, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except ImportError:  # not POSIX: no lock
             pass
         except OSError:
-            raise GenerateError(f"another `qrobust generate` is writing {out}; wait for it or use another --out") \
-                from None
+            what = "a run without --part (or --finalize)" if shared else \
+                "another `qrobust generate` (a whole run, or --part runs)"
+            raise GenerateError(f"{what} is writing {out}; wait for it or use another --out") from None
         yield
 
 
-def _remove_partials(out: Path) -> None:
-    for p in out.rglob(f"*{mf.PARTIAL_SUFFIX}-*"):
+def _remove_partials(out: Path, names: list[str] | None = None) -> None:
+    """Remove half-written files left by killed runs: all of them, or only those of shards ``names``
+    (a --part run must not touch the files other parts are writing)."""
+    if names is None:
+        found = list(out.rglob(f"*{mf.PARTIAL_SUFFIX}-*"))
+    else:
+        found = [p for name in names for p in (out / name).parent.glob(f"{Path(name).name}{mf.PARTIAL_SUFFIX}-*")]
+    for p in found:
         p.unlink(missing_ok=True)
 
 
 def generate(suite: str, source: str, out: str, *, labels: str | None = None, classes: str | None = None,
              only: list[str] | None = None, limit: int | None = None, per_class: int | None = None,
              workers: int | None = None, encoding: str | None = None, sequence_encoding: str | None = None,
-             seed: int | None = None,
-             strict: bool = False, progress: bool = True) -> dict:
+             seed: int | None = None, strict: bool = False, progress: bool = True, part: str | None = None,
+             finalize: bool = False, executor: str = "local", scheduler: str | None = None) -> dict | None:
     """Build (or finish) a corpus and return its manifest.
 
     ``suite``: a packaged suite name or a TOML path; ``source``: an image folder
@@ -238,11 +183,21 @@ def generate(suite: str, source: str, out: str, *, labels: str | None = None, cl
     overrides; ``strict``: stop at the first unusable input instead of listing it
     as rejected.
 
+    Across machines (:mod:`qrobust.generate.parts`): ``part="I/N"`` builds
+    only part I of N of the shards and returns None unless it finds the whole
+    corpus built, when it writes the manifest; ``finalize`` builds nothing and
+    writes the manifest from the parts' records, or says what is missing.
+    ``executor="dask"`` runs the jobs on the Dask cluster at ``scheduler``
+    (default: a local one of ``workers`` processes).
+
     Raises :class:`GenerateError` (and the spec/source errors) with a message
     saying what to change.
     """
     if workers is not None and workers < 1:
         raise GenerateError("--workers must be at least 1")
+    part_of = parts.parse_part(part) if part else None
+    if part_of and finalize:
+        raise GenerateError("--finalize writes the manifest of all parts: run it without --part")
     the_suite = load_suite(suite, seed=seed, encoding=encoding, sequence_encoding=sequence_encoding)
     variants = the_suite.select(only)
     from qrobust.generate.render import check_renderable
@@ -270,34 +225,22 @@ def generate(suite: str, source: str, out: str, *, labels: str | None = None, cl
         workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     shards = -(-len(listed.samples) // the_suite.samples_per_shard)
     workers = max(1, min(workers, shards * len(variants)))  # never more workers than jobs can use
-    with _exclusive(out_path), _worker_pool(the_suite, variants, out_path, workers) as (pool, q):
-        return _generate_locked(pool, q, the_suite, variants, listed, out_path, old_manifest, plan, versions,
-                                workers=workers, strict=strict, progress=progress, source=source)
+    with _locked(out_path, shared=bool(part_of)), \
+            executors.executor(executor, the_suite, variants, out_path, workers, scheduler) as ex:
+        return _generate_locked(ex, the_suite, variants, listed, out_path, old_manifest, plan, versions,
+                                workers=workers, strict=strict, progress=progress, source=source, part_of=part_of,
+                                finalize=finalize)
 
 
-@contextlib.contextmanager
-def _worker_pool(suite: Suite, variants: list[Variant], out: Path, workers: int):
-    """A pool of ``workers`` spawned processes, all started at once (the executor would start them one
-    submission at a time, and the first tasks, the source scan, may be fewer than the workers), each
-    loading the code that ``variants`` need as it starts, while this process cleans up and plans."""
-    ctx = multiprocessing.get_context("spawn")
-    q = ctx.Queue()
-    with _single_threaded_children(), ProcessPoolExecutor(
-            max_workers=workers, mp_context=ctx, initializer=jobs.init_worker,
-            initargs=(suite, str(out), q, tuple(v.id for v in variants))) as pool:
-        for _ in range(workers):  # each submission finds no idle worker and starts one
-            pool.submit(jobs.ready)
-        yield pool, q
-
-
-def _generate_locked(pool: ProcessPoolExecutor, q, the_suite: Suite, variants: list[Variant],
-                     listed: SourceDataset, out_path: Path, old_manifest: dict | None, plan: dict, versions: dict,
-                     *, workers, strict, progress, source) -> dict:
-    _remove_partials(out_path)
+def _generate_locked(ex, the_suite: Suite, variants: list[Variant], listed: SourceDataset, out_path: Path,
+                     old_manifest: dict | None, plan: dict, versions: dict, *, workers, strict, progress, source,
+                     part_of: tuple[int, int] | None, finalize: bool) -> dict | None:
+    if not part_of:
+        _remove_partials(out_path)
     for r in listed.rejected:
         log.warning("rejected %s: %s", r.path, r.reason)
     errors: list[str] = []
-    dataset = _scan_sources(pool, listed, out_path, q, progress, strict, errors, workers)
+    dataset = _scan_sources(ex, listed, out_path, progress, strict, errors, workers)
     if errors:
         raise GenerateError("scanning the source failed: " + "; ".join(errors[:3]))
     if not dataset.samples:
@@ -309,15 +252,31 @@ def _generate_locked(pool: ProcessPoolExecutor, q, the_suite: Suite, variants: l
     def built(vid: str, shard: int) -> bool:
         return mf.shard_name(vid, shard) in on_disk
 
-    planned = plan_jobs(the_suite, variants, dataset.samples, recorded, workers=workers, built=built)
+    state, plan_sha = out_path / STATE_DIR, mf.plan_digest(plan)
+    if finalize or part_of:
+        # every run deals the same jobs to the parts: planned for N workers, without regard to the disk
+        counts = parts.part_counts(state)
+        n = part_of[1] if part_of else (counts[0] if len(counts) == 1 else None)  # finalize: the parts' N
+        by_id = {v.id: v for v in variants}
+        everything = plan_jobs(the_suite, variants, dataset.samples, recorded, workers=n or 1)
+        dealt = parts.deal(everything, [job_cost(j, by_id) for j in everything], n) if n else None
+        if finalize:
+            return _write_from_records(the_suite, variants, listed, dataset, old_manifest, plan, versions,
+                                       out_path, everything, dealt, required=True)
+        planned = split_heavy(dealt[part_of[0] - 1], by_id, workers, built)
+        _remove_partials(out_path, [mf.shard_name(vid, j.shard) for j in planned for vid in j.group])
+    else:
+        planned = plan_jobs(the_suite, variants, dataset.samples, recorded, workers=workers, built=built)
     total = sum(len(j.group) * len(j.samples) for j in planned)
     done_images = sum(len(j.samples) for j in planned for vid in j.group if built(vid, j.shard))
-    log.info("%d variants x %d samples in %d jobs on %d workers (%d images already built)",
-             len(variants), len(dataset.samples), len(planned), workers, done_images)
+    log.info("%s%d variants x %d samples in %d jobs on %d workers (%d images already built)",
+             f"part {part_of[0]}/{part_of[1]}: " if part_of else "", len(variants), len(dataset.samples),
+             len(planned), workers, done_images)
     results: list = []
-    bar = _Progress(total, "generate", progress, initial=done_images)
+    bar = executors.Progress(total, "generate", progress, initial=done_images)
     try:
-        _run_pool(pool, jobs.run_job, [(j,) for j in planned], q, bar, results, errors)
+        ex.run(jobs.run_job, [(j,) for j in planned], bar, results, errors,
+               sizes=[len(j.samples) * sum(not built(vid, j.shard) for vid in j.group) for j in planned])
     finally:
         bar.close()
     for _, notes in results:
@@ -326,13 +285,37 @@ def _generate_locked(pool: ProcessPoolExecutor, q, the_suite: Suite, variants: l
     if errors:
         raise GenerateError(f"{len(errors)} job(s) failed; finished shards are kept, rerun to resume. "
                             f"First: {errors[0]}")
+    if part_of:
+        parts.write_record(state, *part_of, plan_sha, [r for r, _ in results])
+        return _write_from_records(the_suite, variants, listed, dataset, old_manifest, plan, versions, out_path,
+                                   everything, dealt, required=False)
     manifest = build_manifest(the_suite, variants, listed, dataset, [r for r, _ in results], old_manifest, plan,
                               versions)
     mf.write_atomic(out_path / mf.MANIFEST_NAME, mf.dumps(manifest))
     return manifest
 
 
-def _scan_sources(pool, listed: SourceDataset, out: Path, q, progress: bool, strict: bool,
+def _write_from_records(the_suite: Suite, variants: list[Variant], listed: SourceDataset, dataset: SourceDataset,
+                        old_manifest: dict | None, plan: dict, versions: dict, out: Path, everything: list,
+                        dealt: list | None, *, required: bool) -> dict | None:
+    """The manifest from the parts' records, if every shard is built: written and returned. Otherwise
+    raise naming what is missing (``required``: --finalize), or log it and return None (a part)."""
+    found, missing = parts.collect(out, out / STATE_DIR, mf.plan_digest(plan), everything, summarize=required)
+    if missing:
+        message = parts.missing_message(missing, dealt)
+        if required:
+            raise GenerateError(f"--finalize: {message}")
+        log.info("%s; the part that finds every shard built (or --finalize) writes the manifest", message)
+        return None
+    if required:
+        _remove_partials(out)  # exclusive: no part is writing
+    manifest = build_manifest(the_suite, variants, listed, dataset, found, old_manifest, plan, versions)
+    mf.write_atomic(out / mf.MANIFEST_NAME, mf.dumps(manifest))
+    log.info("manifest written from the parts' records: %d shards", len(found))
+    return manifest
+
+
+def _scan_sources(ex, listed: SourceDataset, out: Path, progress: bool, strict: bool,
                   errors: list, workers: int = 1) -> SourceDataset:
     """Decode every selected source once (cached per source fingerprint); move failures to the rejects."""
     cache = out / STATE_DIR / "scan.json"
@@ -346,10 +329,10 @@ def _scan_sources(pool, listed: SourceDataset, out: Path, q, progress: bool, str
         n = len(listed.samples)
         chunk = max(1, min(SCAN_CHUNK, -(-n // (4 * workers))))  # several chunks per worker: all of them scan
         results: list = []
-        bar = _Progress(n, "scan sources", progress)
+        bar = executors.Progress(n, "scan sources", progress)
+        calls = [(listed.samples[i:i + chunk],) for i in range(0, n, chunk)]
         try:
-            _run_pool(pool, jobs.scan, [(listed.samples[i:i + chunk],) for i in range(0, n, chunk)], q,
-                      bar, results, errors)
+            ex.run(jobs.scan, calls, bar, results, errors, sizes=[len(c[0]) for c in calls])
         finally:
             bar.close()
         bad = {k: one_line(v) for part in results for k, v in part.items()}  # the log and --strict: one line

@@ -3,7 +3,7 @@
 ``webdataset.ShardWriter`` writes in place and stamps the current time, so a
 crash leaves a truncated shard under its final name and no two runs give the
 same bytes. Here each shard is written with ``mtime=0`` to
-``<name>.partial-<pid>`` and renamed when complete. The tar bytes are exactly
+``<name>.partial-<host>-<pid>`` and renamed when complete. The tar bytes are exactly
 those of ``webdataset.TarWriter(encoder=False, mtime=0, user="qrobust",
 group="qrobust")`` (a test compares them), written with the standard library's
 ``tarfile`` headers: importing webdataset imports torch, which cost every
@@ -100,7 +100,7 @@ def encode_payload(pixels: np.ndarray, variant: Variant) -> tuple[str, bytes]:
 class ShardFile:
     """One shard being written: ``add`` samples in key order, then ``publish``.
 
-    Until ``publish`` the data lives in ``<path>.partial-<pid>``; ``publish`` fsyncs,
+    Until ``publish`` the data lives in ``<path>.partial-<host>-<pid>``; ``publish`` fsyncs,
     renames it to ``path`` and returns its summary (sha256, bytes, count,
     keys digest). ``discard`` (or leaving the ``with`` block on an error)
     removes the partial file.

@@ -52,6 +52,17 @@ def _add_generate(sub) -> None:
                         "lossless H.264 RGB (default from the suite: reference)")
     p.add_argument("--seed", type=int, help="override the suite seed")
     p.add_argument("--strict", action="store_true", help="stop at the first unusable input instead of rejecting it")
+    c = p.add_argument_group("across machines (README: Scaling out)")
+    c.add_argument("--part", metavar="I/N", help="build only part I of N (1-based) of the shards, e.g. "
+                   "--part $((SLURM_ARRAY_TASK_ID + 1))/$SLURM_ARRAY_TASK_COUNT; the part that finds every "
+                   "other part done writes the manifest")
+    c.add_argument("--finalize", action="store_true",
+                   help="write the manifest from the parts' records; names the shards still missing")
+    c.add_argument("--executor", choices=("local", "dask"), default="local",
+                   help="local worker processes (default), or a Dask cluster (pip install 'qrobust[dask]')")
+    c.add_argument("--scheduler", metavar="ADDRESS",
+                   help="with --executor dask: scheduler address (tcp://host:8786) or scheduler file; "
+                        "default: a local cluster of --workers processes")
     p.set_defaults(run=_cmd_generate)
 
 
@@ -61,7 +72,10 @@ def _cmd_generate(args) -> int:
     manifest = generate(args.suite, args.source, args.out, labels=args.labels, classes=args.classes, only=only,
                         limit=args.limit, per_class=args.per_class, workers=args.workers,
                         encoding=args.encoding, sequence_encoding=args.sequence_encoding, seed=args.seed,
-                        strict=args.strict, progress=not args.quiet)
+                        strict=args.strict, progress=not args.quiet, part=args.part, finalize=args.finalize,
+                        executor=args.executor, scheduler=args.scheduler)
+    if manifest is None:  # a part whose corpus still waits for other parts
+        return 0
     n_shards = sum(len(v["shards"]) for v in manifest["variants"].values())
     print(f"{args.out}: {len(manifest['variants'])} variants, {manifest['samples']['count']} samples, "
           f"{n_shards} shards, {len(manifest['rejected'])} rejected inputs")
@@ -131,6 +145,9 @@ def _add_score(sub) -> None:
     p.add_argument("--workers", type=int, help="data-loading processes (default: min(4, cores - 1))")
     p.add_argument("--limit", type=int, help="score the first N samples of every variant")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of shards (sizes are checked)")
+    p.add_argument("--distributed", action="store_true",
+                   help="one process of several started by torchrun (implied under torchrun): shards and attack "
+                        "batches are split over the ranks, results merged by rank 0")
     a = p.add_argument_group("attacks (run live on clean/onecrop; budgets and settings: README, SETTINGS)")
     a.add_argument("--attacks", action="append", metavar="NAMES",
                    help="comma-separated: fgsm-linf, pgd-linf, pgd-l2, pgd-l1, autoattack-linf, or all; extras: "
@@ -160,7 +177,9 @@ def _cmd_score(args) -> int:
                     batch_size=args.batch_size, workers=args.workers, limit=args.limit, verify=not args.no_verify,
                     progress=not args.quiet, attacks=attacks or None, budgets=_globs([args.budgets]),
                     attack_limit=args.attack_limit, attack_config=config, budget_scale=args.budget_scale,
-                    cascade=args.cascade, transfer_from=args.transfer_from)
+                    cascade=args.cascade, transfer_from=args.transfer_from, distributed=args.distributed)
+    if summary is None:  # a rank other than 0 of a distributed run: rank 0 reports
+        return 0
     acc = summary["clean"]["acc"]
     parts = [f"ACC {acc:.2%}" if acc is not None else "ACC -"]
     for family, key in (("natural", "mnr"), ("sequence", "mfp"), ("systematic", "mean")):
@@ -189,6 +208,58 @@ def _add_report(sub) -> None:
 def _cmd_report(args) -> int:
     index = _resolve("qrobust.score.report:build_report")(args.results, args.out, nc_threshold=args.nc_threshold)
     print(f"report: {index}")
+    return 0
+
+
+def _add_pack(sub) -> None:
+    p = _parser(sub, "pack", "Make a smaller corpus to share: a subset of the variants and/or samples of a "
+                "corpus, shard bytes kept (samples re-sharded when subset), with its own valid manifest.",
+                "qrobust pack corpora/robustmq --only 'natural/*-3' --only 'clean/*' --per-class 5 --out corpora/small")
+    p.add_argument("corpus", help="corpus folder (made by `qrobust generate` or `qrobust import`)")
+    p.add_argument("--out", required=True, help="new corpus folder (created; must be new or empty)")
+    p.add_argument("--only", action="append", metavar="GLOB", help="keep these variant ids (repeatable)")
+    p.add_argument("--exclude", action="append", metavar="GLOB", help="leave these variant ids out (repeatable)")
+    p.add_argument("--limit", type=int, help="keep the first N samples (in corpus order)")
+    p.add_argument("--per-class", type=int, help="keep the first K samples of every class")
+    p.set_defaults(run=_cmd_pack)
+
+
+def _cmd_pack(args) -> int:
+    manifest = _resolve("qrobust.generate.pack:pack")(
+        args.corpus, args.out, only=_globs(args.only) or None, exclude=_globs(args.exclude) or None,
+        limit=args.limit, per_class=args.per_class, progress=not args.quiet)
+    n_shards = sum(len(v["shards"]) for v in manifest["variants"].values())
+    print(f"{args.out}: {len(manifest['variants'])} variants, {manifest['samples']['count']} samples, "
+          f"{n_shards} shards")
+    return 0
+
+
+def _add_import(sub) -> None:
+    p = _parser(sub, "import", "Turn a released ImageNet-C tree (CORRUPTION/SEVERITY/WNID/*.JPEG) or ImageNet-P "
+                "tree (PERTURBATION/WNID/*.mp4) into a qrobust corpus, bytes kept as released, so published "
+                "numbers can be reproduced on the canonical data.",
+                "qrobust import imagenet-c /data/ImageNet-C --out corpora/imagenet-c")
+    p.add_argument("kind", choices=("imagenet-c", "imagenet-p"))
+    p.add_argument("root", help="the released folder tree")
+    p.add_argument("--out", required=True, help="corpus folder (created; an interrupted run resumes here)")
+    p.add_argument("--classes", help="file whose lines start with every class name (e.g. LOC_synset_mapping.txt; "
+                   "default: the class folders found, sorted)")
+    p.add_argument("--only", action="append", metavar="GLOB",
+                   help="import only these variant ids, e.g. 'natural/fog-*' or 'sequence/rotate' (repeatable)")
+    p.add_argument("--limit", type=int, help="first N samples by key")
+    p.add_argument("--per-class", type=int, help="first K samples of every class, by key")
+    p.add_argument("--workers", type=int, help="worker processes (default: all cores)")
+    p.add_argument("--strict", action="store_true", help="stop at the first unusable file instead of rejecting it")
+    p.set_defaults(run=_cmd_import)
+
+
+def _cmd_import(args) -> int:
+    manifest = _resolve("qrobust.generate.imported:import_release")(
+        args.kind, args.root, args.out, classes=args.classes, only=_globs(args.only) or None, limit=args.limit,
+        per_class=args.per_class, workers=args.workers, strict=args.strict, progress=not args.quiet)
+    n_shards = sum(len(v["shards"]) for v in manifest["variants"].values())
+    print(f"{args.out}: {len(manifest['variants'])} variants, {manifest['samples']['count']} samples, "
+          f"{n_shards} shards, {len(manifest['rejected'])} rejected files")
     return 0
 
 
@@ -368,8 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"qrobust {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_generate, _add_verify, _add_score, _add_report, _add_train, _add_quantize, _add_ls,
-                _add_demo):
+    for add in (_add_generate, _add_verify, _add_score, _add_report, _add_pack, _add_import, _add_train,
+                _add_quantize, _add_ls, _add_demo):
         add(sub)
     return parser
 

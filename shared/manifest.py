@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import re
+import socket
 import stat
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -35,10 +36,14 @@ PARTIAL_SUFFIX = ".partial"
 MAX_MANIFEST_BYTES = 64 << 20  # the paper's 101-variant ImageNet corpus has a manifest of about 1 MiB
 
 
+# host and pid: parts of one corpus may run on many machines sharing its folder
+_HOST = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())[:64] or "host"
+
+
 def partial_path(path: Path) -> Path:
     """Where ``path`` is written before it is renamed into place: unique to this
     process, so a run that resumes while an old one still writes never shares a file."""
-    return path.with_name(f"{path.name}{PARTIAL_SUFFIX}-{os.getpid()}")
+    return path.with_name(f"{path.name}{PARTIAL_SUFFIX}-{_HOST}-{os.getpid()}")
 
 
 def fsync_dir(folder: Path) -> None:
