@@ -156,7 +156,7 @@ def open_source(root: str | os.PathLike, labels: str | os.PathLike | None = None
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
         raise SourceError(f"source folder {root} does not exist or is not a folder")
-    class_list = _read_class_list(Path(classes)) if classes else None
+    class_list = read_class_list(Path(classes)) if classes else None
     try:
         children = sorted(root.iterdir())
     except OSError as e:
@@ -176,7 +176,7 @@ def open_source(root: str | os.PathLike, labels: str | os.PathLike | None = None
                              Path(classes) if classes else None)
 
 
-def _read_class_list(path: Path) -> list[str]:
+def read_class_list(path: Path) -> list[str]:
     try:
         names = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError) as e:
@@ -188,11 +188,11 @@ def _read_class_list(path: Path) -> list[str]:
     return names
 
 
-def _key_for(path: Path) -> str:
+def key_for(path: Path) -> str:
     return path.stem.replace(".", "_")
 
 
-def _bad_name(name: str) -> str | None:
+def bad_name_reason(name: str) -> str | None:
     """Why a file name cannot give a sample key (None if it can)."""
     try:
         name.encode("utf-8")
@@ -211,11 +211,11 @@ def _finish(root: Path, layout: str, classes: list[str], entries: list[tuple[Pat
         if path.suffix.lower() not in IMAGE_EXTENSIONS:
             rejected.append(Rejected(str(path), f"not an image file extension ({path.suffix or 'none'})"))
             continue
-        bad_name = _bad_name(path.name)
+        bad_name = bad_name_reason(path.name)
         if bad_name:
             rejected.append(Rejected(str(path), bad_name))
             continue
-        key = _key_for(path)
+        key = key_for(path)
         if key in by_key:
             rejected.append(Rejected(str(path), f"duplicate key {key!r} (also {by_key[key].path})"))
             continue
@@ -321,7 +321,7 @@ def _flat_with_labels(root: Path, children: list[Path], label_file: Path, class_
         raise SourceError(f"label file {label_file} lists no samples")
     by_key: dict[str, list[str]] = {}  # for names given without extension (ImageId) or with another case
     for name, labels in by_name.items():
-        by_key.setdefault(_key_for(Path(name)), []).extend(labels)
+        by_key.setdefault(key_for(Path(name)), []).extend(labels)
     values = {v for labels in by_name.values() for v in labels}
     listed_in = f"the class list {class_file.name}" if class_file else "the class list"
     if all(v.isdigit() for v in values):
@@ -339,8 +339,8 @@ def _flat_with_labels(root: Path, children: list[Path], label_file: Path, class_
     for f in children:
         if f.is_dir() or f.name.startswith(".") or f == label_file:
             continue  # a FIFO or a broken link listed in the label file is rejected by _finish, not skipped
-        labels = sorted(set(by_name[f.name] if f.name in by_name else by_key.get(_key_for(f), [])))
-        bad_name = _bad_name(f.name)
+        labels = sorted(set(by_name[f.name] if f.name in by_name else by_key.get(key_for(f), [])))
+        bad_name = bad_name_reason(f.name)
         if bad_name and (labels or f.suffix.lower() in IMAGE_EXTENSIONS):  # a label file cannot name it anyway
             rejected.append(Rejected(str(f), bad_name))
         elif len(labels) == 1 and labels[0] in index:
@@ -358,7 +358,7 @@ def _flat_with_labels(root: Path, children: list[Path], label_file: Path, class_
     if not entries:
         raise SourceError(f"none of the files in {root} is listed in {label_file} with a known label")
     dataset = _finish(root, "flat+labels", classes, entries, rejected, label_file)
-    dataset.label_entries_without_file = len(set(by_key) - {_key_for(p) for p in children})
+    dataset.label_entries_without_file = len(set(by_key) - {key_for(p) for p in children})
     if dataset.label_entries_without_file:
         log.warning("%d entries of %s have no file in %s", dataset.label_entries_without_file, label_file.name, root)
     return dataset

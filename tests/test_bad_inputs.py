@@ -466,7 +466,7 @@ def bad_source(root: Path) -> tuple[dict[str, int], dict[str, str], list[str]]:
     except OSError:
         pass
     kept = list(files)[:15] + ["dup.JPEG"]  # of two files with one key, the first by path is kept
-    good = {sources._key_for(Path(n)): CLASSES.index(files[n][1]) for n in kept}
+    good = {sources.key_for(Path(n)): CLASSES.index(files[n][1]) for n in kept}
     bad = {
         "empty.JPEG": r"empty file",
         "truncated.JPEG": r"cannot decode: image file is truncated \(\d+ bytes not processed\)",
