@@ -272,3 +272,27 @@ def test_top5_distance_ignores_padding_of_models_with_few_classes():
     # padding at ranks 4 and 5 never matches (sigma = 6) -> |4-6| + |5-6| = 3; total 5
     top5 = np.array([[[0, 1, 2, -1, -1], [0, 2, 1, -1, -1]]])
     assert top5_distance(top5, noise=False) == pytest.approx(5)
+
+
+def test_mce_is_over_the_15_benchmark_corruptions_when_more_were_scored():
+    """The released ImageNet-C adds 4 held-out corruptions; mCE stays the benchmark's 15."""
+    from qrobust.score.summary import _natural
+
+    n = 20
+    labels = np.zeros(n, dtype=np.int32)
+    predictions, variants = {}, {}
+    for k, corruption in enumerate([*ALEXNET_ERR, "spatter"]):
+        for severity in range(1, 6):
+            vid = f"natural/{corruption}-{severity}"
+            top5 = np.ones((n, 5), dtype=np.int32)
+            top5[: (k + severity) % n, 0] = 0  # some rows right
+            predictions[vid] = top5
+            variants[vid] = {"params": {"corruption": corruption, "severity": severity}}
+    out = _natural(predictions, labels, variants, acc=0.9, n_classes=1000)
+    errors = {c: [1 - float((predictions[f"natural/{c}-{s}"][:, 0] == 0).mean()) for s in range(1, 6)]
+              for c in ALEXNET_ERR}
+    assert out["mce"] == pytest.approx(mce(errors))
+    assert out["relative_mce"] == pytest.approx(relative_mce(errors, 0.1))
+    assert "spatter" in out["acc_by_corruption"]
+    del predictions["natural/fog-3"]  # one benchmark variant missing: no mCE
+    assert _natural(predictions, labels, variants, acc=0.9, n_classes=1000)["mce"] is None
