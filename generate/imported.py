@@ -39,7 +39,6 @@ per file in memory (some 1 GB for the 3.75 million files of ImageNet-C).
 """
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import hashlib
 import io
@@ -55,6 +54,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qrobust.generate import outdir
 from qrobust.generate.writer import ShardFile
 from qrobust.shared import manifest as mf
 from qrobust.shared.errors import QrobustError
@@ -69,7 +69,6 @@ EXTENSIONS = {"imagenet-c": (".jpeg", ".jpg"), "imagenet-p": (".mp4",)}
 MEMBER = {"imagenet-c": "jpg", "imagenet-p": "mp4"}
 SEVERITIES = ("1", "2", "3", "4", "5")
 NOISE_DIFFICULTY = re.compile(r"(.+_noise)_([23])")  # ImageNet-P's gaussian_noise_2, shot_noise_3, ...
-STATE_DIR = ".qrobust"
 CHUNK = 256  # files per probe task
 LAYOUT = {"imagenet-c": "CORRUPTION/SEVERITY/WNID/FILE.JPEG", "imagenet-p": "PERTURBATION/WNID/FILE.mp4"}
 
@@ -140,11 +139,10 @@ def import_release(kind: str, root: str, out: str, *, classes: str | None = None
     plan = {"suite": spec, "source": fingerprint, "classes": class_list,
             "selection": {"limit": limit, "per_class": per_class},
             "versions": {lib: versions.get(lib) for lib in mf.pixel_libraries(spec)}}
-    target = _output(out)
-    with _exclusive(target):
+    target = outdir.create(out, ReleaseError)
+    with outdir.locked(target, error=ReleaseError):
         old = _check_plan(target, plan)
-        for p in target.rglob(f"*{mf.PARTIAL_SUFFIX}-*"):  # left by an interrupted run (we hold the lock)
-            p.unlink(missing_ok=True)
+        outdir.remove_partials(target)  # left by an interrupted run (we hold the lock)
         workers = workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                               else os.cpu_count() or 1)
         crop, frames, bad = _probe_all(kind, top, listing, keys, target, fingerprint, workers, progress)
@@ -348,37 +346,10 @@ def _fingerprint(listing: Listing, keys: list[str], labels: dict[str, int]) -> d
 # ---- the output folder -------------------------------------------------------------------------------
 
 
-def _output(out: str) -> Path:
-    target = Path(out)
-    try:
-        target.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise ReleaseError(f"--out {out} exists and is not a folder") from None
-    except OSError as e:
-        raise ReleaseError(f"cannot create --out {out}: {e.strerror or e}") from None
-    return target
-
-
-@contextlib.contextmanager
-def _exclusive(target: Path):
-    """One import at a time per corpus folder (an advisory lock, released at exit)."""
-    (target / STATE_DIR).mkdir(exist_ok=True)
-    with open(target / STATE_DIR / "lock", "w") as f:
-        try:
-            import fcntl
-
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:  # not POSIX: no lock
-            pass
-        except OSError:
-            raise ReleaseError(f"another run is writing {target}; wait for it or use another --out") from None
-        yield
-
-
 def _check_plan(target: Path, plan: dict) -> dict | None:
     """Refuse an --out holding anything but an import of this very plan; record the plan; return the
     earlier manifest, if any (its shard hashes tell a finished shard from a stale one)."""
-    path = target / STATE_DIR / "import.json"
+    path = target / outdir.STATE_DIR / "import.json"
     old_manifest = None
     if (target / mf.MANIFEST_NAME).is_file():
         try:
@@ -392,7 +363,7 @@ def _check_plan(target: Path, plan: dict) -> dict | None:
         old["suite"] = {k: v for k, v in (old["suite"] or {}).items() if k != "geometry"}
     else:
         old = None
-    if old is None and any(p.name != STATE_DIR for p in target.iterdir()):
+    if old is None and any(p.name != outdir.STATE_DIR for p in target.iterdir()):
         raise ReleaseError(f"{target} is not empty and holds no qrobust corpus; choose a new or empty --out")
     if old is not None and old != json.loads(json.dumps(plan)):
         differ = sorted(k for k in set(old) | set(plan) if old.get(k) != json.loads(json.dumps(plan.get(k))))
@@ -473,7 +444,7 @@ def _probe_all(kind: str, root: Path, listing: Listing, keys: list[str], target:
     """Probe every selected file (results cached per fingerprint); returns (crop, frames per sequence
     variant, key -> rejects). The crop is the most common size, which must be square; a variant's frame
     count is its videos' most common one; files that differ are rejected."""
-    cache = target / STATE_DIR / "probe.json"
+    cache = target / outdir.STATE_DIR / "probe.json"
     if cache.is_file():
         cached = json.loads(cache.read_text())
         if cached.get("source") == fingerprint:

@@ -40,6 +40,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from qrobust.generate import outdir
 from qrobust.generate.writer import ShardFile
 from qrobust.shared import manifest as mf
 from qrobust.shared.errors import QrobustError
@@ -127,13 +128,7 @@ def _check_source(root: Path, manifest: dict, kept: list[str]) -> None:
 
 
 def _empty_folder(out: str) -> Path:
-    target = Path(out)
-    try:
-        target.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise PackError(f"--out {out} exists and is not a folder") from None
-    except OSError as e:
-        raise PackError(f"cannot create --out {out}: {e.strerror or e}") from None
+    target = outdir.create(out, PackError)
     if any(target.iterdir()):
         raise PackError(f"--out {out} is not empty; choose a new or empty folder")
     return target

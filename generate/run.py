@@ -12,13 +12,12 @@ and however often a run was interrupted and resumed.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 from pathlib import Path
 
-from qrobust.generate import executors, jobs, parts
+from qrobust.generate import executors, jobs, outdir, parts
 from qrobust.generate.writer import encoding_record
 from qrobust.shared import manifest as mf
 from qrobust.shared.errors import QrobustError
@@ -28,7 +27,6 @@ from qrobust.shared.spec import Suite, Variant, load_suite
 
 log = logging.getLogger("qrobust.generate")
 
-STATE_DIR = ".qrobust"
 SCAN_CHUNK = 64
 
 
@@ -125,9 +123,9 @@ def _old_manifest(out: Path) -> dict | None:
 
 def _check_plan(out: Path, plan: dict, old_manifest: dict | None) -> None:
     """Refuse an --out that holds anything but a corpus of this very plan; record the plan."""
-    path = out / STATE_DIR / "plan.json"
+    path = out / outdir.STATE_DIR / "plan.json"
     old = json.loads(path.read_text()) if path.is_file() else (mf.plan_of(old_manifest) if old_manifest else None)
-    if old is None and any(p.name != STATE_DIR for p in out.iterdir()):
+    if old is None and any(p.name != outdir.STATE_DIR for p in out.iterdir()):
         raise GenerateError(f"{out} is not empty and holds no qrobust corpus; choose a new or empty --out")
     if old is not None and old != plan:
         differ = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
@@ -137,36 +135,6 @@ def _check_plan(out: Path, plan: dict, old_manifest: dict | None) -> None:
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         mf.write_atomic(path, json.dumps(plan, indent=1, sort_keys=True))
-
-
-@contextlib.contextmanager
-def _locked(out: Path, shared: bool = False):
-    """An advisory lock on the corpus folder, released at exit: exclusive for a whole run or
-    --finalize, shared by the --part runs (they build disjoint shards side by side)."""
-    (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
-    with open(out / STATE_DIR / "lock", "w") as f:
-        try:
-            import fcntl
-
-            fcntl.flock(f, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-        except ImportError:  # not POSIX: no lock
-            pass
-        except OSError:
-            what = "a run without --part (or --finalize)" if shared else \
-                "another `qrobust generate` (a whole run, or --part runs)"
-            raise GenerateError(f"{what} is writing {out}; wait for it or use another --out") from None
-        yield
-
-
-def _remove_partials(out: Path, names: list[str] | None = None) -> None:
-    """Remove half-written files left by killed runs: all of them, or only those of shards ``names``
-    (a --part run must not touch the files other parts are writing)."""
-    if names is None:
-        found = list(out.rglob(f"*{mf.PARTIAL_SUFFIX}-*"))
-    else:
-        found = [p for name in names for p in (out / name).parent.glob(f"{Path(name).name}{mf.PARTIAL_SUFFIX}-*")]
-    for p in found:
-        p.unlink(missing_ok=True)
 
 
 def generate(suite: str, source: str, out: str, *, labels: str | None = None, classes: str | None = None,
@@ -208,13 +176,7 @@ def generate(suite: str, source: str, out: str, *, labels: str | None = None, cl
     if strict and listed.rejected:
         r = listed.rejected[0]
         raise GenerateError(f"--strict: {r.path}: {r.reason}")
-    out_path = Path(out)
-    try:
-        out_path.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise GenerateError(f"--out {out} exists and is not a folder") from None
-    except OSError as e:
-        raise GenerateError(f"cannot create --out {out}: {e.strerror}") from None
+    out_path = outdir.create(out, GenerateError)
     versions = mf.library_versions()
     plan = {"suite": the_suite.spec, "source": listed.fingerprint(), "classes": listed.classes,
             "selection": {"limit": limit, "per_class": per_class},
@@ -225,7 +187,7 @@ def generate(suite: str, source: str, out: str, *, labels: str | None = None, cl
         workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     shards = -(-len(listed.samples) // the_suite.samples_per_shard)
     workers = max(1, min(workers, shards * len(variants)))  # never more workers than jobs can use
-    with _locked(out_path, shared=bool(part_of)), \
+    with outdir.locked(out_path, shared=bool(part_of), error=GenerateError), \
             executors.executor(executor, the_suite, variants, out_path, workers, scheduler) as ex:
         return _generate_locked(ex, the_suite, variants, listed, out_path, old_manifest, plan, versions,
                                 workers=workers, strict=strict, progress=progress, source=source, part_of=part_of,
@@ -236,7 +198,7 @@ def _generate_locked(ex, the_suite: Suite, variants: list[Variant], listed: Sour
                      old_manifest: dict | None, plan: dict, versions: dict, *, workers, strict, progress, source,
                      part_of: tuple[int, int] | None, finalize: bool) -> dict | None:
     if not part_of:
-        _remove_partials(out_path)
+        outdir.remove_partials(out_path)
     for r in listed.rejected:
         log.warning("rejected %s: %s", r.path, r.reason)
     errors: list[str] = []
@@ -252,7 +214,7 @@ def _generate_locked(ex, the_suite: Suite, variants: list[Variant], listed: Sour
     def built(vid: str, shard: int) -> bool:
         return mf.shard_name(vid, shard) in on_disk
 
-    state, plan_sha = out_path / STATE_DIR, mf.plan_digest(plan)
+    state, plan_sha = out_path / outdir.STATE_DIR, mf.plan_digest(plan)
     if finalize or part_of:
         # every run deals the same jobs to the parts: planned for N workers, without regard to the disk
         counts = parts.part_counts(state)
@@ -264,7 +226,7 @@ def _generate_locked(ex, the_suite: Suite, variants: list[Variant], listed: Sour
             return _write_from_records(the_suite, variants, listed, dataset, old_manifest, plan, versions,
                                        out_path, everything, dealt, required=True)
         planned = split_heavy(dealt[part_of[0] - 1], by_id, workers, built)
-        _remove_partials(out_path, [mf.shard_name(vid, j.shard) for j in planned for vid in j.group])
+        outdir.remove_partials(out_path, [mf.shard_name(vid, j.shard) for j in planned for vid in j.group])
     else:
         planned = plan_jobs(the_suite, variants, dataset.samples, recorded, workers=workers, built=built)
     total = sum(len(j.group) * len(j.samples) for j in planned)
@@ -300,7 +262,7 @@ def _write_from_records(the_suite: Suite, variants: list[Variant], listed: Sourc
                         dealt: list | None, *, required: bool) -> dict | None:
     """The manifest from the parts' records, if every shard is built: written and returned. Otherwise
     raise naming what is missing (``required``: --finalize), or log it and return None (a part)."""
-    found, missing = parts.collect(out, out / STATE_DIR, mf.plan_digest(plan), everything, summarize=required)
+    found, missing = parts.collect(out, out / outdir.STATE_DIR, mf.plan_digest(plan), everything, summarize=required)
     if missing:
         message = parts.missing_message(missing, dealt)
         if required:
@@ -308,7 +270,7 @@ def _write_from_records(the_suite: Suite, variants: list[Variant], listed: Sourc
         log.info("%s; the part that finds every shard built (or --finalize) writes the manifest", message)
         return None
     if required:
-        _remove_partials(out)  # exclusive: no part is writing
+        outdir.remove_partials(out)  # exclusive: no part is writing
     manifest = build_manifest(the_suite, variants, listed, dataset, found, old_manifest, plan, versions)
     mf.write_atomic(out / mf.MANIFEST_NAME, mf.dumps(manifest))
     log.info("manifest written from the parts' records: %d shards", len(found))
@@ -318,7 +280,7 @@ def _write_from_records(the_suite: Suite, variants: list[Variant], listed: Sourc
 def _scan_sources(ex, listed: SourceDataset, out: Path, progress: bool, strict: bool,
                   errors: list, workers: int = 1) -> SourceDataset:
     """Decode every selected source once (cached per source fingerprint); move failures to the rejects."""
-    cache = out / STATE_DIR / "scan.json"
+    cache = out / outdir.STATE_DIR / "scan.json"
     fingerprint = listed.fingerprint()
     bad: dict[str, str] | None = None
     if cache.is_file():

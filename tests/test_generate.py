@@ -254,7 +254,7 @@ def test_one_generate_per_corpus_folder(tmp_path, class_folder, small_suite, cap
     with open(out / ".qrobust" / "lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         assert run("generate", "--suite", small_suite, "--source", class_folder, "--out", out) == 2
-    assert "another `qrobust generate` (a whole run, or --part runs) is writing" in capsys.readouterr().err
+    assert "another `qrobust generate` (a whole run, or --part runs) or import is writing" in capsys.readouterr().err
 
 
 def test_verify_detects_edited_labels_and_swapped_shards(tmp_path, class_folder, small_suite):

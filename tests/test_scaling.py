@@ -135,7 +135,8 @@ def test_bad_scaling_arguments(setup, tmp_path, capsys, args, message):
 
 
 def test_a_whole_run_waits_for_no_part_and_parts_share_the_folder(tmp_path):
-    from qrobust.generate.run import GenerateError, _locked
+    from qrobust.generate.outdir import locked as _locked
+    from qrobust.shared.errors import QrobustError as GenerateError
 
     with _locked(tmp_path, shared=True), _locked(tmp_path, shared=True):  # two parts side by side
         with pytest.raises(GenerateError, match="--part runs"):
