@@ -139,8 +139,15 @@ def subset_rows(total: int, limit: int | None) -> np.ndarray:
 
 def run_attacks(net, jobs: list[Job], store, source, units, rows: np.ndarray, *, seed: int, batch_size: int,
                 device: str, verify: bool, cascade: bool, progress: bool, workers: int = 0,
-                surrogate=None) -> None:
-    """Run every unfinished (job, batch) and write outcomes and predictions into ``store``."""
+                surrogate=None, share=None) -> None:
+    """Run every unfinished (job, batch) and write outcomes and predictions into ``store``.
+
+    ``share``, in a distributed run, picks this rank's batches from the sorted
+    list of batches with unfinished jobs (the same list on every rank). A batch
+    is the same rows, in the same order, with the same per-sample seeds
+    whichever process runs it, and a cascade reads only its own batch's rows,
+    so the outcomes do not depend on how the batches are shared.
+    """
     import torch
 
     from qrobust.score.attacks import run_attack
@@ -148,6 +155,8 @@ def run_attacks(net, jobs: list[Job], store, source, units, rows: np.ndarray, *,
     n_batches = math.ceil(len(rows) / batch_size)
     todo = {b: [j for j in jobs if store.attack_unit_id(j.id, b) not in store.done] for b in range(n_batches)}
     todo = {b: js for b, js in todo.items() if js}
+    if share is not None:
+        todo = {b: todo[b] for b in share(sorted(todo))}
     if not todo:
         return
     if cascade:  # cheapest first within a budget; budgets in the order asked

@@ -11,16 +11,23 @@
                                   holds the corpus rows attacked, group attributes each job's settings
     RESULTS/progress.json         the (variant, shard) units and (attack job, batch) units written
     RESULTS/summary.json          every metric, recomputed from the stored predictions
+    RESULTS/parts/rank-R-of-W/    only during a distributed run (or after one was interrupted): rank R's
+                                  own store of the same layout (:class:`PartStore`), merged into the main
+                                  one by rank 0 (:meth:`ResultsStore.absorb_parts`) and then deleted
 
 Each array is chunked by the corpus's shard size, so a unit's rows are one
 chunk and a resumed run rewrites only chunks of unfinished units (zarr >= 3.1
 writes each chunk to a temporary file and renames it). The store has one writer
-(the main process); a unit is recorded in progress.json only after its rows are
-written, so an interrupted run redoes at most the units in flight.
+(the main process; rank 0 of a distributed run, the other ranks writing their
+own parts: two writers into one zarr chunk would lose data); a unit is recorded
+in progress.json only after its rows are written, so an interrupted run redoes
+at most the units in flight.
 """
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +37,9 @@ from qrobust.shared.manifest import write_atomic
 
 RESULTS_SCHEMA = "qrobust.results/1"
 TOPK = 5
+PARTS = "parts"  # RESULTS/parts/rank-R-of-W: the stores of the ranks of a distributed run
+
+log = logging.getLogger("qrobust.score")
 
 
 class ResultsError(QrobustError):
@@ -103,6 +113,81 @@ class ResultsStore:
         self.done.update(unit_ids)
         write_atomic(self.path / "progress.json", json.dumps(sorted(self.done)))
 
+    def part_paths(self) -> list[Path]:
+        """The part stores of ranks of a distributed run not merged yet, rank 0 first."""
+        folder = self.path / PARTS
+        parts = [p for p in folder.iterdir() if p.is_dir()] if folder.is_dir() else []
+
+        def rank(p: Path) -> tuple:
+            head, _, world = p.name.removeprefix("rank-").partition("-of-")
+            return (int(head), int(world)) if head.isdigit() and world.isdigit() else (1 << 62, 0, p.name)
+
+        return sorted(parts, key=rank)
+
+    def absorb_parts(self, units: dict) -> int:
+        """Merge every part store (rank 0's first) into this one, then delete them; returns how many units.
+
+        ``units`` maps unit id -> :class:`~qrobust.score.stream.Unit` for the rows
+        of each (variant, shard) unit. Used by rank 0 at the end of a distributed
+        run, and at the start of any run on this folder (one process or several,
+        of any number), so the units finished by an interrupted distributed run
+        are kept. A part is deleted only after its units are in progress.json,
+        so a merge that is itself interrupted is simply done again.
+        """
+        count = 0
+        for part in self.part_paths():
+            count += self._absorb(part, units)
+            shutil.rmtree(part)
+        if (self.path / PARTS).is_dir() and not any((self.path / PARTS).iterdir()):
+            (self.path / PARTS).rmdir()
+        return count
+
+    def _absorb(self, part: Path, units: dict) -> int:
+        import zarr
+
+        ident = part / "results.json"
+        if not ident.is_file():  # a rank stopped before writing anything: nothing to keep
+            return 0
+        if _read_json(ident) != self.identity:
+            raise ResultsError(f"{part} holds results of another model, corpus or setting than {self.path}; "
+                               "delete it (or the whole --out) to score again")
+        progress = part / "progress.json"
+        done = _read_json(progress) if progress.is_file() else []
+        if not isinstance(done, list) or not all(isinstance(u, str) for u in done):
+            raise ResultsError(f"{progress}: not a list of finished units; delete {part} to redo its units")
+        root = zarr.open_group(str(part / "predictions.zarr"), mode="r")
+        merged = []
+        for uid in sorted(u for u in done if not u.startswith("attack/")):
+            unit = units.get(uid)
+            if unit is None:  # a variant no longer planned (damaged manifest entry): redone when it is
+                log.warning("%s: unit %s is not in the corpus plan; not merged", part, uid)
+                continue
+            src = root[unit.variant]
+            if unit.variant not in self.arrays:  # scored by an interrupted run with another --only
+                self.arrays[unit.variant] = self._array(unit.variant, tuple(src.shape), src.chunks[0])
+            rows = slice(unit.start, unit.start + unit.count)
+            self.write(unit.variant, unit.start, src[rows], root["labels"][rows])
+            merged.append(uid)
+        attack_units = [u for u in done if u.startswith("attack/")]
+        if "attacks" in root:
+            group = root["attacks"]
+            rows, batch = group["rows"][...], int(group.attrs["batch_size"])
+            self.open_attacks(rows, dict(group.attrs.get("jobs", {})), batch)
+            for uid in sorted(attack_units):
+                job_id, _, b = uid.removeprefix("attack/").rpartition("#")
+                lo = int(b) * batch
+                hi = min(lo + batch, len(rows))
+                self.write_attack(job_id, lo, group[f"{job_id}/outcome"][lo:hi], group[f"{job_id}/pred"][lo:hi])
+                merged.append(uid)
+            mine = self.root["attacks"].attrs
+            if "zero_grad_share" not in mine and "zero_grad_share" in group.attrs:  # the lowest rank's probe:
+                mine["zero_grad_share"] = group.attrs["zero_grad_share"]  # its first batch is one process's first
+            flags = set(group.attrs.get("reference_flags", []))
+            if flags - set(mine.get("reference_flags", [])):
+                mine["reference_flags"] = sorted(set(mine.get("reference_flags", [])) | flags)
+        self.mark_done(merged)
+        return len(merged)
+
     def predictions(self, variant: str) -> np.ndarray:
         """All stored rows of a variant (also one scored by an earlier run with another --only)."""
         array = self.arrays.get(variant)
@@ -162,3 +247,35 @@ class ResultsStore:
             if other != job_id and other.split("/")[1] == budget and not other.startswith("transfer-"):
                 hit |= self.root["attacks"][f"{other}/outcome"][start:start + count] == 1
         return hit
+
+
+class PartStore(ResultsStore):
+    """One rank's own store in a distributed run: ``main.path/parts/rank-R-of-W``, same identity and layout.
+
+    Its ``done`` also holds the main store's units, so nothing finished is
+    redone, while its progress.json lists only the units this part holds (what
+    :meth:`ResultsStore.absorb_parts` copies). A cascade looks for rows fooled
+    by other jobs in both stores: earlier runs' jobs are in the main one.
+    """
+
+    def __init__(self, main: ResultsStore, rank: int, world: int, layout: dict[str, tuple[int, ...]],
+                 chunk_rows: int):
+        identity = {k: v for k, v in main.identity.items() if k != "schema"}
+        super().__init__(main.path / PARTS / f"rank-{rank}-of-{world}", identity, layout, chunk_rows)
+        self.main = main
+        self.own = set(self.done)
+        self.done = self.own | main.done
+
+    def mark_done(self, unit_ids: list[str]) -> None:
+        self.own.update(unit_ids)
+        self.done.update(unit_ids)
+        write_atomic(self.path / "progress.json", json.dumps(sorted(self.own)))
+
+    def open_attacks(self, rows: np.ndarray, jobs: dict[str, dict], batch_size: int) -> None:
+        super().open_attacks(rows, jobs, batch_size)
+        zero = self.main.root["attacks"].attrs.get("zero_grad_share") if "attacks" in self.main.root else None
+        if zero is not None:  # measured by an earlier run: kept, not measured again on another batch
+            self.root["attacks"].attrs["zero_grad_share"] = zero
+
+    def fooled_by_others(self, job_id: str, start: int, count: int) -> np.ndarray:
+        return super().fooled_by_others(job_id, start, count) | self.main.fooled_by_others(job_id, start, count)

@@ -4,7 +4,9 @@ Units are (variant, shard) pairs, read, verified and decoded by DataLoader
 worker processes (:mod:`qrobust.score.stream`) while the main process runs the
 model and writes the results store (:mod:`qrobust.score.predict`). A rerun
 skips finished units, so an interrupted run resumes; the summary is always
-recomputed from all stored predictions.
+recomputed from all stored predictions. Under torchrun the units and attack
+batches are dealt to the ranks, each writing its own part, merged by rank 0
+(:mod:`qrobust.score.distributed`).
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ import sys
 
 import numpy as np
 
-from qrobust.score.predict import TOPK, ResultsStore
+from qrobust.score import distributed as dist
+from qrobust.score.predict import TOPK, PartStore, ResultsStore
 from qrobust.score.stream import Corpus, CorpusError, Failure, Unit, UnitStream
 from qrobust.score.summary import compute_summary
 from qrobust.shared.errors import QrobustError
@@ -105,9 +108,15 @@ def score(corpus: str, model: str, out: str, *, weights: str | None = None, only
           exclude: list[str] | None = None, device: str = "cpu", batch_size: int = 64, workers: int | None = None,
           limit: int | None = None, verify: bool = True, progress: bool = True, attacks: list[str] | None = None,
           budgets: list[str] | None = None, attack_limit: int | None = None, attack_config: dict | None = None,
-          budget_scale: str = "dims", cascade: bool = False, transfer_from: str | None = None) -> dict:
+          budget_scale: str = "dims", cascade: bool = False, transfer_from: str | None = None,
+          distributed: bool = False) -> dict | None:
     """Score ``model`` (see :func:`qrobust.shared.models.load_model`) on ``corpus`` into folder ``out``;
     returns the summary (also written to ``out/summary.json``).
+
+    Started by torchrun (or with ``distributed``; see
+    :mod:`qrobust.score.distributed`) the units and attack batches are shared
+    by the ranks and the results equal one process's; rank 0 returns the
+    summary, the other ranks None. ``batch_size`` is per process.
 
     ``only`` and ``exclude`` (globs over variant ids) select the variants. The
     corpus is checked before anything is scored: a manifest edited by hand, or
@@ -125,11 +134,27 @@ def score(corpus: str, model: str, out: str, *, weights: str | None = None, only
 
     Raises :class:`~qrobust.shared.errors.QrobustError` subclasses for a bad corpus, model or results folder.
     """
+    ctx = dist.setup(distributed, device)
+    try:
+        return _score(corpus, model, out, ctx, weights=weights, only=only, exclude=exclude, device=device,
+                      batch_size=batch_size, workers=workers, limit=limit, verify=verify, progress=progress,
+                      attacks=attacks, budgets=budgets, attack_limit=attack_limit, attack_config=attack_config,
+                      budget_scale=budget_scale, cascade=cascade, transfer_from=transfer_from)
+    finally:
+        if ctx is not None:
+            ctx.close()
+
+
+def _score(corpus, model, out, ctx, *, weights, only, exclude, device, batch_size, workers, limit, verify,
+           progress, attacks, budgets, attack_limit, attack_config, budget_scale, cascade, transfer_from):
     import torch
 
     from qrobust import __version__
     from qrobust.shared.models import load_model
 
+    run_device = ctx.device if ctx is not None else device  # the summary records the device as given
+    if ctx is not None and ctx.rank:
+        progress = False  # one progress bar (rank 0's share), not one per rank
     if batch_size < 1 or (workers is not None and workers < 0) or (limit is not None and limit < 1):
         raise CorpusError("--batch-size and --limit must be at least 1, --workers at least 0")
     source = Corpus(corpus)
@@ -155,7 +180,7 @@ def score(corpus: str, model: str, out: str, *, weights: str | None = None, only
     if problems:
         raise CorpusError(_refusal(problems, str(corpus)))
     n_classes = len(manifest.get("classes") or []) or None
-    net, spec, sha = load_model(model, weights=weights, num_classes=n_classes, device=device)
+    net, spec, sha = load_model(model, weights=weights, num_classes=n_classes, device=run_device)
     if n_classes and spec.num_classes != n_classes:
         raise CorpusError(f"the model has {spec.num_classes} outputs but the corpus {n_classes} classes; labels would "
                           "not line up (for an ImageNet subset, generate with --classes LOC_synset_mapping.txt)")
@@ -172,28 +197,48 @@ def score(corpus: str, model: str, out: str, *, weights: str | None = None, only
                 "model_sha256": sha, "manifest_sha256": source.manifest_sha256, "rows": rows,
                 "batch_size": batch_size}
     chunk = manifest.get("suite", {}).get("spec", {}).get("shards", {}).get("samples", 1000)
-    store = ResultsStore(out, identity, _layout(manifest, variants, rows), chunk)
+    layout = _layout(manifest, variants, rows)
+    by_id = {ResultsStore.unit_id(u.variant, u.index): u for u in all_units}
+
+    def open_store() -> ResultsStore:  # and keep what an interrupted distributed run left in its parts
+        store = ResultsStore(out, identity, layout, chunk)
+        if store.absorb_parts(by_id):
+            log.info("merged the parts of an interrupted distributed run")
+        return store
+
+    store = dist.step(ctx, open_store, root_only=True)
+    if ctx is not None and ctx.rank:  # rank 0 made (or merged) it; the others only read it from here on
+        store = ResultsStore(out, identity, layout, chunk)
+    writer = PartStore(store, ctx.rank, ctx.world, layout, chunk) if ctx is not None else store
     todo = [u for u in units if store.unit_id(u.variant, u.index) not in store.done]
-    log.info("%s on %s: %d variants x %d samples, %d of %d units to score", spec.name, corpus, len(variants),
-             rows, len(todo), len(units))
-    if workers is None:
-        workers = min(4, max(0, (os.cpu_count() or 1) - 1))
-    if todo:
-        try:
-            _run_units(net, store, source, todo, batch_size, workers, device, verify, progress, spec.num_classes)
-        except ModelOutputError as e:
-            named = spec.name if spec.name == str(model) else f"{spec.name} ({model})"
-            raise ModelOutputError(f"model {named} {e}") from None
+    mine = ctx.split(todo) if ctx is not None else todo
+    log.info("%s on %s: %d variants x %d samples, %d of %d units to score%s", spec.name, corpus, len(variants),
+             rows, len(todo), len(units), f", {len(mine)} by rank {ctx.rank} of {ctx.world}" if ctx else "")
+    if workers is None:  # the cores are shared by the ranks of a node
+        per_rank = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world if ctx else 1))
+        workers = min(4, max(0, per_rank - 1))
+    named = spec.name if spec.name == str(model) else f"{spec.name} ({model})"
+
+    def score_units() -> None:
+        if mine:
+            try:
+                _run_units(net, writer, source, mine, batch_size, workers, run_device, verify, progress,
+                           spec.num_classes)
+            except ModelOutputError as e:
+                raise ModelOutputError(f"model {named} {e}") from None
+
+    dist.step(ctx, score_units)
     jobs_run = None
     if attacks:
-        try:
-            jobs_run = _attack(net, store, source, manifest, all_units, rows, attacks=attacks, budgets=budgets,
-                               limit=attack_limit, config=attack_config, rule=budget_scale, cascade=cascade,
-                               transfer_from=transfer_from, n_classes=spec.num_classes, batch_size=batch_size,
-                               device=device, verify=verify, progress=progress, workers=workers)
-        except ModelOutputError as e:
-            named = spec.name if spec.name == str(model) else f"{spec.name} ({model})"
-            raise ModelOutputError(f"model {named} {e}") from None
+        jobs_run = _attack(net, store, writer, ctx, source, manifest, all_units, rows, attacks=attacks,
+                           budgets=budgets, limit=attack_limit, config=attack_config, rule=budget_scale,
+                           cascade=cascade, transfer_from=transfer_from, n_classes=spec.num_classes,
+                           batch_size=batch_size, device=run_device, verify=verify, progress=progress,
+                           workers=workers, named=named)
+    if ctx is not None:
+        if ctx.rank:
+            return None  # rank 0 merges and reports
+        store.absorb_parts(by_id)
     predictions = _finished_predictions(store, all_units, manifest)
     summary = compute_summary(
         predictions, store.labels[...], manifest,
@@ -209,9 +254,40 @@ def score(corpus: str, model: str, out: str, *, weights: str | None = None, only
     return summary
 
 
-def _attack(net, store, source, manifest, all_units, rows, *, attacks, budgets, limit, config, rule, cascade,
-            transfer_from, n_classes, batch_size, device, verify, progress, workers) -> dict:
-    """Plan, check and run the attack jobs; returns {job id: settings} of this run."""
+def _attack(net, store, writer, ctx, source, manifest, all_units, rows, *, attacks, budgets, limit, config, rule,
+            cascade, transfer_from, n_classes, batch_size, device, verify, progress, workers, named) -> dict:
+    """Plan, check and run the attack jobs; returns {job id: settings} of this run.
+
+    ``store`` is the results store, ``writer`` where this process writes (the
+    store, or this rank's part, then given this rank's share of the batches).
+    """
+    plan = dist.step(ctx, lambda: _plan_attacks(store, ctx, manifest, rows, attacks=attacks, budgets=budgets,
+                                                limit=limit, config=config, rule=rule, transfer_from=transfer_from,
+                                                n_classes=n_classes, batch_size=batch_size, device=device))
+    jobs, subset, records, surrogate = plan
+
+    def run() -> None:
+        from qrobust.score import adversarial
+
+        if writer is not store:
+            writer.open_attacks(subset, records, batch_size)
+        onecrop = [u for u in all_units if u.variant == "clean/onecrop"]
+        try:
+            adversarial.run_attacks(net, jobs, writer, source, onecrop, subset, seed=manifest.get("seed") or 0,
+                                    batch_size=batch_size, device=device, verify=verify, cascade=cascade,
+                                    progress=progress, workers=workers, surrogate=surrogate,
+                                    share=ctx.split if ctx is not None else None)
+        except ModelOutputError as e:
+            raise ModelOutputError(f"model {named} {e}") from None
+
+    dist.step(ctx, run)
+    return records
+
+
+def _plan_attacks(store, ctx, manifest, rows, *, attacks, budgets, limit, config, rule, transfer_from, n_classes,
+                  batch_size, device):
+    """(jobs, subset rows, {job id: settings}, surrogate model or None); the store's attack arrays are made
+    (or checked) by the one process that writes it."""
     from qrobust.score import adversarial
     from qrobust.score.attacks import BUDGET_NAMES, resolved_params
     from qrobust.shared.models import load_model
@@ -235,13 +311,10 @@ def _attack(net, store, source, manifest, all_units, rows, *, attacks, budgets, 
     subset = adversarial.subset_rows(rows, limit)
     records = {j.id: {**j.record(), "scale": rule, **({"surrogate": transfer_from} if j.transfer else {})}
                for j in jobs}
-    store.open_attacks(subset, records, batch_size)
-    onecrop = [u for u in all_units if u.variant == "clean/onecrop"]
+    if ctx is None or ctx.rank == 0:
+        store.open_attacks(subset, records, batch_size)
     log.info("attacks: %s on %d rows", ", ".join(records), len(subset))
-    adversarial.run_attacks(net, jobs, store, source, onecrop, subset, seed=manifest.get("seed") or 0,
-                            batch_size=batch_size, device=device, verify=verify, cascade=cascade,
-                            progress=progress, workers=workers, surrogate=surrogate)
-    return records
+    return jobs, subset, records, surrogate
 
 
 def _attack_results(summary: dict, store: ResultsStore, predictions: dict) -> None:

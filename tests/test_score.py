@@ -6,6 +6,7 @@ import http.server
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -199,7 +200,6 @@ def test_results_folder_belongs_to_one_model_and_corpus(corpus, checkpoint, tmp_
 
 
 def test_tampered_shard_stops_scoring(corpus, checkpoint, tmp_path, capsys):
-    import shutil
 
     copy = tmp_path / "corpus"
     shutil.copytree(corpus, copy)
@@ -217,7 +217,6 @@ def test_tampered_shard_stops_scoring(corpus, checkpoint, tmp_path, capsys):
 
 @pytest.mark.parametrize("name", ["../outside.tar", "/etc/passwd", "http://elsewhere/x.tar", "natural/fog-1/x.tar"])
 def test_manifest_names_cannot_leave_the_corpus(corpus, tmp_path, name):
-    import shutil
 
     from qrobust.score.stream import Corpus, CorpusError
 
@@ -246,6 +245,42 @@ def test_corpus_at_an_http_url(corpus, checkpoint, tmp_path):
                "--workers", 0) == 0
     remote, local = (json.loads((tmp_path / n / "summary.json").read_text()) for n in ("remote", "local"))
     assert remote["clean"] == local["clean"] and remote["corpus"]["manifest_sha256"] == local["corpus"]["manifest_sha256"]
+
+
+@pytest.fixture
+def served(tmp_path):
+    """Serve a folder over HTTP on loopback; yields a function folder -> URL."""
+    servers = []
+
+    def serve(folder):
+        handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+        handler.log_message = lambda *a, **k: None
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield serve
+    for server in servers:
+        server.shutdown()
+
+
+def test_a_tampered_shard_at_a_url_stops_the_run_before_it_is_used(corpus, checkpoint, tmp_path, served, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(corpus, copy)
+    victim = sorted(copy.glob("clean/onecrop/*.tar"))[-1]  # the last shard: earlier ones are scored first
+    data = bytearray(victim.read_bytes())
+    data[700] ^= 1  # one bit inside the first member's payload, same size: only the hash can tell
+    victim.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert run("score", "--corpus", served(copy), "--model", checkpoint, "--out", tmp_path / "r",
+               "--only", "clean/onecrop", "--workers", 0) == 2
+    err = capsys.readouterr().err
+    assert victim.name in err and "sha256" in err
+    assert not (tmp_path / "r" / "summary.json").exists()
+    stored = json.loads((tmp_path / "r" / "progress.json").read_text()) if (tmp_path / "r" / "progress.json").exists() \
+        else []
+    assert not [u for u in stored if u.endswith(f"#{len(list(copy.glob('clean/onecrop/*.tar'))) - 1}")]
 
 
 def test_two_models_scored_and_reported(corpus, checkpoint, tmp_path):
