@@ -15,8 +15,11 @@ Budgets are RobustART's at --budget, rescaled to the input size. Prints
 images/s (median over --repeats, interleaved runs), the ratio of our time to
 torchattacks' time (below 1 = faster) and each attack's robust accuracy on
 the batch. These machines are noisy; compare numbers from one run only.
+With --device cuda the model, the batch and torchattacks all run on the GPU,
+and CUDA is synchronized before each timer is read.
 
 Run:  python bench/bench_attacks.py [--arch resnet18] [--size 224] [--batch 8] [--repeats 3] [--threads N]
+      python bench/bench_attacks.py --device cuda --batch 64
       python bench/bench_attacks.py --arch tiny_cnn --size 64 --batch 32
 """
 import argparse
@@ -53,12 +56,22 @@ def torchattacks_attack(name: str, model, eps: float):
     return cls(model, eps=eps, alpha=0.075 * eps, steps=20, random_start=True)
 
 
-def timed(fn, min_seconds: float = 0.5):
+def synchronize(device: str) -> None:
+    """Wait for the GPU's queued work, so a timer read next counts it (no-op on the CPU)."""
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, min_seconds: float = 0.5, device: str = "cpu"):
     """Seconds per call of ``fn`` (called again until ``min_seconds`` have passed, for fast attacks) and its output."""
+    synchronize(device)
     calls, start = 0, time.perf_counter()
     while True:
         out = fn()
         calls += 1
+        synchronize(device)
         elapsed = time.perf_counter() - start
         if elapsed >= min_seconds:
             return elapsed / calls, out
@@ -73,6 +86,7 @@ def main() -> None:
     parser.add_argument("--budget", default="middle", choices=("small", "middle", "large"))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     parser.add_argument("--attacks", nargs="*", default=list(PAIRS) + list(ALONE),
                         help="attacks to time (default: fgsm-linf pgd-linf pgd-l2 pgd-l1 apgd-l1 autoattack-linf)")
     args = parser.parse_args()
@@ -86,14 +100,17 @@ def main() -> None:
     logging.getLogger("qrobust").setLevel(logging.ERROR)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = build_model(args.arch, args.num_classes).eval()
-    x = photos(args.batch, args.size)
+    model = build_model(args.arch, args.num_classes).eval().to(args.device)
+    x = photos(args.batch, args.size).to(args.device)
     with torch.no_grad():
         y = model(x).argmax(1)
     seeds = torch.arange(args.batch, dtype=torch.int64)
     shape = tuple(x.shape[1:])
     print(f"{args.arch} (random init, {args.num_classes} classes), batch {args.batch} x {shape}, "
           f"budget {args.budget}, {torch.get_num_threads()} torch threads, medians of {args.repeats}")
+    if args.device != "cpu":
+        name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else args.device
+        print(f"device: {args.device} ({name}, torch {torch.__version__}, CUDA {torch.version.cuda})")
 
     def ours(name):
         eps, params = at_shape(name, args.budget, shape)
@@ -113,13 +130,13 @@ def main() -> None:
         eps, _ = at_shape(name, args.budget, shape)
         mine, theirs, ar = [], [], None
         for _ in range(args.repeats):  # interleaved, so machine noise hits both
-            t, x_adv = timed(ours(name))
+            t, x_adv = timed(ours(name), device=args.device)
             mine.append(t)
             ar = robust(x_adv)
             if name in PAIRS:
                 attack = torchattacks_attack(name, model, eps)
                 with frozen(model):
-                    t, x_ref = timed(lambda: attack(x, y))
+                    t, x_ref = timed(lambda: attack(x, y), device=args.device)
                 theirs.append(t)
         m = statistics.median(mine)
         if theirs:

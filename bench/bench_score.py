@@ -10,9 +10,10 @@ model and batch size:
 
 The ratio streamed / in-memory is the data path's overhead (1.0 = the scorer
 is limited by the model alone). Medians over --repeats runs; these machines
-are noisy.
+are noisy. On a GPU (--device cuda) one warm-up batch runs first (CUDA context,
+kernel choice) and CUDA is synchronized before each timer is read.
 
-Run:  python bench/bench_score.py [--arch resnet18] [--images 192] [--workers 1] [--repeats 3]
+Run:  python bench/bench_score.py [--arch resnet18] [--images 192] [--workers 1] [--repeats 3] [--device cuda]
 """
 import argparse
 import statistics
@@ -34,22 +35,44 @@ def build_corpus(folder: Path, images: int) -> Path:
     return folder / "corpus"
 
 
-def in_memory(model, images: np.ndarray, batch_size: int) -> float:
+def synchronize(device: str) -> None:
+    """Wait for the GPU's queued work, so a timer read next counts it (no-op on the CPU)."""
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def device_name(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda"):
+        return f"{device} ({torch.cuda.get_device_name(device)}, torch {torch.__version__}, CUDA {torch.version.cuda})"
+    return device
+
+
+def in_memory(model, images: np.ndarray, batch_size: int, device: str = "cpu") -> float:
     import torch
 
     from qrobust.score.run import _top5
 
+    synchronize(device)
     start = time.perf_counter()
     with torch.inference_mode():
-        _top5(model, images, batch_size, "cpu")
+        _top5(model, images, batch_size, device)
+    synchronize(device)
     return time.perf_counter() - start
 
 
-def streamed(corpus: Path, arch: str, out: Path, batch_size: int, workers: int) -> float:
+def streamed(corpus: Path, arch: str, out: Path, batch_size: int, workers: int, device: str = "cpu",
+             limit: int | None = None) -> float:
     from qrobust.score.run import score
 
+    synchronize(device)
     start = time.perf_counter()
-    score(str(corpus), arch, str(out), batch_size=batch_size, workers=workers, progress=False)
+    score(str(corpus), arch, str(out), batch_size=batch_size, workers=workers, progress=False, device=device,
+          limit=limit)
+    synchronize(device)
     return time.perf_counter() - start
 
 
@@ -60,6 +83,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     args = parser.parse_args()
     import logging
 
@@ -75,17 +99,31 @@ def main() -> None:
         source = Corpus(str(corpus))
         units, _ = plan_units(source.manifest, ["clean/onecrop"], None)
         images = np.concatenate([p.pixels for u in units for p in read_unit(source, u, True, 10**6)])
-        model, _, _ = load_model(args.arch)
+        from qrobust.score.run import fp32_kernels
+
+        fp32_kernels(args.device)  # the scorer's kernels (no TF32) for the in-memory runs too
+        model, _, _ = load_model(args.arch, device=args.device)
         print(f"{args.arch}, {len(images)} images 224x224, batch {args.batch_size}, "
               f"{torch.get_num_threads()} torch threads, {args.workers} loader worker(s)")
-        memory, stream = [], []
+        if args.device != "cpu":
+            print(f"device: {device_name(args.device)}")
+            in_memory(model, images[:args.batch_size], args.batch_size, args.device)  # warm-up: CUDA context, kernels
+        memory, stream, fixed = [], [], []
         for r in range(args.repeats):  # interleaved, so machine noise hits both
-            memory.append(in_memory(model, images, args.batch_size))
-            stream.append(streamed(corpus, args.arch, Path(tmp) / f"results-{r}", args.batch_size, args.workers))
-        m, s = statistics.median(memory), statistics.median(stream)
+            memory.append(in_memory(model, images, args.batch_size, args.device))
+            stream.append(streamed(corpus, args.arch, Path(tmp) / f"results-{r}", args.batch_size, args.workers,
+                                   args.device))
+            # one batch only: the fixed cost of a run (model load, loader workers, store, summary)
+            fixed.append(streamed(corpus, args.arch, Path(tmp) / f"one-{r}", args.batch_size, args.workers,
+                                  args.device, limit=args.batch_size))
+        m, s, f = statistics.median(memory), statistics.median(stream), statistics.median(fixed)
         print(f"in memory: {len(images) / m:7.1f} img/s   (median {m:.2f} s)")
         print(f"streamed:  {len(images) / s:7.1f} img/s   (median {s:.2f} s, incl. model load, zarr, summary)")
         print(f"streamed / in memory time: {s / m:.2f}")
+        if s > f and len(images) > args.batch_size:
+            steady = (len(images) - args.batch_size) / (s - f)
+            print(f"streamed, steady state: {steady:7.1f} img/s (a one-batch run takes {f:.2f} s: model load, "
+                  f"loader workers, store, summary); steady / in memory: {len(images) / m / steady:.2f}")
 
 
 if __name__ == "__main__":

@@ -63,6 +63,21 @@ class ModelOutputError(QrobustError, ValueError):
     """A model's logits cannot be ranked: NaN or infinite values, or not one score per class."""
 
 
+def fp32_kernels(device: str) -> None:
+    """On a GPU, score in true float32, as on a CPU: no TF32 convolutions or matrix products.
+
+    cuDNN's convolutions default to TF32 on Ampere and later, which rounds their
+    inputs to a 10-bit mantissa. A quantized model turns such differences into
+    whole quantization steps: on an H200, a DoReFa tiny_resnet's logits moved by
+    2e-3 from the CPU's. Robustness numbers must not depend on the card.
+    """
+    if str(device).startswith("cuda"):
+        import torch
+
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+
 def _top5(model, pixels: np.ndarray, batch_size: int, device: str, num_classes: int | None = None,
           where=None) -> np.ndarray:
     """Top-5 class ids of uint8 (n, H, W, 3) images, in batches.
@@ -180,6 +195,7 @@ def _score(corpus, model, out, ctx, *, weights, only, exclude, device, batch_siz
     if problems:
         raise CorpusError(_refusal(problems, str(corpus)))
     n_classes = len(manifest.get("classes") or []) or None
+    fp32_kernels(run_device)
     net, spec, sha = load_model(model, weights=weights, num_classes=n_classes, device=run_device)
     if n_classes and spec.num_classes != n_classes:
         raise CorpusError(f"the model has {spec.num_classes} outputs but the corpus {n_classes} classes; labels would "

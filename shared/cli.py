@@ -141,7 +141,7 @@ def _add_score(sub) -> None:
                    help="leave these variant ids out (repeatable or comma-separated), e.g. a variant that "
                         "`qrobust verify` reports damaged: --exclude natural/fog-3")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (per process under torchrun)")
     p.add_argument("--workers", type=int, help="data-loading processes (default: min(4, cores - 1))")
     p.add_argument("--limit", type=int, help="score the first N samples of every variant")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of shards (sizes are checked)")

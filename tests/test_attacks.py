@@ -561,3 +561,46 @@ def test_zero_gradient_share(trained):
     assert "gradients may be masked" in masking_warnings({}, zero_grad_share=share)[0]
     # and the attacks see it: FGSM cannot move, PGD only moves by its random start
     assert torch.equal(run_attack("fgsm-linf", Rounds(), x[:8], y[:8], 8 / 255, seeds=seeds_for(8)), x[:8])
+
+
+def test_random_starts_drawn_on_threads_equal_the_serial_draws(monkeypatch):
+    """random_draws runs the per-sample CPU generators on several threads and finishes the arithmetic on
+    the CPU; the starts must be the serial, device-side computation's bit for bit (the old code, kept
+    here as the oracle)."""
+    from qrobust.score.attacks import sample_generators
+    from qrobust.score.attacks.l1 import l1_start, project_l1_box
+    from qrobust.score.attacks.pgd import l2_start, linf_start
+
+    def serial(seeds, shape, draw):
+        return torch.stack([draw(g, tuple(shape)) for g in sample_generators(seeds)])
+
+    def old_l2(g, shape):
+        direction = torch.randn(shape, generator=g, dtype=torch.float64)
+        radius = torch.rand((), generator=g, dtype=torch.float64)
+        return direction * (radius / direction.norm().clamp_min(1e-300))
+
+    x = torch.rand(7, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    x[6] = x[5]
+    seeds = torch.tensor([5, 1, 99, 12345678901, 0, 7, 7])
+    eps = 0.3
+    size = x[0].numel()
+
+    def old_l1(g, shape):
+        spacings = -torch.log1p(-torch.rand(size + 1, generator=g, dtype=torch.float64))
+        signs = torch.rand(size, generator=g, dtype=torch.float64) < 0.5
+        point = spacings[:size] / spacings.sum()
+        return torch.where(signs, -point, point).reshape(shape)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    monkeypatch.setattr("qrobust.score.attacks.pgd.PARALLEL_DRAWS", 1)  # threads even for this small batch
+    try:
+        got = [linf_start(x, eps, seeds), l2_start(x, eps, seeds), l1_start(x, eps, seeds)]
+    finally:
+        torch.set_num_threads(threads)
+    noise = serial(seeds, x.shape[1:], lambda g, s: torch.rand(s, generator=g))
+    assert torch.equal(got[0], (x + (2 * noise.to(x.dtype) - 1) * eps).clamp(0, 1))
+    assert torch.equal(got[1], (x + (serial(seeds, x.shape[1:], old_l2) * eps).to(x.dtype)).clamp(0, 1))
+    delta = (serial(seeds, x.shape[1:], old_l1) * eps).to(x.dtype)
+    assert torch.equal(got[2], (x + project_l1_box(delta, x, eps)).clamp(0, 1))
+    assert torch.equal(got[1][5], got[1][6])  # same seed, same start, whatever its place in the batch

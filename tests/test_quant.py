@@ -405,13 +405,21 @@ def test_autocast_does_not_break():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("method", ["dorefa", "pact", "lsq"])
-def test_cuda_matches_cpu(method):
+def test_cuda_matches_cpu(method, monkeypatch):
+    from qrobust.score.run import fp32_kernels
+
+    for flags in (torch.backends.cudnn, torch.backends.cuda.matmul):  # restored after the test
+        monkeypatch.setattr(flags, "allow_tf32", flags.allow_tf32)
+    fp32_kernels("cuda")  # as the scorer runs: TF32 convolutions move quantized activations across levels
     model, policy = quantized("tiny_resnet", method)
     gpu = build_model("tiny_resnet", 10).cuda()
     quantize_model(gpu, **{k: policy[k] for k in QUANT_ARGS})
     gpu.net.load_state_dict(model.net.state_dict())
     x = images(4, seed=8)
     with torch.no_grad():
-        assert torch.allclose(gpu.eval()(x.cuda()).cpu(), model(x), atol=1e-3)
+        on_gpu, on_cpu = gpu.eval()(x.cuda()).cpu(), model(x)
+    # cuDNN and the CPU sum a convolution in other orders, and a quantizer turns a last-bit difference at a
+    # rounding boundary into a whole step: on an H200 (TF32 off) LSQ logits differed by up to 2e-3
+    assert torch.allclose(on_gpu, on_cpu, atol=1e-2) and torch.equal(on_gpu.argmax(1), on_cpu.argmax(1))
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):
         assert torch.isfinite(gpu(x.cuda())).all()

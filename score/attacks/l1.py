@@ -81,9 +81,9 @@ def l1_start(x: torch.Tensor, eps: float, seeds: torch.Tensor) -> torch.Tensor:
         spacings = -torch.log1p(-torch.rand(size + 1, generator=g, dtype=torch.float64))
         signs = torch.rand(size, generator=g, dtype=torch.float64) < 0.5
         point = spacings[:size] / spacings.sum()
-        return torch.where(signs, -point, point).reshape(shape)
+        return (torch.where(signs, -point, point).reshape(shape) * eps).to(x.dtype)  # on the CPU: see random_draws
 
-    delta = (random_draws(seeds, x.shape[1:], draw, x.device) * eps).to(x.dtype)
+    delta = random_draws(seeds, x.shape[1:], draw, x.device)
     return (x + project_l1_box(delta, x, eps)).clamp(0, 1)
 
 

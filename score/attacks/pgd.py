@@ -16,6 +16,8 @@ is misclassified).
 """
 from __future__ import annotations
 
+import math
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import torch
@@ -45,26 +47,63 @@ def loss_grad(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor,
 
 def random_draws(seeds: torch.Tensor, shape, draw: Callable[[torch.Generator, tuple], torch.Tensor],
                  device) -> torch.Tensor:
-    """``draw(generator, shape)`` once per sample from its own generator, stacked (N, *shape) on ``device``."""
-    return torch.stack([draw(g, tuple(shape)) for g in sample_generators(seeds)]).to(device)
+    """``draw(generator, shape)`` once per sample from its own generator, stacked (N, *shape) on ``device``.
+
+    The draws come from per-sample CPU generators, so a sample's random start is
+    the same on every device and in every batch. They are serial per generator
+    but independent across samples: with several torch threads, the samples are
+    drawn on that many threads (torch releases the GIL), which on a GPU run was
+    most of a PGD batch's time when done one after another. ``draw`` should
+    finish its arithmetic on the CPU (in the dtype the attack needs) so that only
+    the result crosses to ``device``.
+    """
+    generators = sample_generators(seeds)
+    shape = tuple(shape)
+    first = draw(generators[0], shape) if generators else torch.empty(shape)
+    # each draw lands in its row of one buffer (pinned for a GPU: a faster copy, no stacking pass)
+    out = torch.empty((len(generators), *shape), dtype=first.dtype,
+                      pin_memory=torch.device(device).type == "cuda" and torch.cuda.is_available())
+    if generators:
+        out[0] = first
+
+    def fill(i: int) -> None:
+        out[i] = draw(generators[i], shape)
+
+    rest = range(1, len(generators))
+    if len(rest) > 1 and torch.get_num_threads() > 1 and len(generators) * math.prod(shape) >= PARALLEL_DRAWS:
+        list(_draw_pool().map(fill, rest))
+    else:
+        for i in rest:
+            fill(i)
+    return out.to(device, non_blocking=True)
+
+
+PARALLEL_DRAWS = 1 << 20  # below about a million numbers per batch, threads cost more than they save
+_pool: list[ThreadPoolExecutor] = []
+
+
+def _draw_pool() -> ThreadPoolExecutor:
+    """One pool for the process (starting threads per batch cost ~2 ms), as wide as torch's thread count."""
+    if not _pool:
+        _pool.append(ThreadPoolExecutor(torch.get_num_threads(), thread_name_prefix="qrobust-draws"))
+    return _pool[0]
 
 
 def linf_start(x: torch.Tensor, eps: float, seeds: torch.Tensor) -> torch.Tensor:
     """``x`` plus per-sample uniform noise in [-eps, eps], clipped to [0, 1]."""
-    noise = random_draws(seeds, x.shape[1:], lambda g, s: torch.rand(s, generator=g), x.device)
-    return (x + (2 * noise.to(x.dtype) - 1) * eps).clamp(0, 1)
+    noise = random_draws(seeds, x.shape[1:], lambda g, s: torch.rand(s, generator=g).to(x.dtype), x.device)
+    return (x + (2 * noise - 1) * eps).clamp(0, 1)
 
 
 def l2_start(x: torch.Tensor, eps: float, seeds: torch.Tensor) -> torch.Tensor:
     """``x`` plus a per-sample random direction at a radius uniform in [0, eps], clipped to [0, 1]."""
 
-    def draw(g, shape):
+    def draw(g, shape):  # float64 on the CPU, then x's dtype: the same rounding wherever x lives
         direction = torch.randn(shape, generator=g, dtype=torch.float64)
         radius = torch.rand((), generator=g, dtype=torch.float64)
-        return direction * (radius / direction.norm().clamp_min(1e-300))
+        return (direction * (radius / direction.norm().clamp_min(1e-300)) * eps).to(x.dtype)
 
-    delta = random_draws(seeds, x.shape[1:], draw, x.device)
-    return (x + (delta * eps).to(x.dtype)).clamp(0, 1)
+    return (x + random_draws(seeds, x.shape[1:], draw, x.device)).clamp(0, 1)
 
 
 class BestIterate:
