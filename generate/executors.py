@@ -19,6 +19,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from pathlib import Path
 
 from qrobust.generate import jobs
+from qrobust.shared import manifest as mf
 from qrobust.shared.errors import NO_SPACE, QrobustError
 from qrobust.shared.spec import Suite, Variant
 
@@ -141,6 +142,8 @@ class DaskExecutor:
     def __enter__(self):
         try:
             from distributed import Client, LocalCluster
+
+            logging.getLogger("distributed").setLevel(logging.WARNING)  # its INFO lines are not the user's
         except ImportError:
             raise ExecutorError("--executor dask needs Dask: pip install 'qrobust[dask]' "
                                 "(dask[distributed]; dask-jobqueue for SLURM/PBS/LSF)") from None
@@ -161,7 +164,9 @@ class DaskExecutor:
             raise ExecutorError(f"cannot reach the Dask scheduler {self.scheduler or '(local)'}: "
                                 f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
         # one copy of the suite on every worker, not one per task
-        self.setup = self.client.scatter((self.suite, str(self.out), tuple(v.id for v in self.variants)),
+        versions = mf.library_versions()  # every worker must render with these (checked there)
+        pixel = {lib: versions.get(lib) for lib in mf.pixel_libraries(self.suite.spec)}
+        self.setup = self.client.scatter((self.suite, str(self.out), tuple(v.id for v in self.variants), pixel),
                                          broadcast=True)
         return self
 

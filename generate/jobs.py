@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qrobust.shared import manifest as mf
-from qrobust.shared.shards import shard_summary
+from qrobust.shared.errors import QrobustError
+from qrobust.shared.shards import keys_digest, shard_summary
 from qrobust.shared.seeding import sample_seed
 from qrobust.shared.sources import BadImage, SourceSample
 from qrobust.shared.spec import Suite, Variant
@@ -87,10 +88,18 @@ def _warm_up(variants: list[Variant]) -> None:
 
 def on_cluster(setup: tuple, name: str, *args):
     """Run the worker function ``name`` (:func:`scan` or :func:`run_job`) on a Dask worker, set up first
-    for this corpus (once per worker process and corpus). ``setup``: (suite, out folder, warm ids)."""
-    suite, out, warm = setup
+    for this corpus (once per worker process and corpus), after checking that the worker has the
+    run's pixel-library versions. ``setup``: (suite, out folder, warm ids, {library: version})."""
+    suite, out, warm, versions = setup
     key = (out, json.dumps(suite.spec, sort_keys=True))
     if _worker.get("key") != key:
+        here = mf.library_versions()
+        differ = [f"{lib} {here.get(lib)} (the run: {v})" for lib, v in versions.items() if here.get(lib) != v]
+        if differ:  # its pixels would differ from the other workers': never mix them into one corpus
+            import socket
+
+            raise QrobustError(f"Dask worker on {socket.gethostname()} has other pixel libraries than the run: "
+                               f"{', '.join(differ)}; install the same versions on every worker")
         init_worker(suite, out, None, warm, local=False)
         _worker["key"] = key
     return {"scan": scan, "run_job": run_job}[name](*args)
@@ -122,9 +131,10 @@ def scan(samples: list[SourceSample]) -> dict[str, str]:
     return bad
 
 
-def _existing_summary(path: Path, expected: str | None, notes: list[str]) -> dict | None:
+def _existing_summary(path: Path, expected: str | None, keys_sha256: str, notes: list[str]) -> dict | None:
     """Summary of a shard already on disk, or None (after removing it) if it must be rebuilt:
-    unreadable, or not what the earlier manifest recorded."""
+    unreadable, not what the earlier manifest recorded, or not holding the samples this job plans
+    (``keys_sha256``: a run that saw other usable sources, e.g. a --part on a node with a read error)."""
     if not path.is_file():
         return None
     try:
@@ -132,9 +142,12 @@ def _existing_summary(path: Path, expected: str | None, notes: list[str]) -> dic
     except (OSError, ValueError) as e:
         notes.append(f"rebuilding {path}: {e}")
     else:
-        if expected is None or summary["sha256"] == expected:
+        if summary["keys_sha256"] != keys_sha256:
+            notes.append(f"rebuilding {path}: it holds other samples than planned")
+        elif expected is None or summary["sha256"] == expected:
             return summary
-        notes.append(f"rebuilding {path}: content differs from the manifest")
+        else:
+            notes.append(f"rebuilding {path}: content differs from the manifest")
     path.unlink(missing_ok=True)
     return None
 
@@ -152,9 +165,10 @@ def run_job(job: Job) -> tuple[list[tuple[str, int, dict]], list[str]]:
     variants: list[Variant] = [_worker["variants"][vid] for vid in job.group]
     results, todo, notes = [], [], []
     expected = job.expected or (None,) * len(variants)
+    keys_sha256 = keys_digest([s.key for s in job.samples])
     for v, sha in zip(variants, expected):
         path = out / mf.shard_name(v.id, job.shard)
-        summary = _existing_summary(path, sha, notes)
+        summary = _existing_summary(path, sha, keys_sha256, notes)
         if summary is not None:
             results.append((v.id, job.shard, summary))
         else:

@@ -1,5 +1,6 @@
 """The folder a corpus is written into, shared by ``generate``, ``import`` and ``pack``: created with
-clear errors, locked against a second writer, cleared of what killed runs half-wrote.
+clear errors; for ``generate`` and ``import``, also locked against a second writer and cleared of what
+killed runs half-wrote (``pack`` writes only into a new, empty folder).
 
 ``OUT/.qrobust/`` (:data:`STATE_DIR`) holds the run's state: the lock, the
 recorded settings, caches and, for ``--part`` runs, their records; it is not
@@ -8,12 +9,15 @@ part of the corpus (``verify`` and ``score`` never read it).
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
 from pathlib import Path
 
 from qrobust.shared import manifest as mf
 from qrobust.shared.errors import QrobustError
 
 STATE_DIR = ".qrobust"
+log = logging.getLogger("qrobust.generate")
 
 
 def create(out: str | Path, error: type[QrobustError] = QrobustError) -> Path:
@@ -33,17 +37,22 @@ def locked(out: Path, shared: bool = False, error: type[QrobustError] = QrobustE
     """An advisory lock on the corpus folder, released at exit: exclusive for a whole run, shared by
     ``generate --part`` runs (they build disjoint shards side by side)."""
     (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
-    with open(out / STATE_DIR / "lock", "w") as f:
+    # read and write: NFS emulates flock with byte-range locks, and a shared (read) lock needs read access
+    with open(out / STATE_DIR / "lock", "a+") as f:
         try:
             import fcntl
 
             fcntl.flock(f, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except ImportError:  # not POSIX: no lock
             pass
-        except OSError:
-            what = "a run without --part (or --finalize)" if shared else \
-                "another `qrobust generate` (a whole run, or --part runs) or import"
-            raise error(f"{what} is writing {out}; wait for it or use another --out") from None
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                log.warning("cannot lock %s on this file system (%s): make sure no other run writes there",
+                            out, errno.errorcode.get(e.errno, e.errno))
+            else:
+                what = "a run without --part (or --finalize)" if shared else \
+                    "another `qrobust generate` (a whole run, or --part runs) or import"
+                raise error(f"{what} is writing {out}; wait for it or use another --out") from None
         yield
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from qrobust.generate.jobs import Job
 from qrobust.shared import manifest as mf
 from qrobust.shared.errors import QrobustError
-from qrobust.shared.shards import shard_summary
+from qrobust.shared.shards import keys_digest, shard_summary
 
 PARTS_DIR = "parts"  # under the corpus's state folder
 
@@ -54,54 +54,84 @@ def record_path(state: Path, i: int, n: int) -> Path:
     return state / PARTS_DIR / f"part-{i:05d}-of-{n:05d}.json"
 
 
-def write_record(state: Path, i: int, n: int, plan_sha256: str, results: list) -> None:
-    """What part I of N built: (variant id, shard index, summary) of each of its shards."""
+SUMMARY_FIELDS = {"sha256": str, "bytes": int, "count": int, "keys_sha256": str}
+
+
+def write_record(state: Path, i: int, n: int, plan_sha256: str, samples_sha256: str, results: list) -> None:
+    """What part I of N built: (variant id, shard index, summary) of each of its shards, and a digest of
+    the usable samples it saw (its source scan)."""
     shards = sorted([vid, index, summary] for job in results for vid, index, summary in job)
     path = record_path(state, i, n)
     path.parent.mkdir(parents=True, exist_ok=True)
-    mf.write_atomic(path, json.dumps({"plan_sha256": plan_sha256, "part": f"{i}/{n}", "shards": shards},
-                                     sort_keys=True))
+    mf.write_atomic(path, json.dumps({"plan_sha256": plan_sha256, "samples_sha256": samples_sha256,
+                                      "part": f"{i}/{n}", "shards": shards}, sort_keys=True))
 
 
-def recorded_shards(state: Path, plan_sha256: str) -> dict[str, tuple[str, int, dict]]:
-    """{shard name: (variant id, index, summary)} from every part record of this plan (any N)."""
+def _entry(item) -> tuple[str, int, dict]:
+    vid, index, summary = item
+    if not (isinstance(vid, str) and mf.VARIANT_ID.fullmatch(vid) and isinstance(index, int) and index >= 0
+            and isinstance(summary, dict)
+            and all(isinstance(summary.get(k), t) for k, t in SUMMARY_FIELDS.items())):
+        raise TypeError(item)
+    return vid, index, {k: summary[k] for k in SUMMARY_FIELDS}
+
+
+def recorded_shards(state: Path, plan_sha256: str, samples_sha256: str) -> dict[str, tuple[str, int, dict]]:
+    """{shard name: (variant id, index, summary)} from every part record of this plan (any N).
+
+    A record made from other usable samples than ``samples_sha256`` (a part
+    whose source scan differed, e.g. a read error on its node) is refused: its
+    shards were cut from another sample list."""
     out: dict[str, tuple[str, int, dict]] = {}
     for path in sorted((state / PARTS_DIR).glob("part-*-of-*.json")):
         try:
             record = json.loads(path.read_text())
             if record.get("plan_sha256") != plan_sha256:
                 continue  # a record of another plan (the folder was rebuilt): not this corpus's
-            for vid, index, summary in record["shards"]:
-                out[mf.shard_name(vid, index)] = (vid, int(index), summary)
-        except (OSError, ValueError, KeyError, TypeError):
+            entries = [_entry(item) for item in record["shards"]]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
             raise PartError(f"{path}: unreadable part record; delete it and rerun that part") from None
+        if record.get("samples_sha256") != samples_sha256:
+            raise PartError(f"part {record.get('part')} ({path.name}) saw other usable samples than this run: "
+                            "its source scan differed (a read error on its node?); delete that record and "
+                            f"{state / 'scan.json'}, then rerun the parts")
+        for vid, index, summary in entries:
+            out[mf.shard_name(vid, index)] = (vid, index, summary)
     return out
 
 
-def collect(out: Path, state: Path, plan_sha256: str, planned: list[Job], summarize: bool) -> tuple[list, list[str]]:
+def collect(out: Path, state: Path, plan_sha256: str, samples_sha256: str, planned: list[Job],
+            summarize: bool) -> tuple[list, list[str]]:
     """The shard summaries of every planned shard, from the parts' records, and the names of those missing.
 
-    A recorded shard counts only if its file is still there at the recorded size
-    (otherwise it was changed since: its part must build it again). With ``summarize``, a shard on disk that no record lists (its part was
-    stopped after publishing it) is summarized here (read and hashed) instead
-    of counting as missing.
+    A recorded shard counts only if it holds the planned samples and its file is
+    still there at the recorded size (otherwise it was changed since: its part
+    must build it again). With ``summarize``, a shard on disk that no record
+    lists (its part was stopped after publishing it) is summarized here (read
+    and hashed) instead of counting as missing.
     """
-    records = recorded_shards(state, plan_sha256)
+    records = recorded_shards(state, plan_sha256, samples_sha256)
     found, missing = [], []
     for job in planned:
+        keys_sha256 = keys_digest([s.key for s in job.samples])
         for vid in job.group:
             name = mf.shard_name(vid, job.shard)
             path = out / name
             entry = records.get(name)
             if entry is not None:  # recorded: it counts while it is there at the recorded size
-                if path.is_file() and path.stat().st_size == entry[2].get("bytes"):
+                if entry[2]["keys_sha256"] == keys_sha256 and path.is_file() \
+                        and path.stat().st_size == entry[2]["bytes"]:
                     found.append([entry])
                 else:
                     missing.append(name)
             elif summarize and path.is_file():
                 try:
-                    found.append([(vid, job.shard, shard_summary(path))])
+                    summary = shard_summary(path)
                 except (OSError, ValueError):
+                    summary = None
+                if summary is not None and summary["keys_sha256"] == keys_sha256:
+                    found.append([(vid, job.shard, summary)])
+                else:
                     missing.append(name)
             else:
                 missing.append(name)

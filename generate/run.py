@@ -124,7 +124,11 @@ def _old_manifest(out: Path) -> dict | None:
 def _check_plan(out: Path, plan: dict, old_manifest: dict | None) -> None:
     """Refuse an --out that holds anything but a corpus of this very plan; record the plan."""
     path = out / outdir.STATE_DIR / "plan.json"
-    old = json.loads(path.read_text()) if path.is_file() else (mf.plan_of(old_manifest) if old_manifest else None)
+    try:
+        old = json.loads(path.read_text()) if path.is_file() else (mf.plan_of(old_manifest) if old_manifest else None)
+    except (OSError, ValueError, RecursionError):
+        raise GenerateError(f"{path}: unreadable; delete it (the settings are checked against the manifest, "
+                            "if any)") from None
     if old is None and any(p.name != outdir.STATE_DIR for p in out.iterdir()):
         raise GenerateError(f"{out} is not empty and holds no qrobust corpus; choose a new or empty --out")
     if old is not None and old != plan:
@@ -202,7 +206,7 @@ def _generate_locked(ex, the_suite: Suite, variants: list[Variant], listed: Sour
     for r in listed.rejected:
         log.warning("rejected %s: %s", r.path, r.reason)
     errors: list[str] = []
-    dataset = _scan_sources(ex, listed, out_path, progress, strict, errors, workers)
+    dataset = _scan_sources(ex, listed, out_path, progress, strict, errors, workers, binding=bool(part_of))
     if errors:
         raise GenerateError("scanning the source failed: " + "; ".join(errors[:3]))
     if not dataset.samples:
@@ -248,12 +252,24 @@ def _generate_locked(ex, the_suite: Suite, variants: list[Variant], listed: Sour
         raise GenerateError(f"{len(errors)} job(s) failed; finished shards are kept, rerun to resume. "
                             f"First: {errors[0]}")
     if part_of:
-        parts.write_record(state, *part_of, plan_sha, [r for r, _ in results])
+        outdir.remove_partials(out_path, [mf.shard_name(vid, j.shard) for j in planned for vid in j.group])
+        parts.write_record(state, *part_of, plan_sha, keys_digest([s.key for s in dataset.samples]),
+                           [r for r, _ in results])
         return _write_from_records(the_suite, variants, listed, dataset, old_manifest, plan, versions, out_path,
                                    everything, dealt, required=False)
+    outdir.remove_partials(out_path)  # e.g. of a Dask worker lost mid-shard (its task ran again elsewhere)
     manifest = build_manifest(the_suite, variants, listed, dataset, [r for r, _ in results], old_manifest, plan,
                               versions)
-    mf.write_atomic(out_path / mf.MANIFEST_NAME, mf.dumps(manifest))
+    return _write_manifest(out_path, manifest)
+
+
+def _write_manifest(out: Path, manifest: dict) -> dict:
+    """Write the manifest, last, after checking it as ``verify`` and ``score`` will."""
+    problems = mf.manifest_problems(manifest)
+    if problems:  # a bug, or shards cut from different sample lists: never bless them
+        raise GenerateError(f"the corpus is inconsistent, no manifest written: {problems[0][1]} "
+                            f"(and {len(problems) - 1} more); rerun without --part to rebuild what is wrong")
+    mf.write_atomic(out / mf.MANIFEST_NAME, mf.dumps(manifest))
     return manifest
 
 
@@ -262,7 +278,8 @@ def _write_from_records(the_suite: Suite, variants: list[Variant], listed: Sourc
                         dealt: list | None, *, required: bool) -> dict | None:
     """The manifest from the parts' records, if every shard is built: written and returned. Otherwise
     raise naming what is missing (``required``: --finalize), or log it and return None (a part)."""
-    found, missing = parts.collect(out, out / outdir.STATE_DIR, mf.plan_digest(plan), everything, summarize=required)
+    found, missing = parts.collect(out, out / outdir.STATE_DIR, mf.plan_digest(plan),
+                                   keys_digest([s.key for s in dataset.samples]), everything, summarize=required)
     if missing:
         message = parts.missing_message(missing, dealt)
         if required:
@@ -271,22 +288,55 @@ def _write_from_records(the_suite: Suite, variants: list[Variant], listed: Sourc
         return None
     if required:
         outdir.remove_partials(out)  # exclusive: no part is writing
-    manifest = build_manifest(the_suite, variants, listed, dataset, found, old_manifest, plan, versions)
-    mf.write_atomic(out / mf.MANIFEST_NAME, mf.dumps(manifest))
+    manifest = _write_manifest(out, build_manifest(the_suite, variants, listed, dataset, found, old_manifest, plan,
+                                                   versions))
     log.info("manifest written from the parts' records: %d shards", len(found))
     return manifest
 
 
+def _read_scan(cache: Path, fingerprint: dict) -> dict[str, str] | None:
+    """The recorded scan of these sources ({key: reason}), or None."""
+    if not cache.is_file():
+        return None
+    try:
+        cached = json.loads(cache.read_text())
+        bad = cached["bad"] if cached.get("source") == fingerprint else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        raise GenerateError(f"{cache}: unreadable; delete it (the sources are scanned again)") from None
+    if bad is not None and not (isinstance(bad, dict) and all(isinstance(v, str) for v in bad.values())):
+        raise GenerateError(f"{cache}: not a scan record; delete it (the sources are scanned again)")
+    return bad
+
+
+def _record_scan(cache: Path, fingerprint: dict, bad: dict[str, str], binding: bool) -> None:
+    """Record the scan. ``binding`` (--part runs): the first recorded scan stands, and a part whose own
+    scan differs stops, since its shards would be cut from another sample list."""
+    text = json.dumps({"source": fingerprint, "bad": bad}, indent=1, sort_keys=True)
+    if not binding:
+        mf.write_atomic(cache, text)
+        return
+    tmp = mf.partial_path(cache)
+    tmp.write_text(text)
+    try:
+        os.link(tmp, cache)  # create only if absent, atomically, also on NFS
+    except FileExistsError:
+        first = _read_scan(cache, fingerprint)
+        if first is not None and first != bad:
+            differ = sorted(set(first) ^ set(bad))
+            raise GenerateError(
+                f"this run's scan of the sources differs from the one recorded in {cache} (first: {differ[0]}): "
+                "a read error here, or other files on this node? The corpus needs one sample list: fix the "
+                "sources (or delete scan.json and every part's output) and rerun") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _scan_sources(ex, listed: SourceDataset, out: Path, progress: bool, strict: bool,
-                  errors: list, workers: int = 1) -> SourceDataset:
+                  errors: list, workers: int = 1, binding: bool = False) -> SourceDataset:
     """Decode every selected source once (cached per source fingerprint); move failures to the rejects."""
     cache = out / outdir.STATE_DIR / "scan.json"
     fingerprint = listed.fingerprint()
-    bad: dict[str, str] | None = None
-    if cache.is_file():
-        cached = json.loads(cache.read_text())
-        if cached.get("source") == fingerprint:
-            bad = cached["bad"]
+    bad = _read_scan(cache, fingerprint)
     if bad is None:
         n = len(listed.samples)
         chunk = max(1, min(SCAN_CHUNK, -(-n // (4 * workers))))  # several chunks per worker: all of them scan
@@ -299,7 +349,7 @@ def _scan_sources(ex, listed: SourceDataset, out: Path, progress: bool, strict: 
             bar.close()
         bad = {k: one_line(v) for part in results for k, v in part.items()}  # the log and --strict: one line
         if not errors:
-            mf.write_atomic(cache, json.dumps({"source": fingerprint, "bad": bad}, indent=1, sort_keys=True))
+            _record_scan(cache, fingerprint, bad, binding)
     if strict and bad:
         key = sorted(bad)[0]
         path = next(s.path for s in listed.samples if s.key == key)

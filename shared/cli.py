@@ -55,7 +55,7 @@ def _add_generate(sub) -> None:
     c = p.add_argument_group("across machines (README: Scaling out)")
     c.add_argument("--part", metavar="I/N", help="build only part I of N (1-based) of the shards, e.g. "
                    "--part $((SLURM_ARRAY_TASK_ID + 1))/$SLURM_ARRAY_TASK_COUNT; the part that finds every "
-                   "other part done writes the manifest")
+                   "shard recorded writes the manifest")
     c.add_argument("--finalize", action="store_true",
                    help="write the manifest from the parts' records; names the shards still missing")
     c.add_argument("--executor", choices=("local", "dask"), default="local",
