@@ -91,3 +91,30 @@ def tar_members(path: Path) -> list:
 
     with tarfile.open(path) as tar:
         return [(m, tar.extractfile(m).read()) for m in tar]
+
+
+def fitted_checkpoint(corpus: Path, path: Path, arch: str = "tiny_cnn", steps: int = 30) -> Path:
+    """A checkpoint of ``arch`` fitted (Adam, seeded) to the corpus's ``clean/onecrop`` images, saved at ``path``."""
+    import torch
+
+    from qrobust.score.run import Corpus, plan_units
+    from qrobust.score.stream import read_unit
+    from qrobust.shared.models import ModelSpec, build_model, save_checkpoint
+
+    source = Corpus(str(corpus))
+    units, _ = plan_units(source.manifest, ["clean/onecrop"], None)
+    pieces = [p for u in units for p in read_unit(source, u, True, 64)]
+    x = torch.from_numpy(np.concatenate([p.pixels for p in pieces])).permute(0, 3, 1, 2).float() / 255
+    y = torch.from_numpy(np.concatenate([p.labels for p in pieces])).long()
+    spec = ModelSpec(arch=arch, num_classes=len(source.manifest["classes"]))
+    torch.manual_seed(0)
+    model = build_model(spec)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    model.train()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    model.eval()
+    save_checkpoint(model, spec, path)
+    return path

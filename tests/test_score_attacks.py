@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import make_class_folder, write_suite
+from helpers import fitted_checkpoint, make_class_folder, write_suite
 from qrobust.shared.cli import main
 
 
@@ -29,29 +29,8 @@ def corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def checkpoint(corpus, tmp_path_factory) -> Path:
     """tiny_cnn fitted to the corpus's clean images, so attacks have something to fool."""
-    from qrobust.score.run import Corpus
-    from qrobust.score.stream import read_unit
-    from qrobust.score.run import plan_units
-    from qrobust.shared.models import ModelSpec, build_model, save_checkpoint
-
-    source = Corpus(str(corpus))
-    units, _ = plan_units(source.manifest, ["clean/onecrop"], None)
-    pieces = [p for u in units for p in read_unit(source, u, True, 64)]
-    x = torch.from_numpy(np.concatenate([p.pixels for p in pieces])).permute(0, 3, 1, 2).float() / 255
-    y = torch.from_numpy(np.concatenate([p.labels for p in pieces])).long()
-    spec = ModelSpec(arch="tiny_cnn", num_classes=3)
-    torch.manual_seed(0)
-    model = build_model(spec)
-    opt = torch.optim.Adam(model.parameters(), lr=0.01)
-    model.train()
-    for _ in range(30):  # fitted, not saturated: 8/255 PGD fools some, 0.5/255 none
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    model.eval()
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
-    save_checkpoint(model, spec, path)
-    return path
+    return fitted_checkpoint(corpus, tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")  # 30 steps: fitted,
+    # not saturated: 8/255 PGD fools some, 0.5/255 none
 
 
 def _outcome(results: Path, job: str) -> np.ndarray:
