@@ -74,12 +74,16 @@ def _cmd_generate(args) -> int:
                         encoding=args.encoding, sequence_encoding=args.sequence_encoding, seed=args.seed,
                         strict=args.strict, progress=not args.quiet, part=args.part, finalize=args.finalize,
                         executor=args.executor, scheduler=args.scheduler)
-    if manifest is None:  # a part whose corpus still waits for other parts
-        return 0
-    n_shards = sum(len(v["shards"]) for v in manifest["variants"].values())
-    print(f"{args.out}: {len(manifest['variants'])} variants, {manifest['samples']['count']} samples, "
-          f"{n_shards} shards, {len(manifest['rejected'])} rejected inputs")
+    if manifest is not None:  # None: a part whose corpus still waits for other parts
+        _print_corpus(args.out, manifest, "rejected inputs")
     return 0
+
+
+def _print_corpus(out: str, manifest: dict, rejected: str | None = None) -> None:
+    """The one-line account of a corpus written by generate, pack or import."""
+    n_shards = sum(len(v["shards"]) for v in manifest["variants"].values())
+    print(f"{out}: {len(manifest['variants'])} variants, {manifest['samples']['count']} samples, {n_shards} shards"
+          + (f", {len(manifest['rejected'])} {rejected}" if rejected else ""))
 
 
 def _add_verify(sub) -> None:
@@ -228,9 +232,7 @@ def _cmd_pack(args) -> int:
     manifest = _resolve("qrobust.generate.pack:pack")(
         args.corpus, args.out, only=_globs(args.only) or None, exclude=_globs(args.exclude) or None,
         limit=args.limit, per_class=args.per_class, progress=not args.quiet)
-    n_shards = sum(len(v["shards"]) for v in manifest["variants"].values())
-    print(f"{args.out}: {len(manifest['variants'])} variants, {manifest['samples']['count']} samples, "
-          f"{n_shards} shards")
+    _print_corpus(args.out, manifest)
     return 0
 
 
@@ -257,9 +259,7 @@ def _cmd_import(args) -> int:
     manifest = _resolve("qrobust.generate.imported:import_release")(
         args.kind, args.root, args.out, classes=args.classes, only=_globs(args.only) or None, limit=args.limit,
         per_class=args.per_class, workers=args.workers, strict=args.strict, progress=not args.quiet)
-    n_shards = sum(len(v["shards"]) for v in manifest["variants"].values())
-    print(f"{args.out}: {len(manifest['variants'])} variants, {manifest['samples']['count']} samples, "
-          f"{n_shards} shards, {len(manifest['rejected'])} rejected files")
+    _print_corpus(args.out, manifest, "rejected files")
     return 0
 
 
