@@ -10,6 +10,7 @@ SLURM/PBS/LSF) places the tasks; for job arrays, see ``--part``
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import multiprocessing
 import os
@@ -24,6 +25,8 @@ from qrobust.shared.errors import NO_SPACE, QrobustError
 from qrobust.shared.spec import Suite, Variant
 
 log = logging.getLogger("qrobust.generate")
+
+SCHEDULER_FILE_WAIT = 30  # seconds: a scheduler started just before the run may not have written its file yet
 
 THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS",
               "VECLIB_MAXIMUM_THREADS", "NUMBA_NUM_THREADS")
@@ -154,21 +157,47 @@ class DaskExecutor:
                     self.cluster = LocalCluster(n_workers=self.workers, threads_per_worker=1, processes=True,
                                                 dashboard_address=None)
                 self.client = Client(self.cluster)
-            elif Path(self.scheduler).is_file():
-                self.client = Client(scheduler_file=self.scheduler, timeout=30)
-            else:
+            elif "://" in self.scheduler:
                 self.client = Client(self.scheduler, timeout=30)
+            else:  # a scheduler file, which a scheduler still starting may not have written yet
+                self.client = Client(scheduler_file=self._scheduler_file(), timeout=30)
         except (OSError, TimeoutError, ValueError) as e:
             if self.cluster is not None:
                 self.cluster.close()
             raise ExecutorError(f"cannot reach the Dask scheduler {self.scheduler or '(local)'}: "
                                 f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-        # one copy of the suite on every worker, not one per task
+        if not self.client.scheduler_info().get("workers"):
+            log.warning("no Dask worker is connected to %s yet: the tasks wait for workers (an adaptive "
+                        "cluster starts them now)", self.scheduler)
         versions = mf.library_versions()  # every worker must render with these (checked there)
         pixel = {lib: versions.get(lib) for lib in mf.pixel_libraries(self.suite.spec)}
-        self.setup = self.client.scatter((self.suite, str(self.out), tuple(v.id for v in self.variants), pixel),
-                                         broadcast=True)
+        # one copy of the suite for every task, not one per task: a task every other task depends on. Not
+        # scatter(), which gives up when no worker is connected yet (an adaptive cluster has none until
+        # tasks wait). Workers need the corpus at the client's path: an absolute one, whatever their cwd.
+        setup = (self.suite, str(Path(self.out).resolve()), tuple(v.id for v in self.variants), pixel)
+        self.setup = self.client.submit(_setup, setup, pure=False, priority=1)
         return self
+
+    def _scheduler_file(self) -> str:
+        """``--scheduler FILE``, waited for (``SCHEDULER_FILE_WAIT`` s) while a scheduler starting now has not written it, and checked
+        to name an address: Dask fails on an empty or half-written file with a bare assertion."""
+        import time
+
+        path, deadline = Path(self.scheduler), time.monotonic() + SCHEDULER_FILE_WAIT
+        while True:
+            try:
+                address = json.loads(path.read_text()).get("address")
+            except (OSError, ValueError, AttributeError):
+                address = None
+            if isinstance(address, str) and address:
+                return str(path)
+            if time.monotonic() > deadline:
+                state = "does not exist" if not path.exists() else "names no scheduler address"
+                raise ExecutorError(f"--scheduler {self.scheduler}: {state} (after {SCHEDULER_FILE_WAIT} s); "
+                                    "give the file "
+                                    "`dask scheduler --scheduler-file` writes, or an address such as "
+                                    "tcp://host:8786")
+            time.sleep(0.5)
 
     def __exit__(self, *exc):
         self.client.close()
@@ -190,6 +219,11 @@ class DaskExecutor:
                     self.client.cancel(futures)
                     raise
             progress.update(size[f.key])
+
+
+def _setup(setup: tuple) -> tuple:
+    """The task that holds the run's setup on the cluster (see :meth:`DaskExecutor.__enter__`)."""
+    return setup
 
 
 def executor(kind: str, suite: Suite, variants: list[Variant], out: Path, workers: int,

@@ -167,6 +167,64 @@ def test_dask_executor_writes_the_same_corpus(setup, tmp_path):
         assert tree(out) == setup[2]
 
 
+def test_dask_with_no_worker_yet_and_a_relative_out(setup, tmp_path, monkeypatch):
+    """An adaptive cluster has no worker until tasks wait (dask-jobqueue's ``adapt``); a relative --out means
+    the client's folder, whatever the workers' working directory."""
+    distributed = pytest.importorskip("distributed")
+    (tmp_path / "workers").mkdir()
+    (tmp_path / "client").mkdir()
+    monkeypatch.chdir(tmp_path / "workers")  # where the workers start
+    with distributed.LocalCluster(n_workers=0, threads_per_worker=1, processes=True, dashboard_address=None) \
+            as cluster:
+        cluster.adapt(minimum=0, maximum=2)
+        monkeypatch.chdir(tmp_path / "client")
+        assert generate(setup, "corpus", "--executor", "dask", "--scheduler", cluster.scheduler_address) == 0
+    assert tree(tmp_path / "client" / "corpus") == setup[2]
+    assert not (tmp_path / "workers" / "corpus").exists()
+
+
+def test_shards_the_workers_wrote_elsewhere_give_no_manifest(setup, tmp_path, monkeypatch, capsys):
+    """Workers on another file system report shards this folder does not hold: no manifest is written."""
+    from qrobust.generate import executors
+
+    out = tmp_path / "corpus"
+    real_run = executors.LocalExecutor.run
+
+    def run_elsewhere(self, fn, calls, progress, results, errors, sizes=None):
+        real_run(self, fn, calls, progress, results, errors, sizes)
+        if fn.__name__ == "run_job":
+            next(out.glob("clean/onecrop/*.tar")).unlink()  # reported, but not here
+
+    monkeypatch.setattr(executors.LocalExecutor, "run", run_elsewhere)
+    assert generate(setup, out, "--workers", 1) == 2
+    err = capsys.readouterr().err
+    assert "not in" in err and "at that same path" in err and not (out / "manifest.json").exists()
+
+
+def test_a_scheduler_file_is_waited_for_and_checked(setup, tmp_path, monkeypatch, capsys):
+    """A scheduler file not written yet (scheduler starting) is waited for; one naming no address is one line."""
+    distributed = pytest.importorskip("distributed")
+    import threading
+
+    from qrobust.generate import executors
+
+    monkeypatch.setattr(executors, "SCHEDULER_FILE_WAIT", 1)
+    for text in ("", "{bad", "{}"):
+        (tmp_path / "sched.json").write_text(text)
+        assert generate(setup, tmp_path / "c", "--executor", "dask", "--scheduler", tmp_path / "sched.json") == 2
+        assert "names no scheduler address" in capsys.readouterr().err
+    assert generate(setup, tmp_path / "c", "--executor", "dask", "--scheduler", tmp_path / "absent.json") == 2
+    assert "absent.json: does not exist (after 1 s)" in capsys.readouterr().err
+    monkeypatch.setattr(executors, "SCHEDULER_FILE_WAIT", 60)
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) \
+            as cluster:
+        late = tmp_path / "late.json"
+        timer = threading.Timer(1.5, lambda: late.write_text(json.dumps({"address": cluster.scheduler_address})))
+        timer.start()
+        assert generate(setup, tmp_path / "c", "--executor", "dask", "--scheduler", late, "--only", "clean/*") == 0
+    assert verify_corpus(tmp_path / "c") == []
+
+
 def test_dask_parts_and_errors_name_the_extra(setup, tmp_path, capsys, monkeypatch):
     """Without Dask installed, --executor dask says which extra to install."""
     import builtins
