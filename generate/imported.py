@@ -346,6 +346,17 @@ def _fingerprint(listing: Listing, keys: list[str], labels: dict[str, int]) -> d
 # ---- the output folder -------------------------------------------------------------------------------
 
 
+def _read_state(path: Path) -> dict:
+    """A JSON object this import recorded in OUT/.qrobust, or a one-line error saying to delete it."""
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError):
+        state = None
+    if not isinstance(state, dict):
+        raise ReleaseError(f"{path}: unreadable; delete it (the import records it again)")
+    return state
+
+
 def _check_plan(target: Path, plan: dict) -> dict | None:
     """Refuse an --out holding anything but an import of this very plan; record the plan; return the
     earlier manifest, if any (its shard hashes tell a finished shard from a stale one)."""
@@ -357,7 +368,7 @@ def _check_plan(target: Path, plan: dict) -> dict | None:
         except mf.ManifestError as e:
             raise ReleaseError(f"{e}; move it away to import again") from None
     if path.is_file():
-        old = json.loads(path.read_text())
+        old = _read_state(path)
     elif old_manifest is not None:
         old = mf.plan_of(old_manifest)
         old["suite"] = {k: v for k, v in (old["suite"] or {}).items() if k != "geometry"}
@@ -367,6 +378,11 @@ def _check_plan(target: Path, plan: dict) -> dict | None:
         raise ReleaseError(f"{target} is not empty and holds no qrobust corpus; choose a new or empty --out")
     if old is not None and old != json.loads(json.dumps(plan)):
         differ = sorted(k for k in set(old) | set(plan) if old.get(k) != json.loads(json.dumps(plan.get(k))))
+        old_variants = (old.get("source") or {}).get("variants") if isinstance(old.get("source"), dict) else None
+        if differ == ["source"] and old_variants is not None and old_variants != plan["source"]["variants"]:
+            raise ReleaseError(f"{target} holds an import of other variants ({len(old_variants)}; this run "
+                               f"selects {len(plan['source']['variants'])}): another --only, or another release "
+                               "tree. Import every variant you want in one run, into a new --out")
         raise ReleaseError(f"{target} already holds a corpus made with other settings ({', '.join(differ)} differ); "
                            "use a new --out, or delete that folder to import again")
     if not path.is_file():
@@ -446,10 +462,13 @@ def _probe_all(kind: str, root: Path, listing: Listing, keys: list[str], target:
     count is its videos' most common one; files that differ are rejected."""
     cache = target / outdir.STATE_DIR / "probe.json"
     if cache.is_file():
-        cached = json.loads(cache.read_text())
+        cached = _read_state(cache)
         if cached.get("source") == fingerprint:
-            bad = {k: [Rejected(p, r) for p, r in v] for k, v in cached["bad"].items()}
-            return cached["crop"], cached["frames"], bad
+            try:
+                bad = {k: [Rejected(p, r) for p, r in v] for k, v in cached["bad"].items()}
+                return int(cached["crop"]), {k: int(v) for k, v in cached["frames"].items()}, bad
+            except (KeyError, TypeError, ValueError, AttributeError):
+                raise ReleaseError(f"{cache}: not a probe record; delete it (the files are probed again)") from None
     chunks = [(vid, i) for vid in sorted(listing.files) for i in range(0, len(keys), CHUNK)]
 
     def files(chunk):

@@ -213,6 +213,25 @@ def test_resume_and_rerun_give_identical_bytes(tree_c, tmp_path):
     with pytest.raises(ReleaseError, match="other settings"):
         import_release("imagenet-c", str(tree_c), str(out), limit=2, workers=1, progress=False, samples_per_shard=4)
     assert run("import", "imagenet-c", tree_c, "--out", out) == 2  # another shard size
+    with pytest.raises(ReleaseError, match="import of other variants.*another --only"):
+        import_release("imagenet-c", str(tree_c), str(out), only=["natural/fog-*"], workers=1, progress=False,
+                       samples_per_shard=4)
+    # damaged state files are one line saying what to delete, never a traceback
+    state = out / ".qrobust"
+    plan = (state / "import.json").read_text()
+    (state / "import.json").write_text('{"trunc')
+    with pytest.raises(ReleaseError, match="import.json: unreadable; delete it"):
+        import_release("imagenet-c", str(tree_c), str(out), workers=1, progress=False, samples_per_shard=4)
+    (state / "import.json").write_text(plan)
+    (out / "manifest.json").unlink()
+    probe = json.loads((state / "probe.json").read_text())
+    (state / "probe.json").write_text(json.dumps({k: v for k, v in probe.items() if k != "crop"}))
+    with pytest.raises(ReleaseError, match="probe.json: not a probe record; delete it"):
+        import_release("imagenet-c", str(tree_c), str(out), workers=1, progress=False, samples_per_shard=4)
+    (state / "probe.json").unlink()
+    import_release("imagenet-c", str(tree_c), str(out), workers=1, progress=False, samples_per_shard=4)
+    assert {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()
+            and ".qrobust" not in p.parts} == files
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
     assert run("import", "imagenet-c", tree_c, "--out", tmp_path / "full") == 2
