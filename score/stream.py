@@ -38,6 +38,7 @@ from qrobust.shared.errors import QrobustError
 from qrobust.shared.manifest import (MANIFEST_NAME, MAX_MANIFEST_BYTES, ManifestError, extra_files, inside,
                                      local_shard_problem, manifest_problems, parse_manifest, safe_relative)
 from qrobust.shared.shards import ShardError, keys_digest, scan_shard
+from qrobust.shared.video import rgb_frames
 
 IMAGE_EXTS = ("jpg", "png")
 VIDEO_EXTS = ("mp4", "mkv")
@@ -219,7 +220,7 @@ def _decode_video(ext: str, payload: bytes, shape):
                     if packets > shape[0]:
                         raise CorpusError(f"video of more than the corpus's {shape[0]} frames")
         with opened() as container:
-            frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+            frames = rgb_frames(container)
     except CorpusError:
         raise
     except Exception as e:  # FFmpeg on untrusted bytes: any failure means a bad payload, said in one line

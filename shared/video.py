@@ -96,6 +96,21 @@ def encode_frames(frames: np.ndarray, recipe: dict) -> bytes:
     return buf.getvalue()
 
 
+def rgb_frames(container) -> list[np.ndarray]:
+    """Every frame of the first video stream of an open PyAV ``container``, as uint8 (H, W, 3) RGB.
+
+    The same pixels as ``frame.to_ndarray(format="rgb24")`` (swscale, its default
+    flags), through one converter for the whole video: ``to_ndarray`` sets up a
+    new swscale context for every frame, which took 10x longer than the conversion
+    itself on 64 px frames (``bench/bench_decode.py``; the per-frame call is the
+    oracle in ``tests/test_sequences_systematic.py``).
+    """
+    from av.video.reformatter import VideoReformatter
+
+    reformatter = VideoReformatter()
+    return [reformatter.reformat(f, format="rgb24").to_ndarray() for f in container.decode(video=0)]
+
+
 def decode_frames(payload: bytes, expected_frames: int | None = None) -> np.ndarray:
     """Decode a sequence payload (mp4 / mkv) into uint8 (T, H, W, 3) RGB frames.
 
@@ -109,7 +124,7 @@ def decode_frames(payload: bytes, expected_frames: int | None = None) -> np.ndar
         with av.open(io.BytesIO(payload)) as container:
             if not container.streams.video or container.streams.video[0].codec_context.name != "h264":
                 raise VideoError("not an H.264 sequence payload")
-            frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+            frames = rgb_frames(container)
     except (av.error.FFmpegError, ValueError, IndexError) as e:
         raise VideoError(f"not a decodable video: {e}") from None
     if not frames or (expected_frames is not None and len(frames) != expected_frames):

@@ -203,6 +203,49 @@ def test_reference_encoding_decodes_to_the_right_frames(resized, name):
     assert np.abs(back.astype(int) - frames).mean() < 12  # lossy, but the same pictures
 
 
+def _yuv420p_video(frames: np.ndarray) -> bytes:
+    """An H.264 yuv420p mp4 (how videos are usually released, ImageNet-P's included)."""
+    import av
+
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as out:
+        stream = out.add_stream("libx264", rate=1)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        for i, rgb in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+            frame.pts = i
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return buf.getvalue()
+
+
+def test_one_converter_per_video_gives_to_ndarrays_pixels(resized):
+    """rgb_frames (one swscale context per video) against PyAV's per-frame to_ndarray, the oracle, on the
+    three pixel formats a corpus holds: yuv444p (reference), gbrp (lossless), yuv420p (released videos)."""
+    import av
+
+    from qrobust.shared.video import rgb_frames
+
+    frames = render_sequence(resized, 80, "rotate", 1, 0)[:8]
+    payloads = {"reference": encode_frames(frames, recipe_for("reference", "rotate")),
+                "lossless": encode_frames(frames, recipe_for("lossless", "rotate")),
+                "yuv420p": _yuv420p_video(frames)}
+    formats = set()
+    for name, payload in payloads.items():
+        with av.open(io.BytesIO(payload)) as container:
+            formats.add(container.streams.video[0].codec_context.pix_fmt)
+            oracle = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+        with av.open(io.BytesIO(payload)) as container:
+            got = rgb_frames(container)
+        assert len(got) == len(oracle) == 8, name
+        for a, b in zip(got, oracle):
+            assert a.dtype == np.uint8 and a.shape == (80, 80, 3)
+            np.testing.assert_array_equal(a, b, err_msg=name)
+    assert formats == {"yuv444p", "gbrp", "yuv420p"}
+
+
 def test_clean_square_and_pil_decode_agree_on_16_bit_sources():
     from qrobust.generate.render import SampleContext, render_clean
     from qrobust.shared.sources import SourceSample
