@@ -269,21 +269,14 @@ def _write_manifest(out: Path, manifest: dict) -> dict:
     if problems:  # a bug, or shards cut from different sample lists: never bless them
         raise GenerateError(f"the corpus is inconsistent, no manifest written: {problems[0][1]} "
                             f"(and {len(problems) - 1} more); rerun without --part to rebuild what is wrong")
-    absent = [s["name"] for v in manifest["variants"].values() for s in v["shards"]
-              if not _has_size(out / s["name"], s["bytes"])]
+    absent = [p for v in manifest["variants"].values() for s in v["shards"]
+              if (p := mf.local_shard_problem(out, s["name"], s["bytes"]))]
     if absent:  # e.g. Dask workers that do not share this file system wrote them elsewhere
-        raise GenerateError(f"{len(absent)} shard(s) the workers reported are not in {out} at their size "
+        raise GenerateError(f"{len(absent)} shard(s) the workers reported are not in {out} as reported "
                             f"(first: {absent[0]}), no manifest written: do all workers see {out.resolve()} "
                             "at that same path? Rerun to resume")
     mf.write_atomic(out / mf.MANIFEST_NAME, mf.dumps(manifest))
     return manifest
-
-
-def _has_size(path: Path, size: int) -> bool:
-    try:
-        return path.stat().st_size == size
-    except OSError:
-        return False
 
 
 def _write_from_records(the_suite: Suite, variants: list[Variant], listed: SourceDataset, dataset: SourceDataset,
