@@ -179,8 +179,9 @@ class DaskExecutor:
         return self
 
     def _scheduler_file(self) -> str:
-        """``--scheduler FILE``, waited for (``SCHEDULER_FILE_WAIT`` s) while a scheduler starting now has not written it, and checked
-        to name an address: Dask fails on an empty or half-written file with a bare assertion."""
+        """``--scheduler FILE``, waited for (``SCHEDULER_FILE_WAIT`` s) while a scheduler starting now has not
+        written it, and checked to name an address: Dask fails on an empty or half-written file with a bare
+        assertion."""
         import time
 
         path, deadline = Path(self.scheduler), time.monotonic() + SCHEDULER_FILE_WAIT
@@ -194,9 +195,8 @@ class DaskExecutor:
             if time.monotonic() > deadline:
                 state = "does not exist" if not path.exists() else "names no scheduler address"
                 raise ExecutorError(f"--scheduler {self.scheduler}: {state} (after {SCHEDULER_FILE_WAIT} s); "
-                                    "give the file "
-                                    "`dask scheduler --scheduler-file` writes, or an address such as "
-                                    "tcp://host:8786")
+                                    "give the file `dask scheduler --scheduler-file` writes, or an address "
+                                    "such as tcp://host:8786")
             time.sleep(0.5)
 
     def __exit__(self, *exc):

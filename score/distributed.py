@@ -149,7 +149,6 @@ def init_process_group(backend: str, **kwargs) -> None:
     import torch.distributed as dist
 
     importlib.import_module("torch._dynamo")
-
     dist.init_process_group(backend, **kwargs)
 
 
