@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import fitted_checkpoint, make_class_folder, write_suite
+from helpers import fitted_checkpoint, small_corpus
 from qrobust.shared.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # as each torchrun rank runs (OMP_NUM_THREADS=1)
@@ -32,12 +32,8 @@ def run(*args) -> int:
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     """12 photos, 4 per shard: 4 variants x 3 shards = 12 units (images and a 31-frame sequence)."""
-    tmp = tmp_path_factory.mktemp("dist-corpus")
-    src = make_class_folder(tmp / "src", per_class=4)
-    suite = write_suite(tmp / "small.toml", corruptions=("fog",), severities=(1,), shard=4)
-    assert run("generate", "--suite", suite, "--source", src, "--out", tmp / "corpus", "--workers", 2,
-               "--only", "clean/*", "--only", "natural/*", "--only", "sequence/rotate") == 0
-    return tmp / "corpus"
+    return small_corpus(tmp_path_factory.mktemp("dist-corpus"), "clean/*,natural/*,sequence/rotate", per_class=4,
+                        shard=4)
 
 
 @pytest.fixture(scope="module")

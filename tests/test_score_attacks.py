@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import fitted_checkpoint, make_class_folder, write_suite
+from helpers import fitted_checkpoint, small_corpus
 from qrobust.shared.cli import main
 
 
@@ -18,12 +18,7 @@ def run(*args) -> int:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("attack-corpus")
-    src = make_class_folder(tmp / "src", per_class=4)
-    suite = write_suite(tmp / "small.toml", corruptions=("fog",), severities=(1,), shard=4)
-    assert run("generate", "--suite", suite, "--source", src, "--out", tmp / "corpus", "--workers", 2,
-               "--only", "clean/*", "--only", "natural/*") == 0
-    return tmp / "corpus"
+    return small_corpus(tmp_path_factory.mktemp("attack-corpus"), "clean/*,natural/*", per_class=4, shard=4)
 
 
 @pytest.fixture(scope="module")
