@@ -40,7 +40,6 @@ from qrobust.shared.seeding import sample_seed
 log = logging.getLogger("qrobust.score")
 
 FOOLED, ROBUST, SKIPPED, NOT_RUN = 1, 0, 2, 3
-SCALE_RULES = ("dims", "none")
 
 
 class AttackConfigError(QrobustError, ValueError):
@@ -67,19 +66,6 @@ class Job:
                 "params": self.params, "transfer": self.transfer, "limit": self.limit}
 
 
-def scale_factor(norm: str, shape: tuple[int, ...], rule: str) -> float:
-    """How much a reference budget of this norm grows for inputs of ``shape`` (C, H, W) under ``rule``.
-
-    >>> scale_factor("l2", (3, 112, 112), "dims"), scale_factor("l1", (3, 112, 112), "none")
-    (0.5, 1.0)
-    """
-    from qrobust.score.attacks import budget_scale
-
-    if rule not in SCALE_RULES:
-        raise AttackConfigError(f"budget scale rule {rule!r} is not one of {', '.join(SCALE_RULES)}")
-    return 1.0 if rule == "none" else budget_scale(norm, shape)
-
-
 def plan_jobs(attacks: list[str], budgets: list[str], shape: tuple[int, ...], *, config: dict | None = None,
               rule: str = "dims") -> list[Job]:
     """Resolve attack names (or ``all``), budget names and overrides into jobs.
@@ -88,7 +74,7 @@ def plan_jobs(attacks: list[str], budgets: list[str], shape: tuple[int, ...], *,
     (an attack config file, or ``--attack-set`` on the command line); eps given
     there are taken as they are (no scaling), which the job's record shows.
     """
-    from qrobust.score.attacks import ATTACKS, BUDGET_NAMES, attack_params
+    from qrobust.score.attacks import ATTACKS, BUDGET_NAMES, at_shape
 
     config = dict(config or {})
     if attacks == ["all"] or attacks == "all":
@@ -109,13 +95,8 @@ def plan_jobs(attacks: list[str], budgets: list[str], shape: tuple[int, ...], *,
         unknown = set(eps_overrides) - set(BUDGET_NAMES)
         if unknown:
             raise AttackConfigError(f"{name}: unknown budget(s) {sorted(unknown)} in the attack config")
-        params = attack_params(name, overrides)
-        factor = scale_factor(spec.norm, shape, rule)
-        for key in spec.size_params:  # absolute step sizes scale like the budget, unless given
-            if key not in overrides:
-                params[key] = params[key] * factor
         for b in budgets:
-            eps = float(eps_overrides[b]) if b in eps_overrides else spec.budgets[b] * factor
+            eps, params = at_shape(name, b, shape, overrides, rule=rule, eps=eps_overrides.get(b))
             if not eps > 0:
                 raise AttackConfigError(f"{name}/{b}: eps must be positive, got {eps}")
             jobs.append(Job(name, b, eps, spec.norm, spec.cost, params, limit=limit))

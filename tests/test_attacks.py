@@ -135,6 +135,30 @@ def test_budgets_scale_with_the_input_size():
         at_shape("pgd-l2", "huge", SHAPE)
 
 
+@pytest.mark.parametrize("shape", [(3, 112, 112), (3, 64, 64), REFERENCE_SHAPE])
+@pytest.mark.parametrize("rule", ["dims", "none"])
+@pytest.mark.parametrize("config", [{}, {"step_size": 50.0}, {"steps": 3, "budgets": {"large": 300.0}},
+                                    {"step_size": 7.5, "budgets": {"small": 2.0}}])
+def test_the_scorer_plans_attacks_with_at_shape(shape, rule, config):
+    """One scaling rule: the scorer's jobs equal at_shape's (eps, params) for every override.
+
+    Registered values are rescaled; values a user gives (an eps, a step size) are taken as given."""
+    from qrobust.score.adversarial import plan_jobs
+
+    overrides = {k: v for k, v in config.items() if k != "budgets"}
+    for name in ("pgd-l1", "pgd-l2", "pgd-linf"):
+        cfg = {name: config} if name == "pgd-l1" else {}
+        for job in plan_jobs([name], list(BUDGET_NAMES), shape, config=cfg, rule=rule):
+            given = config.get("budgets", {}).get(job.budget) if name == "pgd-l1" else None
+            eps, params = at_shape(name, job.budget, shape, overrides if name == "pgd-l1" else None,
+                                   rule=rule, eps=given)
+            assert (job.eps, job.params) == (eps, params)
+            scale = budget_scale(ATTACKS.get(name).norm, shape, rule)
+            assert job.eps == (given if given is not None else ATTACKS.get(name).budgets[job.budget] * scale)
+            if name == "pgd-l1":
+                assert job.params["step_size"] == config.get("step_size", 120.0 * scale)
+
+
 def test_attack_params_reject_unknown_keys_and_wrong_types():
     assert attack_params("pgd-linf", {"steps": 5, "rel_step": 1})["rel_step"] == 1.0  # an int is a number
     with pytest.raises(QrobustError, match=r"no parameter 'step'.*steps \(int\), rel_step \(number\)") as err:

@@ -15,7 +15,8 @@ Conventions, shared by all attacks:
 * models take RGB in [0, 1] and normalize inside, so budgets are pixel units;
   budgets are defined for :data:`REFERENCE_SHAPE` (3x224x224); :func:`at_shape`
   rescales a budget (and the attack's size parameters) to another input size
-  (L2 by sqrt of the dimension ratio, L1 by the ratio, Linf unchanged);
+  (L2 by sqrt of the dimension ratio, L1 by the ratio, Linf unchanged), and
+  takes values a user gives (an eps, a step size) as given;
 * the loss is cross-entropy on the logits summed over the batch, so each
   sample's gradient is its own;
 * ``seeds`` is an int64 tensor of per-sample seeds; our own attacks draw a
@@ -148,39 +149,56 @@ def resolved_params(name: str, params: dict | None = None, num_classes: int | No
     return merged
 
 
-def budget_scale(norm: str, shape) -> float:
+SCALE_RULES = ("dims", "none")  # how a reference budget follows the input size; see budget_scale
+
+
+def budget_scale(norm: str, shape, rule: str = "dims") -> float:
     """Factor that maps a budget at :data:`REFERENCE_SHAPE` to inputs of ``shape`` (C, H, W).
 
-    Keeps the per-pixel size of a perturbation: Linf 1, L2 sqrt(d / d_ref), L1 d / d_ref.
+    ``rule="dims"`` keeps the per-pixel size of a perturbation: Linf 1, L2
+    sqrt(d / d_ref), L1 d / d_ref; ``rule="none"`` is 1 for every norm.
 
-    >>> round(budget_scale("l1", (3, 112, 112)), 4)
-    0.25
+    >>> round(budget_scale("l1", (3, 112, 112)), 4), budget_scale("l1", (3, 112, 112), "none")
+    (0.25, 1.0)
     """
     if norm not in NORMS:
         raise AttackError(f"unknown norm {norm!r}; one of {', '.join(NORMS)}")
+    if rule not in SCALE_RULES:
+        raise AttackError(f"budget scale rule {rule!r} is not one of {', '.join(SCALE_RULES)}")
+    if rule == "none":
+        return 1.0
     ratio = math.prod(shape) / math.prod(REFERENCE_SHAPE)
     return {"linf": 1.0, "l2": math.sqrt(ratio), "l1": ratio}[norm]
 
 
-def at_shape(name: str, budget: str, shape, overrides: dict | None = None) -> tuple[float, dict]:
+def at_shape(name: str, budget: str, shape, overrides: dict | None = None, *, rule: str = "dims",
+             eps: float | None = None) -> tuple[float, dict]:
     """``(eps, params)`` for running ``name`` at budget ``budget`` on inputs of ``shape`` (C, H, W).
 
-    The budget and the attack's size parameters (``AttackDef.size_params``, e.g.
-    pgd-l1's absolute ``step_size``) are rescaled with :func:`budget_scale`;
-    overrides are taken as given at the reference shape too.
+    The one place where budgets meet input sizes (the scorer plans its jobs
+    with it). What the registry defines for :data:`REFERENCE_SHAPE` -- the
+    budget and the attack's size parameters (``AttackDef.size_params``, e.g.
+    pgd-l1's absolute ``step_size``) -- is rescaled with :func:`budget_scale`
+    under ``rule``. What the caller gives is taken as given, at ``shape``: an
+    ``eps``, and any size parameter in ``overrides``.
 
     >>> eps, params = at_shape("pgd-l1", "large", (3, 112, 112))
     >>> eps, params["step_size"]
     (400.0, 30.0)
+    >>> at_shape("pgd-l1", "large", (3, 112, 112), {"step_size": 50.0}, eps=300.0)[1]["step_size"]
+    50.0
     """
     attack = ATTACKS.get(name)
     if budget not in attack.budgets:
         raise AttackError(f"{name} has no budget {budget!r}; budgets: {', '.join(attack.budgets)}")
-    scale = budget_scale(attack.norm, tuple(shape))
+    scale = budget_scale(attack.norm, tuple(shape), rule)
     params = attack_params(name, overrides)
     for key in attack.size_params:
-        params[key] = params[key] * scale
-    return attack.budgets[budget] * scale, params
+        if key not in (overrides or {}):
+            params[key] = params[key] * scale
+    if eps is None:
+        eps = attack.budgets[budget] * scale
+    return float(eps), params
 
 
 # ---------------------------------------------------------------- model state
