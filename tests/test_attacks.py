@@ -29,8 +29,8 @@ from qrobust.shared.registry import UnknownNameError
 
 CLASSES = ("camera", "brick", "grass", "gravel")
 SHAPE = (3, 32, 32)
-OURS = ("fgsm-linf", "pgd-linf", "pgd-l2", "pgd-l1")
-RANDOM_START = ("pgd-linf", "pgd-l2", "pgd-l1")
+OURS = ("fgsm-linf", "pgd-linf", "pgd-l2", "pgd-l1", "slide-l1")
+RANDOM_START = ("pgd-linf", "pgd-l2", "pgd-l1", "slide-l1")
 # cheaper settings for the expensive reference attacks where a test checks properties, not strength
 QUICK = {"autoattack-linf": {"n_iter": 10, "n_queries": 100}, "square-linf": {"n_queries": 300},
          "apgd-l1": {"n_iter": 20}}
@@ -63,8 +63,7 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         return (model(x).argmax(1) == y).float().mean().item()
 
 
-@pytest.fixture(scope="session")
-def trained():
+def fit_tiny_cnn() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     """``(model, x_test, y_test)``: tiny_cnn trained on 320 crops, 64 held-out crops (16 per class)."""
     x_train, y_train = photo_crops(80, seed=0)
     x_test, y_test = photo_crops(16, seed=1)
@@ -82,6 +81,11 @@ def trained():
     model.eval()
     assert accuracy(model, x_test, y_test) >= 0.75  # chance is 0.25
     return model, x_test, y_test
+
+
+@pytest.fixture(scope="session")
+def trained():
+    return fit_tiny_cnn()
 
 
 def seeds_for(n: int, offset: int = 0) -> torch.Tensor:
@@ -103,14 +107,19 @@ def sizes(x_adv: torch.Tensor, x: torch.Tensor, norm: str) -> torch.Tensor:
 
 def test_registry_holds_the_robustart_settings():
     assert ATTACKS.names() == ["apgd-l1", "autoattack-linf", "fgsm-linf", "pgd-l1", "pgd-l2", "pgd-linf",
-                               "square-linf"]
+                               "slide-l1", "square-linf"]
     linf = {"small": 0.5 / 255, "middle": 2 / 255, "large": 8 / 255}
     for name in ("fgsm-linf", "pgd-linf", "autoattack-linf", "square-linf"):
         assert ATTACKS.get(name).budgets == linf and ATTACKS.get(name).norm == "linf"
     assert ATTACKS.get("pgd-l2").budgets == {"small": 0.5, "middle": 2.0, "large": 8.0}
-    assert ATTACKS.get("pgd-l1").budgets == {"small": 100.0, "middle": 400.0, "large": 1600.0}
+    for name in ("pgd-l1", "slide-l1", "apgd-l1"):
+        assert ATTACKS.get(name).budgets == {"small": 100.0, "middle": 400.0, "large": 1600.0}
     assert attack_params("pgd-linf") == {"steps": 20, "rel_step": 0.075, "random_start": True, "keep_best": False}
-    assert attack_params("pgd-l1")["step_size"] == 120.0 and attack_params("pgd-l1")["steps"] == 20
+    # ART's ProjectedGradientDescentPyTorch(norm=1, eps_step=120, max_iter=20, num_random_init=1), as RobustART ran it
+    assert attack_params("pgd-l1") == {"steps": 20, "step_size": 120.0, "random_start": True, "keep_best": False}
+    assert attack_params("slide-l1") == {"steps": 20, "step_size": 120.0, "sparsity": 0.99, "random_start": True,
+                                         "keep_best": False}
+    assert ATTACKS.get("pgd-l1").size_params == ATTACKS.get("slide-l1").size_params == ("step_size",)
     assert attack_params("fgsm-linf") == {}
     assert not ATTACKS.get("square-linf").white_box
     costs = {n: ATTACKS.get(n).cost for n in ATTACKS}
@@ -296,32 +305,19 @@ def test_ours_at_least_as_strong_as_torchattacks(trained):
             assert ours <= ref + 1 / n, (name, budget, ours, ref)
 
 
-def naive_l1_pgd(model, x, y, eps, steps=20, step_size=None):
-    """Plain L1 PGD (foolbox/ART style): dense L1-normalized gradient steps, rescale into the ball, clip."""
-    step_size = eps * 0.075 * 4 if step_size is None else step_size
-    x_adv = x.clone()
-    for _ in range(steps):
-        xg = x_adv.clone().requires_grad_(True)
-        (grad,) = torch.autograd.grad(F.cross_entropy(model(xg), y, reduction="sum"), xg)
-        x_adv = x_adv + step_size * grad / grad.abs().flatten(1).sum(1).clamp_min(1e-12).view(-1, 1, 1, 1)
-        delta = x_adv - x
-        norm = delta.abs().flatten(1).sum(1).view(-1, 1, 1, 1)
-        x_adv = (x + delta * torch.clamp(eps / norm.clamp_min(1e-12), max=1)).clamp(0, 1)
-    return x_adv.detach()
-
-
-def test_sparse_l1_steps_beat_plain_l1_pgd(trained):
+def test_slide_l1_is_stronger_than_pgd_l1(trained):
+    """The sparse steps and the exact projection (slide-l1) beat ART's dense L1 PGD (pgd-l1), with its own
+    random start, without one, and at a larger step size; by far at the middle budget."""
     model, x, y = trained
     n = len(x)
-    ours, naive = [], []
+    slide, dense = [], []
     for budget in BUDGET_NAMES:
-        eps, params = at_shape("pgd-l1", budget, SHAPE)
-        ours.append(robust_accuracy(model, "pgd-l1", x, y, budget))
-        with frozen(model), torch.enable_grad():
-            naive.append(min(accuracy(model, naive_l1_pgd(model, x, y, eps, step_size=s), y)
-                             for s in (params["step_size"], 0.3 * eps)))
-    assert all(o <= v + 1 / n for o, v in zip(ours, naive)), (ours, naive)
-    assert ours[1] < naive[1] - 0.2, (ours, naive)  # the sparse steps matter
+        slide.append(robust_accuracy(model, "slide-l1", x, y, budget))
+        eps, _ = at_shape("pgd-l1", budget, SHAPE)
+        dense.append(min(robust_accuracy(model, "pgd-l1", x, y, budget, variant)
+                         for variant in ({}, {"random_start": False}, {"step_size": 0.3 * eps})))
+    assert all(s <= d for s, d in zip(slide, dense)), (slide, dense)
+    assert slide[1] < dense[1] - 0.2, (slide, dense)  # the sparse steps matter
 
 
 @pytest.fixture(scope="module")

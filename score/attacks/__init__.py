@@ -352,12 +352,18 @@ def _register() -> None:
     ATTACKS.add("pgd-l2", AttackDef(
         "pgd-l2", "l2", pgd.pgd_l2, {"small": 0.5, "middle": 2.0, "large": 8.0},
         {"steps": 20, "rel_step": 0.075, "random_start": True, "keep_best": False}, cost=40))
+    l1_budgets = {"small": 100.0, "middle": 400.0, "large": 1600.0}
+    # pgd-l1 is ART <= 1.17.1's L1 PGD with RobustART's settings (the paper's); slide-l1 is the stronger L1 PGD
     ATTACKS.add("pgd-l1", AttackDef(
-        "pgd-l1", "l1", l1.pgd_l1, {"small": 100.0, "middle": 400.0, "large": 1600.0},
+        "pgd-l1", "l1", l1.pgd_l1, dict(l1_budgets),
+        {"steps": 20, "step_size": 120.0, "random_start": True, "keep_best": False},
+        cost=40, size_params=("step_size",)))
+    ATTACKS.add("slide-l1", AttackDef(
+        "slide-l1", "l1", l1.slide_l1, dict(l1_budgets),
         {"steps": 20, "step_size": 120.0, "sparsity": 0.99, "random_start": True, "keep_best": False},
         cost=40, size_params=("step_size",)))
     ATTACKS.add("apgd-l1", AttackDef(
-        "apgd-l1", "l1", autoattack.apgd_l1, {"small": 100.0, "middle": 400.0, "large": 1600.0},
+        "apgd-l1", "l1", autoattack.apgd_l1, dict(l1_budgets),
         {"n_iter": 100, "n_restarts": 1, "use_largereps": False}, cost=200))
     ATTACKS.add("autoattack-linf", AttackDef(
         "autoattack-linf", "linf", autoattack.autoattack_linf, dict(linf),

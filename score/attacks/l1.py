@@ -1,16 +1,29 @@
-"""L1 attacks: sparse steepest-descent PGD (SLIDE-style) with the exact projection onto L1 ball x box.
+"""L1 attacks: ``pgd-l1``, ART's L1 PGD as RobustART ran it, and ``slide-l1``, a stronger sparse L1 PGD.
 
-Plain L1 PGD with a rescaling projection is weak (its steps are dense and the
-rescaling wastes budget on coordinates that cannot move). Here each step
-moves only the ``k = ceil((1 - sparsity) * d)`` coordinates with the largest
-``|grad|`` by ``sign(grad)``, scaled so the step has L1 length ``step_size``
-(Tramer & Boneh 2019, SLIDE); coordinates already at a box face whose
-gradient points out of the box are never chosen (they could not move). The
-result is projected exactly onto ``{d : ||d||_1 <= eps, 0 <= x + d <= 1}``
-(Croce & Hein, "Mind the box", ICML 2021), :func:`project_l1_box`.
+``pgd-l1`` (:func:`pgd_l1`) is the L1 PGD of the Adversarial Robustness
+Toolbox (ART) <= 1.17.1, ``ProjectedGradientDescentPyTorch(norm=1)``, with
+RobustART's settings (``eps_step=120`` absolute at 3x224x224, ``max_iter=20``,
+``num_random_init=1``), which is what the RobustMQ paper's L1 numbers come
+from. Per step: the gradient divided by its L1 norm (+ ART's tolerance
+1e-7), a step of ``step_size`` along it, a clip into [0, 1], then the
+perturbation rescaled into the L1 ball (``delta * min(1, eps / (||delta||_1 +
+1e-7))``: a rescaling, not the exact projection; the rescaled point stays in
+the box). The steps are dense, and the rescaling spends budget on
+coordinates that cannot move, so this attack is weak; its robust accuracies
+are the ones comparable with the paper. ART 1.18 (June 2024) replaced the L1
+step by a single-coordinate steepest-descent step: RobustART predates it.
 
-RobustART/ART settings: 20 steps, ``step_size=120`` absolute at 3x224x224, one
-random start (uniform in the L1 ball, then projected into the box).
+``slide-l1`` (:func:`slide_l1`) is the stronger L1 evaluation, not the
+paper's. Each step moves only the ``k = ceil((1 - sparsity) * d)``
+coordinates with the largest ``|grad|`` by ``sign(grad)``, scaled so the step
+has L1 length ``step_size`` (Tramer & Boneh 2019, SLIDE); coordinates already
+at a box face whose gradient points out of the box are never chosen (they
+could not move). The result is projected exactly onto ``{d : ||d||_1 <= eps,
+0 <= x + d <= 1}`` (Croce & Hein, "Mind the box", ICML 2021),
+:func:`project_l1_box`. Same budgets and step size as ``pgd-l1``.
+
+Both start, by default, at one random point uniform in the L1 ball (as ART's
+``random_sphere``), drawn per sample (:func:`l1_ball_draws`).
 """
 from __future__ import annotations
 
@@ -72,8 +85,13 @@ def project_l1_box(delta: torch.Tensor, x: torch.Tensor, eps) -> torch.Tensor:
     return (d.sign() * out).to(delta.dtype).reshape(delta.shape)
 
 
-def l1_start(x: torch.Tensor, eps: float, seeds: torch.Tensor) -> torch.Tensor:
-    """``x`` plus a per-sample point uniform in the L1 ball of radius eps, projected into [0, 1] (budget kept)."""
+def l1_ball_draws(x: torch.Tensor, eps: float, seeds: torch.Tensor) -> torch.Tensor:
+    """One point uniform in the L1 ball of radius eps per sample (per-sample CPU generators), in x's dtype.
+
+    The distribution of ART's ``random_sphere(norm=1)``: ``|delta| / eps`` are
+    the first d of d + 1 uniform spacings (Dirichlet(1, ..., 1)), with
+    independent random signs; drawn in float64, then cast.
+    """
     size = x[0].numel()
 
     def draw(g, shape):
@@ -83,7 +101,16 @@ def l1_start(x: torch.Tensor, eps: float, seeds: torch.Tensor) -> torch.Tensor:
         point = spacings[:size] / spacings.sum()
         return (torch.where(signs, -point, point).reshape(shape) * eps).to(x.dtype)  # on the CPU: see random_draws
 
-    delta = random_draws(seeds, x.shape[1:], draw, x.device)
+    return random_draws(seeds, x.shape[1:], draw, x.device)
+
+
+def l1_start(x: torch.Tensor, eps: float, seeds: torch.Tensor) -> torch.Tensor:
+    """``x`` plus a per-sample point uniform in the L1 ball of radius eps, projected into [0, 1] (budget kept).
+
+    For a point inside the ball this is ART's clip ``clamp(x + delta, 0, 1)``
+    up to fp32 rounding (an ulp at the box faces).
+    """
+    delta = l1_ball_draws(x, eps, seeds)
     return (x + project_l1_box(delta, x, eps)).clamp(0, 1)
 
 
@@ -99,14 +126,81 @@ def sparse_step(x_adv: torch.Tensor, grad: torch.Tensor, k: int, step_size: floa
     return (step_size * e / count).reshape(x_adv.shape)
 
 
+ART_TOL = 10e-8  # ART's tolerance (1e-7), in the gradient normalization and in the L1 rescaling
+
+
 def pgd_l1(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, seeds: torch.Tensor, *,
-           steps: int = 20, step_size: float = 120.0, sparsity: float = 0.99, random_start: bool = True,
+           steps: int = 20, step_size: float = 120.0, random_start: bool = True,
            keep_best: bool = False) -> torch.Tensor:
-    """L1 PGD with sparse steps (top ``1 - sparsity`` share of coordinates) and the exact L1 x box projection."""
+    """ART <= 1.17.1's L1 PGD (``ProjectedGradientDescentPyTorch(norm=1)``), as RobustART ran it.
+
+    Per step, in fp32 with ART's operations::
+
+        g = grad / (||grad||_1 + 1e-7)
+        x_adv = clip(x_adv + step_size * g, 0, 1)
+        delta = x_adv - x
+        x_adv = x + delta * min(1, eps / (||delta||_1 + 1e-7))
+
+    ``grad`` is each sample's own gradient (of the cross-entropy summed over
+    the batch); ART's is of the batch mean, which scales every sample's
+    gradient by 1 / batch size and so only changes how large the 1e-7
+    tolerance is next to ``||grad||_1`` (nothing, at ``batch_size=1``). The
+    random start (``num_random_init=1``: one start, no best-of) is ART's:
+    ``clip(x + delta, 0, 1)`` with ``delta`` uniform in the L1 ball, drawn
+    from the sample's own generator (:func:`l1_ball_draws`) instead of numpy's
+    global RNG. ``keep_best`` (not in ART; off by default) returns the best
+    iterate instead of the last.
+    """
+    from qrobust.score.attacks import AttackError
+
+    if steps < 1 or not step_size > 0:
+        raise AttackError(f"pgd-l1 needs steps >= 1 and step_size > 0; got steps={steps}, step_size={step_size}")
+    dims = tuple(range(1, x.dim()))
+
+    def step(x_adv, grad):
+        g = grad / (grad.abs().sum(dim=dims, keepdim=True) + ART_TOL)
+        x_adv = (x_adv + step_size * g).clamp(0, 1)
+        delta = x_adv - x
+        norm = torch.linalg.vector_norm(delta.reshape(len(delta), -1), 1, dim=1)
+        factor = torch.clamp(eps / (norm + ART_TOL), max=1.0)
+        return x + delta * factor.view(-1, *[1] * len(dims))
+
+    start = (x + l1_ball_draws(x, eps, seeds)).clamp(0, 1) if random_start else x.clone()
+    return within_l1_budget(iterate(model, start, y, steps, keep_best, step), x, eps)
+
+
+def within_l1_budget(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """``x_adv``, with every coordinate of a sample over the L1 budget stepped one ulp toward ``x``.
+
+    A rescaled perturbation sits on the sphere, and rounding ``x + delta`` to
+    fp32 moves each of its (dense) coordinates by up to half an ulp: on small
+    inputs the sum can end a few 1e-7 of eps over it (ART's own output does).
+    One ulp per coordinate removes more than that rounding added; the
+    trajectory is untouched (only the returned point changes, by an ulp).
+    """
+    for _ in range(4):
+        size = (x_adv - x).double().abs().flatten(1).sum(1)  # exact differences of fp32 numbers
+        over = size > eps
+        if not bool(over.any()):
+            break
+        x_adv = torch.where(over.view(-1, *[1] * (x.dim() - 1)), torch.nextafter(x_adv, x), x_adv)
+    return x_adv
+
+
+def slide_l1(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, seeds: torch.Tensor, *,
+             steps: int = 20, step_size: float = 120.0, sparsity: float = 0.99, random_start: bool = True,
+             keep_best: bool = False) -> torch.Tensor:
+    """L1 PGD with sparse steps (top ``1 - sparsity`` share of coordinates) and the exact L1 x box projection.
+
+    The stronger L1 evaluation (SLIDE, Tramer & Boneh 2019; projection of
+    Croce & Hein 2021), not the attack the RobustMQ paper ran (that is
+    :func:`pgd_l1`): on the test model it leaves a lower robust accuracy than
+    ``pgd-l1`` at every budget.
+    """
     from qrobust.score.attacks import AttackError
 
     if steps < 1 or not step_size > 0 or not 0 <= sparsity < 1:
-        raise AttackError(f"pgd-l1 needs steps >= 1, step_size > 0 and 0 <= sparsity < 1; "
+        raise AttackError(f"slide-l1 needs steps >= 1, step_size > 0 and 0 <= sparsity < 1; "
                           f"got steps={steps}, step_size={step_size}, sparsity={sparsity}")
     size = x[0].numel()
     k = min(size, max(1, math.ceil(round((1 - sparsity) * size, 6))))
