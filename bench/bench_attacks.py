@@ -8,8 +8,9 @@ their cost depends on the model -- a random-init model is fooled at once):
 
 * fgsm-linf, pgd-linf, pgd-l2 against torchattacks FGSM, PGD, PGDL2 (same eps,
   20 steps, alpha = 0.075 eps, random start), both under ``frozen(model)``;
-* pgd-l1 (sparse steps + exact L1 x box projection), apgd-l1 and
-  autoattack-linf (reference pyautoattack, standard version) alone.
+* pgd-l1 (ART 1.17.1's dense L1 PGD, as RobustART ran it), slide-l1 (sparse
+  steps + exact L1 x box projection), apgd-l1 and autoattack-linf (reference
+  pyautoattack, standard version) alone.
 
 Budgets are RobustART's at --budget, rescaled to the input size. Prints
 images/s (median over --repeats, interleaved runs), the ratio of our time to
@@ -27,7 +28,7 @@ import statistics
 import time
 
 PAIRS = {"fgsm-linf": "FGSM", "pgd-linf": "PGD", "pgd-l2": "PGDL2"}
-ALONE = ("pgd-l1", "apgd-l1", "autoattack-linf")
+ALONE = ("pgd-l1", "slide-l1", "apgd-l1", "autoattack-linf")
 
 
 def photos(n: int, size: int):
@@ -88,7 +89,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     parser.add_argument("--attacks", nargs="*", default=list(PAIRS) + list(ALONE),
-                        help="attacks to time (default: fgsm-linf pgd-linf pgd-l2 pgd-l1 apgd-l1 autoattack-linf)")
+                        help="attacks to time (default: fgsm-linf pgd-linf pgd-l2 pgd-l1 slide-l1 apgd-l1 "
+                             "autoattack-linf)")
     args = parser.parse_args()
     import logging
 
