@@ -1,8 +1,14 @@
 """Models: architectures, the [0, 1] input convention, and loading by spec.
 
-Every model qrobust builds takes RGB in [0, 1], shape (N, 3, H, W), and
-normalizes inside itself (:class:`Normalized`), so attack budgets are in pixel
-units. A model is named by a :class:`ModelSpec`; :func:`load_model` accepts
+Every model qrobust scores takes RGB in [0, 1], shape (N, 3, H, W), and
+normalizes inside itself, so attack budgets are in pixel units. qrobust's
+registered architectures (and torchvision's weights) are wrapped in
+:class:`Normalized` with ImageNet mean/std. A user's ``package.module:callable``
+model gets the [0, 1] images as they are (``normalize="none"``, the default: it
+normalizes itself, as RobustBench's models do) unless ``normalize="imagenet"``
+asks qrobust to wrap it; the choice is part of the :class:`ModelSpec`, of a
+checkpoint and of a results folder's identity. A model is named by a
+:class:`ModelSpec`; :func:`load_model` accepts
 
 * ``ckpt.safetensors`` -- a qrobust checkpoint (the spec is in its metadata);
 * ``resnet18`` with ``weights=FILE`` -- a torchvision-style state dict
@@ -47,6 +53,8 @@ log = logging.getLogger("qrobust.models")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SOURCES = ("init", "checkpoint", "state_dict", "torchvision", "callable")
+# what qrobust applies to [0, 1] RGB before a model's own forward: ImageNet mean/std, or nothing
+NORMALIZATIONS = ("imagenet", "none")
 META_MODEL, META_VERSION = "qrobust.model", "qrobust.version"
 
 ARCHITECTURES: Registry[Callable[[int], nn.Module]] = Registry("architecture")
@@ -146,10 +154,26 @@ class ModelSpec:
     quant: dict | None = field(default=None, hash=False)  # the policy of qrobust.shared.quant.quantize_model
     weights: str | None = None  # a file path or a torchvision weights name
     source: str = "init"
+    # what qrobust applies to the [0, 1] images before the net: "imagenet" (mean/std; every registered
+    # architecture) or "none" (a callable that normalizes itself). None: a callable's checkpoint written
+    # before this was recorded, which is rebuilt as it was then (see build_model).
+    normalize: str | None = None
 
     def __post_init__(self):
         if self.source not in SOURCES:
             raise ModelError(f"model source {self.source!r} is not one of {', '.join(SOURCES)}")
+        if self.normalize is not None and self.normalize not in NORMALIZATIONS:
+            raise ModelError(f"normalize must be one of {', '.join(NORMALIZATIONS)}, not {self.normalize!r}")
+        if not self.is_callable:  # a registered architecture always carries its own ImageNet normalization
+            if self.normalize not in (None, "imagenet"):
+                raise ModelError(f"{self.arch} is a registered architecture, which normalizes with ImageNet "
+                                 f"mean/std inside; normalize={self.normalize!r} applies to module:callable models")
+            object.__setattr__(self, "normalize", "imagenet")
+
+    @property
+    def is_callable(self) -> bool:
+        """Built by a user's ``package.module:callable`` rather than a registered architecture."""
+        return ":" in self.arch
 
     @property
     def name(self) -> str:
@@ -181,6 +205,8 @@ class ModelSpec:
                 ("weights must be null or a string",
                  d.get("weights") is not None and not isinstance(d["weights"], str)),
                 (f"source must be one of {', '.join(SOURCES)}", d.get("source", "init") not in SOURCES),
+                (f"normalize must be null or one of {', '.join(NORMALIZATIONS)}",
+                 d.get("normalize") is not None and d["normalize"] not in NORMALIZATIONS),
             ) if bad]
         if problems:
             raise ModelError(f"not a qrobust model spec ({'; '.join(problems)}): {_short(d)}")
@@ -196,7 +222,8 @@ def build_model(spec: ModelSpec | str, num_classes: int | None = None) -> nn.Mod
     """A freshly initialised model for a spec or an architecture name; the same every call (seed 0).
 
     Registered architectures come wrapped in :class:`Normalized`; a spec whose
-    ``arch`` is ``package.module:callable`` is built by that callable.
+    ``arch`` is ``package.module:callable`` is built by that callable and
+    wrapped only if ``spec.normalize == "imagenet"``.
 
     >>> build_model("tiny_cnn", 10)(torch.rand(1, 3, 32, 32)).shape
     torch.Size([1, 10])
@@ -207,8 +234,13 @@ def build_model(spec: ModelSpec | str, num_classes: int | None = None) -> nn.Mod
         spec = ModelSpec(spec, 1000 if num_classes is None else num_classes)
     elif num_classes is not None:
         raise TypeError("build_model: num_classes goes in the ModelSpec")
-    if ":" in spec.arch:  # a callable's spec keeps its "package.module:callable" as arch
+    if spec.is_callable:  # a callable's spec keeps its "package.module:callable" as arch
         model = _build_callable(spec.arch, spec.num_classes)[0]
+        # None: a checkpoint from before the choice was recorded, when a callable was wrapped unless it
+        # carried qrobust_normalizes_input; rebuilt the same way, so its weights see what they were trained on
+        legacy = spec.normalize is None and not getattr(model, "qrobust_normalizes_input", False)
+        if spec.normalize == "imagenet" or legacy:
+            model = Normalized(model)
     else:
         builder = ARCHITECTURES.get(spec.arch)
         with torch.random.fork_rng(devices=[]):  # reproducible init without touching the caller's RNG
@@ -246,10 +278,14 @@ def _build_callable(target: str, num_classes: int | None) -> tuple[nn.Module, in
     found = linears[-1].out_features if linears else None  # the spec's best guess: the last Linear's outputs
     if num_classes is not None and found not in (None, num_classes):
         raise ModelError(f"{target} makes a model with {found} classes, not {num_classes}")
-    num_classes = num_classes or found or 1000
-    if not getattr(net, "qrobust_normalizes_input", False):
-        net = Normalized(net)
-    return net, num_classes
+    return net, num_classes or found or 1000
+
+
+def _normalizes_itself(model: nn.Module) -> bool:
+    """Whether a model holds a layer that normalizes its input (qrobust's wrapper or torchvision's transform)."""
+    from torchvision.transforms import Normalize
+
+    return any(isinstance(m, (Normalized, Normalize)) for m in model.modules())
 
 
 def _inner(model: nn.Module) -> nn.Module:
@@ -366,13 +402,14 @@ def regnet_from_pycls(sd: dict) -> dict:
 
 def _load_into(model: nn.Module, sd: dict, what: str) -> None:
     """Load a state dict for the inner net (``net.``/``module.`` prefixes stripped); one-line error on mismatch."""
-    for prefix in ("module.", "net.", "module."):  # DataParallel, the wrapper, or both
-        if sd and all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items()}
     net = _inner(model)
+    own = net.state_dict()
+    for prefix in ("module.", "net.", "module."):  # DataParallel, the wrapper, or both
+        # (unless the model's own names start so: a user's model may hold its backbone as `net`)
+        if sd and all(k.startswith(prefix) for k in sd) and not all(k.startswith(prefix) for k in own):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
     if isinstance(net, tvm.RegNet) and "stem.conv.weight" in sd:  # timm / pycls RegNetX weights
         sd = regnet_from_pycls(sd)
-    own = net.state_dict()
     shapes = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items()
               if k in own and v.shape != own[k].shape]
     missing = unexpected = []
@@ -405,20 +442,32 @@ def _torchvision_weights(arch: str, name: str, num_classes: int | None):
 
 
 def load_model(spec_string: str, weights: str | os.PathLike | None = None, num_classes: int | None = None,
-               device: str | torch.device = "cpu") -> tuple[nn.Module, ModelSpec, str | None]:
+               device: str | torch.device = "cpu", normalize: str | None = None
+               ) -> tuple[nn.Module, ModelSpec, str | None]:
     """Build and load a model; return ``(model in eval mode, spec, sha256 of the weights file or None)``.
+
+    ``normalize`` is the input convention of a ``package.module:callable``
+    model: ``"none"`` (the default: the callable's model takes [0, 1] RGB and
+    normalizes itself) or ``"imagenet"`` (qrobust applies ImageNet mean/std
+    before it). Registered architectures always normalize with ImageNet
+    statistics inside; for them only ``None`` or ``"imagenet"`` is accepted. A
+    checkpoint's recorded choice wins, and asking for another is an error.
 
     >>> model, spec, sha = load_model("ckpt.safetensors")  # doctest: +SKIP
     >>> model, spec, sha = load_model("resnet18", weights="resnet18.pth")  # doctest: +SKIP
+    >>> model, spec, sha = load_model("mypkg.nets:build", weights="net.pth", normalize="imagenet")  # doctest: +SKIP
     >>> model, spec, _ = load_model("tiny_cnn", num_classes=10)  # random init, with a warning
-    >>> spec.source
-    'init'
+    >>> spec.source, spec.normalize
+    ('init', 'imagenet')
 
-    Raises :class:`ModelError` for missing or unsafe files and mismatched state
-    dicts, and :class:`~qrobust.shared.registry.UnknownNameError` for unknown architectures.
+    Raises :class:`ModelError` for missing or unsafe files, mismatched state
+    dicts and a ``normalize`` that does not fit the model, and
+    :class:`~qrobust.shared.registry.UnknownNameError` for unknown architectures.
     """
     text, path = str(spec_string), Path(spec_string)
     sha = None
+    if normalize is not None and normalize not in NORMALIZATIONS:
+        raise ModelError(f"normalize must be one of {', '.join(NORMALIZATIONS)}, not {normalize!r}")
     if path.is_file() or path.suffix in (".safetensors", ".pt", ".pth", ".bin") or os.sep in text:
         if not path.is_file():
             raise ModelError(f"model file {path} not found")
@@ -428,12 +477,22 @@ def load_model(spec_string: str, weights: str | os.PathLike | None = None, num_c
         read_checkpoint_spec(path)  # a file that is not a checkpoint says so before any other complaint
         if weights is not None:
             raise ModelError(f"{path} is a qrobust checkpoint with its own weights; do not pass weights as well")
-        return _load_checkpoint(path, num_classes, device)
+        return _load_checkpoint(path, num_classes, device, normalize=normalize)
     elif ":" in text and text.partition(":")[0] not in ARCHITECTURES:
         if weights is not None and _is_checkpoint(Path(weights)):  # the user names the code, the file its spec
-            return _load_checkpoint(Path(weights), num_classes, device, callable_named=text)
+            return _load_checkpoint(Path(weights), num_classes, device, callable_named=text, normalize=normalize)
         model, n = _build_callable(text, num_classes)
-        spec = ModelSpec(text, n, weights=str(weights) if weights is not None else None, source="callable")
+        spec = ModelSpec(text, n, weights=str(weights) if weights is not None else None, source="callable",
+                         normalize=normalize or "none")
+        if spec.normalize == "imagenet":
+            if _normalizes_itself(model):
+                log.warning("%s already holds a normalization layer, and --normalize imagenet normalizes its "
+                            "inputs once more: is that meant? (the default, --normalize none, gives it [0, 1] RGB)",
+                            text)
+            model = Normalized(model)
+    elif normalize not in (None, "imagenet"):
+        raise ModelError(f"{text} is a registered architecture, which normalizes with ImageNet mean/std inside; "
+                         f"--normalize {normalize} applies to module:callable models")
     elif ":" in text:
         arch, _, name = text.partition(":")
         if weights is not None:
@@ -471,9 +530,15 @@ def _is_checkpoint(path: Path) -> bool:
     return path.suffix == ".safetensors" and path.is_file() and META_MODEL in read_checkpoint_metadata(path)
 
 
-def _load_checkpoint(path: Path, num_classes: int | None, device, callable_named: str | None = None):
+def _load_checkpoint(path: Path, num_classes: int | None, device, callable_named: str | None = None,
+                     normalize: str | None = None):
     """Build the model a qrobust checkpoint describes and load its weights (see :func:`load_model`)."""
     saved = read_checkpoint_spec(path)
+    if normalize is not None and saved.normalize is None and saved.is_callable:
+        saved = dataclasses.replace(saved, normalize=normalize)  # written before the choice was recorded
+    if normalize not in (None, saved.normalize):
+        raise ModelError(f"{path} records inputs normalized {saved.normalize!r} (the convention its weights were "
+                         f"trained with); --normalize {normalize} contradicts it")
     if callable_named is not None and saved.arch != callable_named:
         raise ModelError(f"{path} is a checkpoint of {saved.arch!r}, not of {callable_named!r}")
     if callable_named is None and ":" in saved.arch:

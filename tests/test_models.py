@@ -11,7 +11,8 @@ from torch import nn
 
 from qrobust.shared.errors import QrobustError
 from qrobust.shared.models import (ARCHITECTURES, IMAGENET_MEAN, IMAGENET_STD, ModelError, ModelSpec, Normalized,
-                                   build_model, load_model, read_checkpoint_metadata, save_checkpoint)
+                                   build_model, load_model, read_checkpoint_metadata, save_checkpoint,
+                                   write_safetensors)
 from qrobust.shared.registry import UnknownNameError
 
 SMALL = ("tiny_cnn", "tiny_resnet")
@@ -23,8 +24,14 @@ def make_net(num_classes: int = 7) -> nn.Module:
 
 
 def make_self_normalizing_net() -> nn.Module:
+    """A callable's model that takes [0, 1] RGB and normalizes itself, as the README asks user models to."""
+    return Normalized(make_net(5))
+
+
+def make_legacy_net() -> nn.Module:
+    """Says it normalizes itself in the way checkpoints from before ``normalize`` was recorded relied on."""
     net = make_net(5)
-    net.qrobust_normalizes_input = True  # this callable does its own normalization: do not wrap it
+    net.qrobust_normalizes_input = True
     return net
 
 
@@ -135,25 +142,58 @@ def test_checkpoint_round_trip_needs_no_arguments(tmp_path):
 
 
 def test_checkpoint_of_a_callable_model_round_trips(tmp_path):
-    model, spec, _ = load_model("test_models:make_net", num_classes=3)
-    with torch.no_grad():
-        model.net[0].weight.mul_(2)
-    path = save_checkpoint(model, spec, tmp_path / "c.safetensors")
-    with pytest.raises(ModelError, match="may not choose code to run"):  # the file alone may not name code
-        load_model(path)
-    loaded, loaded_spec, _ = load_model("test_models:make_net", weights=path)  # the user names it
-    assert same_outputs(model, loaded) and loaded_spec.arch == "test_models:make_net"
-    assert loaded_spec.source == "checkpoint"
-    again, _, _ = load_model("test_models:make_net",
-                             weights=save_checkpoint(loaded, loaded_spec, tmp_path / "again.safetensors"))
-    assert same_outputs(model, again)
-    # a callable that normalizes by itself (no wrapper, no num_classes argument) round trips too
+    for normalize in ("none", "imagenet"):
+        model, spec, _ = load_model("test_models:make_net", num_classes=3, normalize=normalize)
+        assert isinstance(model, Normalized) == (normalize == "imagenet") and spec.normalize == normalize
+        with torch.no_grad():
+            inner = model.net if isinstance(model, Normalized) else model
+            inner[0].weight.mul_(2)
+        path = save_checkpoint(model, spec, tmp_path / f"c-{normalize}.safetensors")
+        with pytest.raises(ModelError, match="may not choose code to run"):  # the file alone may not name code
+            load_model(path)
+        loaded, loaded_spec, _ = load_model("test_models:make_net", weights=path)  # the user names it
+        assert same_outputs(model, loaded) and loaded_spec.arch == "test_models:make_net"
+        assert loaded_spec.source == "checkpoint" and loaded_spec.normalize == normalize  # recorded, not guessed
+        again, _, _ = load_model("test_models:make_net",
+                                 weights=save_checkpoint(loaded, loaded_spec, tmp_path / f"again-{normalize}.safetensors"))
+        assert same_outputs(model, again)
+        other = "imagenet" if normalize == "none" else "none"
+        with pytest.raises(ModelError, match=f"contradicts it"):
+            load_model("test_models:make_net", weights=path, normalize=other)
+    # a callable that normalizes by itself (no num_classes argument) round trips too
     model, spec, _ = load_model("test_models:make_self_normalizing_net")
     with torch.no_grad():
-        model[0].weight.mul_(2)
+        model.net[0].weight.mul_(2)
     loaded, _, _ = load_model("test_models:make_self_normalizing_net",
                               weights=save_checkpoint(model, spec, tmp_path / "s.safetensors"))
-    assert not isinstance(loaded, Normalized) and same_outputs(model, loaded)
+    assert same_outputs(model, loaded)
+
+
+def test_callable_checkpoints_from_before_normalize_was_recorded_load_as_they_were_written(tmp_path):
+    """Such a checkpoint's spec has no normalize: a callable was wrapped unless it said it normalizes itself."""
+    for target, wrapped in (("test_models:make_net", True), ("test_models:make_legacy_net", False)):
+        model, spec, _ = load_model(target, num_classes=5, normalize="imagenet" if wrapped else "none")
+        old = {k: v for k, v in spec.to_dict().items() if k != "normalize"}
+        path = write_safetensors({k: v.contiguous() for k, v in (model.net if wrapped else model).state_dict().items()},
+                                 tmp_path / "old.safetensors", {"qrobust.model": json.dumps(old)})
+        loaded, loaded_spec, _ = load_model(target, weights=path)
+        assert loaded_spec.normalize is None and isinstance(loaded, Normalized) == wrapped
+        assert same_outputs(model, loaded)
+        chosen, chosen_spec, _ = load_model(target, weights=path, normalize="none")  # the user may say it now
+        assert chosen_spec.normalize == "none" and not isinstance(chosen, Normalized)
+
+
+def test_registered_architectures_keep_their_imagenet_normalization():
+    model, spec, _ = load_model("tiny_cnn", num_classes=4, normalize="imagenet")
+    assert isinstance(model, Normalized) and spec.normalize == "imagenet"
+    assert ModelSpec("resnet18").normalize == "imagenet"
+    assert ModelSpec.from_dict({"arch": "tiny_cnn", "num_classes": 4}).normalize == "imagenet"  # older specs
+    with pytest.raises(ModelError, match="applies to module:callable models"):
+        load_model("tiny_cnn", num_classes=4, normalize="none")
+    with pytest.raises(ModelError, match="registered architecture"):
+        ModelSpec("tiny_cnn", normalize="none")
+    with pytest.raises(ModelError, match="normalize must be one of imagenet, none"):
+        load_model("test_models:make_net", normalize="cifar")
 
 
 def test_spec_dict_round_trip_name_and_errors(tmp_path):
@@ -235,11 +275,17 @@ def test_pickle_payload_is_refused_and_never_runs(tmp_path):
 
 
 def test_callable_models(tmp_path):
+    """A callable's model gets [0, 1] RGB as it is unless --normalize imagenet is asked for."""
     model, spec, sha = load_model("test_models:make_net", num_classes=3)
-    assert isinstance(model, Normalized) and model(images()).shape == (2, 3)
-    assert (spec.arch, spec.num_classes, spec.source, sha) == ("test_models:make_net", 3, "callable", None)
+    assert not isinstance(model, Normalized) and model(images()).shape == (2, 3)
+    assert (spec.arch, spec.num_classes, spec.source, spec.normalize, sha) == \
+        ("test_models:make_net", 3, "callable", "none", None)
+    wrapped, spec, _ = load_model("test_models:make_net", num_classes=3, normalize="imagenet")
+    assert isinstance(wrapped, Normalized) and spec.normalize == "imagenet"
+    x = images()
+    assert torch.equal(wrapped(x), model((x - wrapped.mean) / wrapped.std))  # the same net, normalized inputs
     model, spec, _ = load_model("test_models:make_self_normalizing_net")
-    assert not isinstance(model, Normalized) and spec.num_classes == 5
+    assert spec.num_classes == 5 and spec.normalize == "none"
     with pytest.raises(ModelError, match="5 classes, not 3"):
         load_model("test_models:make_self_normalizing_net", num_classes=3)
     with pytest.raises(ModelError, match="cannot load model callable"):

@@ -186,7 +186,8 @@ def quantize(fp_model: str, method: str, bits: int, train_root: str | os.PathLik
     if info["uncalibrated"]:
         raise TrainError(f"calibration did not reach quantizers {', '.join(info['uncalibrated'][:3])}")
     info["bn_reestimated"] = reestimate_batchnorm(model, batches)
-    spec = ModelSpec(fp_spec.arch, fp_spec.num_classes, quant=dict(policy, calibration=info))
+    spec = ModelSpec(fp_spec.arch, fp_spec.num_classes, quant=dict(policy, calibration=info),
+                     normalize=fp_spec.normalize)
     out = _out_path(out, spec.name)
     val_before = evaluate(model, val_ds, batch_size=min(recipe.batch_size, 256), workers=recipe.workers,
                           device=device)
