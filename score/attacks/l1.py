@@ -8,10 +8,11 @@ from. Per step: the gradient divided by its L1 norm (+ ART's tolerance
 1e-7), a step of ``step_size`` along it, a clip into [0, 1], then the
 perturbation rescaled into the L1 ball (``delta * min(1, eps / (||delta||_1 +
 1e-7))``: a rescaling, not the exact projection; the rescaled point stays in
-the box). The steps are dense, and the rescaling spends budget on
-coordinates that cannot move, so this attack is weak; its robust accuracies
-are the ones comparable with the paper. ART 1.18 (June 2024) replaced the L1
-step by a single-coordinate steepest-descent step: RobustART predates it.
+the box). The steps are dense (every pixel moves a little, where an L1
+budget is best spent moving a few pixels far) and the rescaling is not the
+projection, so this attack is weak; its robust accuracies are the ones
+comparable with the paper. ART 1.18 (June 2024) replaced the L1 step by a
+single-coordinate steepest-descent step: RobustART predates it.
 
 ``slide-l1`` (:func:`slide_l1`) is the stronger L1 evaluation, not the
 paper's. Each step moves only the ``k = ceil((1 - sparsity) * d)``
@@ -23,7 +24,9 @@ could not move). The result is projected exactly onto ``{d : ||d||_1 <= eps,
 :func:`project_l1_box`. Same budgets and step size as ``pgd-l1``.
 
 Both start, by default, at one random point uniform in the L1 ball (as ART's
-``random_sphere``), drawn per sample (:func:`l1_ball_draws`).
+``random_sphere``), drawn per sample (:func:`l1_ball_draws`): pgd-l1 clips
+``x + delta`` into [0, 1] as ART does, slide-l1 projects ``delta`` onto the
+box (:func:`l1_start`; for a point in the ball, the same up to an ulp).
 """
 from __future__ import annotations
 
@@ -194,8 +197,8 @@ def slide_l1(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, see
 
     The stronger L1 evaluation (SLIDE, Tramer & Boneh 2019; projection of
     Croce & Hein 2021), not the attack the RobustMQ paper ran (that is
-    :func:`pgd_l1`): on the test model it leaves a lower robust accuracy than
-    ``pgd-l1`` at every budget.
+    :func:`pgd_l1`): on the test models its robust accuracy is never higher
+    than ``pgd-l1``'s and far lower at the middle and large budgets.
     """
     from qrobust.score.attacks import AttackError
 
