@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from qrobust.score.comparability import PAPER_ATTACKS
 from qrobust.score.stream import CorpusError, Failure, UnitStream
 from qrobust.shared.errors import QrobustError
 from qrobust.shared.seeding import sample_seed
@@ -77,8 +78,8 @@ def plan_jobs(attacks: list[str], budgets: list[str], shape: tuple[int, ...], *,
     from qrobust.score.attacks import ATTACKS, BUDGET_NAMES, at_shape
 
     config = dict(config or {})
-    if attacks == ["all"] or attacks == "all":
-        attacks = [n for n in ATTACKS if ATTACKS.get(n).white_box and n in DEFAULT_ATTACKS]
+    if attacks == ["all"] or attacks == "all":  # the paper's five; slide-l1, apgd-l1 and square-linf are extras
+        attacks = [n for n in ATTACKS if n in PAPER_ATTACKS]
     for name in config:
         ATTACKS.get(name)  # a typo in a config file is an error, not a silent no-op
     for b in budgets:
@@ -102,9 +103,6 @@ def plan_jobs(attacks: list[str], budgets: list[str], shape: tuple[int, ...], *,
             jobs.append(Job(name, b, eps, spec.norm, spec.cost, params, limit=limit))
     return jobs
 
-
-# the benchmark's attacks (``--attacks all``); apgd-l1 and square-linf are extra options
-DEFAULT_ATTACKS = ("fgsm-linf", "pgd-l1", "pgd-l2", "pgd-linf", "autoattack-linf")
 
 
 def subset_rows(total: int, limit: int | None) -> np.ndarray:
@@ -273,16 +271,20 @@ def _batches(source, units, rows, needed, batch_ids, batch_size, verify, workers
 
 
 def attack_summary(store, jobs_record: dict[str, dict], rows: np.ndarray,
-                   clean_correct: np.ndarray | None) -> tuple[dict, dict, dict]:
-    """``attacks[attack][budget]``, ``wcar[budget]`` and the rows behind each WCAR, from the stored outcomes.
+                   clean_correct: np.ndarray | None) -> dict:
+    """``attacks[attack][budget]`` and the worst cases per budget, from the stored outcomes.
 
-    AR is the share of an attack's rows not fooled; AAI = (ACC - AR) / ACC with
-    ACC the clean accuracy on the same rows; WCAR counts a row robust only if no
-    attack at that budget (every one stored in full) fooled it, on the rows all
-    of them ran on.
+    AR is the share of an attack's rows not fooled (eq. 3); AAI = (ACC - AR) /
+    ACC with ACC the clean accuracy on the same rows (eq. 4). ``wcar[budget]``
+    (eq. 5) counts a row robust only if none of the paper's five attacks that
+    ran at that budget (:data:`PAPER_ATTACKS`, each stored in full) fooled it,
+    on the rows all of them ran on; ``wcar_basis[budget]`` lists those attacks,
+    the missing ones and the rows. When other attacks ran too (``slide-l1``,
+    ``apgd-l1``, ``square-linf``), ``wcar_extra[budget]`` is the worst case over
+    every attack, with its own basis. Transfer attacks are a check, in neither.
     """
     attacks: dict[str, dict] = {}
-    by_budget: dict[str, list[np.ndarray]] = {}
+    by_budget: dict[str, dict[str, np.ndarray]] = {}
     for job_id, rec in sorted(jobs_record.items()):
         outcome = store.attack_outcome(job_id)
         if outcome is None or (outcome < 0).any():
@@ -298,15 +300,25 @@ def attack_summary(store, jobs_record: dict[str, dict], rows: np.ndarray,
             entry["cascade"] = True
         attacks.setdefault(attack, {})[budget] = entry
         if not rec.get("transfer"):
-            by_budget.setdefault(budget, []).append(outcome)
-    wcar, wcar_n = {}, {}
+            by_budget.setdefault(budget, {})[attack] = outcome
+    out = {"attacks": attacks, "wcar": {}, "wcar_basis": {}, "wcar_extra": {}, "wcar_extra_basis": {}}
     for b, outcomes in by_budget.items():
-        common = np.logical_and.reduce([o != NOT_RUN for o in outcomes])  # rows every attack ran on
-        fooled = np.logical_or.reduce([o == FOOLED for o in outcomes])
-        wcar[b] = float((~fooled[common]).mean()) if common.any() else None
-        wcar_n[b] = int(common.sum())
-    return attacks, wcar, wcar_n
+        paper = {a: o for a, o in outcomes.items() if a in PAPER_ATTACKS}
+        if paper:
+            out["wcar"][b], n = _worst_case(list(paper.values()))
+            out["wcar_basis"][b] = {"attacks": sorted(paper), "n": n,
+                                    "missing": [a for a in PAPER_ATTACKS if a not in paper]}
+        if set(outcomes) - set(PAPER_ATTACKS):
+            out["wcar_extra"][b], n = _worst_case(list(outcomes.values()))
+            out["wcar_extra_basis"][b] = {"attacks": sorted(outcomes), "n": n}
+    return {k: v for k, v in out.items() if v or k in ("attacks", "wcar")}
 
+
+def _worst_case(outcomes: list[np.ndarray]) -> tuple[float | None, int]:
+    """WCAR over these attacks' outcomes on the rows all of them ran on, and how many rows that is."""
+    common = np.logical_and.reduce([o != NOT_RUN for o in outcomes])
+    fooled = np.logical_or.reduce([o == FOOLED for o in outcomes])
+    return (float((~fooled[common]).mean()) if common.any() else None), int(common.sum())
 
 
 def attack_config(path: str | None = None, sets: list[str] | None = None) -> dict:

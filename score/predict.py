@@ -67,7 +67,7 @@ class ResultsStore:
         ident_path = self.path / "results.json"
         identity = {"schema": RESULTS_SCHEMA, **identity}
         if ident_path.is_file():
-            old = _read_json(ident_path)
+            old = _recorded_normalize(_read_json(ident_path))
             if old != identity:
                 differ = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
                 raise ResultsError(f"{self.path} holds results of another {', '.join(differ)}; "
@@ -148,7 +148,7 @@ class ResultsStore:
         ident = part / "results.json"
         if not ident.is_file():  # a rank stopped before writing anything: nothing to keep
             return 0
-        if _read_json(ident) != self.identity:
+        if _recorded_normalize(_read_json(ident)) != self.identity:
             raise ResultsError(f"{part} holds results of another model, corpus or setting than {self.path}; "
                                "delete it (or the whole --out) to score again")
         progress = part / "progress.json"
@@ -279,3 +279,16 @@ class PartStore(ResultsStore):
 
     def fooled_by_others(self, job_id: str, start: int, count: int) -> np.ndarray:
         return super().fooled_by_others(job_id, start, count) | self.main.fooled_by_others(job_id, start, count)
+
+
+def _recorded_normalize(identity):
+    """A results folder written before the input convention was part of its identity, read with it.
+
+    A registered architecture has always been given ImageNet-normalized inputs,
+    so its folder is upgraded in place of a refusal; a ``module:callable``
+    model's convention was not recorded, and its folder stays refused.
+    """
+    model = identity.get("model") if isinstance(identity, dict) else None
+    if isinstance(model, dict) and "normalize" not in model and ":" not in str(model.get("arch", ":")):
+        identity = {**identity, "model": {**model, "normalize": "imagenet"}}
+    return identity

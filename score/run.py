@@ -20,6 +20,7 @@ import sys
 import numpy as np
 
 from qrobust.score import distributed as dist
+from qrobust.score import input_check
 from qrobust.score.predict import TOPK, PartStore, ResultsStore
 from qrobust.score.stream import Corpus, CorpusError, Failure, Unit, UnitStream
 from qrobust.score.summary import compute_summary
@@ -124,7 +125,7 @@ def score(corpus: str, model: str, out: str, *, weights: str | None = None, only
           limit: int | None = None, verify: bool = True, progress: bool = True, attacks: list[str] | None = None,
           budgets: list[str] | None = None, attack_limit: int | None = None, attack_config: dict | None = None,
           budget_scale: str = "dims", cascade: bool = False, transfer_from: str | None = None,
-          distributed: bool = False) -> dict | None:
+          distributed: bool = False, normalize: str | None = None) -> dict | None:
     """Score ``model`` (see :func:`qrobust.shared.models.load_model`) on ``corpus`` into folder ``out``;
     returns the summary (also written to ``out/summary.json``).
 
@@ -147,6 +148,13 @@ def score(corpus: str, model: str, out: str, *, weights: str | None = None, only
     overrides (``attack_config``), ``cascade`` and ``transfer_from`` (an FP
     model spec whose PGD-Linf examples are replayed on this model).
 
+    ``normalize`` is a ``module:callable`` model's input convention (see
+    :func:`~qrobust.shared.models.load_model`): ``"none"`` (default: the model
+    gets [0, 1] RGB) or ``"imagenet"``; it is part of the results folder's
+    identity. A callable is also tried under the other convention on a few
+    clean images, and the summary warns if that does much better
+    (:mod:`qrobust.score.input_check`).
+
     Raises :class:`~qrobust.shared.errors.QrobustError` subclasses for a bad corpus, model or results folder.
     """
     ctx = dist.setup(distributed, device)
@@ -154,14 +162,16 @@ def score(corpus: str, model: str, out: str, *, weights: str | None = None, only
         return _score(corpus, model, out, ctx, weights=weights, only=only, exclude=exclude, device=device,
                       batch_size=batch_size, workers=workers, limit=limit, verify=verify, progress=progress,
                       attacks=attacks, budgets=budgets, attack_limit=attack_limit, attack_config=attack_config,
-                      budget_scale=budget_scale, cascade=cascade, transfer_from=transfer_from)
+                      budget_scale=budget_scale, cascade=cascade, transfer_from=transfer_from,
+                      normalize=normalize)
     finally:
         if ctx is not None:
             ctx.close()
 
 
 def _score(corpus, model, out, ctx, *, weights, only, exclude, device, batch_size, workers, limit, verify,
-           progress, attacks, budgets, attack_limit, attack_config, budget_scale, cascade, transfer_from):
+           progress, attacks, budgets, attack_limit, attack_config, budget_scale, cascade, transfer_from,
+           normalize):
     import torch
 
     from qrobust import __version__
@@ -196,7 +206,8 @@ def _score(corpus, model, out, ctx, *, weights, only, exclude, device, batch_siz
         raise CorpusError(_refusal(problems, str(corpus)))
     n_classes = len(manifest.get("classes") or []) or None
     fp32_kernels(run_device)
-    net, spec, sha = load_model(model, weights=weights, num_classes=n_classes, device=run_device)
+    net, spec, sha = load_model(model, weights=weights, num_classes=n_classes, device=run_device,
+                                normalize=normalize)
     if n_classes and spec.num_classes != n_classes:
         raise CorpusError(f"the model has {spec.num_classes} outputs but the corpus {n_classes} classes; labels would "
                           "not line up (for an ImageNet subset, generate with --classes LOC_synset_mapping.txt)")
@@ -209,7 +220,7 @@ def _score(corpus, model, out, ctx, *, weights, only, exclude, device, batch_siz
             pass
     # what must not change within one results folder; the batch size too, since it can flip near-ties
     identity = {"model": {"arch": spec.arch, "num_classes": spec.num_classes, "quant": spec.quant,
-                          "source": spec.source},
+                          "source": spec.source, "normalize": spec.normalize},
                 "model_sha256": sha, "manifest_sha256": source.manifest_sha256, "rows": rows,
                 "batch_size": batch_size}
     chunk = manifest.get("suite", {}).get("spec", {}).get("shards", {}).get("samples", 1000)
@@ -258,12 +269,16 @@ def _score(corpus, model, out, ctx, *, weights, only, exclude, device, batch_siz
     predictions = _finished_predictions(store, all_units, manifest)
     summary = compute_summary(
         predictions, store.labels[...], manifest,
-        model={"name": spec.name, "arch": spec.arch, "quant": spec.quant, "sha256": sha, "spec": spec.to_dict()},
+        model={"name": spec.name, "arch": spec.arch, "quant": spec.quant, "sha256": sha,
+               "normalize": spec.normalize, "spec": spec.to_dict()},
         corpus={"suite": manifest["suite"]["name"], "manifest_sha256": source.manifest_sha256, "samples": rows,
                 "location": _public_location(str(corpus))},
         env={"qrobust": __version__, "torch": torch.__version__, "device": device, "batch_size": batch_size,
-             "seed": manifest.get("seed"), "python": sys.version.split()[0]})
-    _attack_results(summary, store, predictions)
+             "seed": manifest.get("seed"), "python": sys.version.split()[0]},
+        adversarial=_attack_results(store, predictions))
+    if spec.is_callable:  # a user's model: its input convention is the user's choice, and can be wrong
+        input_check.check_convention(summary, net, spec, source, all_units, predictions, store.labels[...],
+                                     run_device, verify)
     if jobs_run is not None:
         summary["env"]["attacks"] = jobs_run
     write_atomic(store.path / "summary.json", json.dumps(summary, indent=1, sort_keys=True))
@@ -333,33 +348,33 @@ def _plan_attacks(store, ctx, manifest, rows, *, attacks, budgets, limit, config
     return jobs, subset, records, surrogate
 
 
-def _attack_results(summary: dict, store: ResultsStore, predictions: dict) -> None:
-    """Fill the summary's attacks, wcar and gradient-masking checks from the store."""
+def _attack_results(store: ResultsStore, predictions: dict) -> dict:
+    """The attack outcomes' part of the summary (:func:`~qrobust.score.adversarial.attack_summary`) and its
+    gradient-masking checks, from the store; {} when no attack was run."""
     from qrobust.score import adversarial
 
     jobs = store.attack_jobs()
     if not jobs:
-        return
+        return {}
     from qrobust.score.attacks.checks import masking_warnings
 
     rows = store.root["attacks"]["rows"][...]
     clean = predictions.get("clean/onecrop")
     correct = clean[rows, 0] == store.labels[...][rows] if clean is not None else None
-    table, wcar, wcar_n = adversarial.attack_summary(store, jobs, rows, correct)
-    summary["attacks"] = {a: v for a, v in table.items() if not a.startswith("transfer-")}
-    summary["wcar"] = wcar
-    summary["checks"]["wcar_n"] = wcar_n
-    ar = {a: {b: e["ar"] for b, e in by.items() if e["ar"] is not None} for a, by in summary["attacks"].items()}
+    out = adversarial.attack_summary(store, jobs, rows, correct)
+    table = out["attacks"]
+    out["attacks"] = {a: v for a, v in table.items() if not a.startswith("transfer-")}
+    ar = {a: {b: e["ar"] for b, e in by.items() if e["ar"] is not None} for a, by in out["attacks"].items()}
     transfer = {a.removeprefix("transfer-"): {b: e["ar"] for b, e in by.items()}
                 for a, by in table.items() if a.startswith("transfer-")}
     zero = store.root["attacks"].attrs.get("zero_grad_share")
-    summary["checks"]["zero_grad_share"] = zero
-    if transfer:
-        summary["checks"]["transfer"] = transfer
-    n = min((e["n"] for by in summary["attacks"].values() for e in by.values()), default=len(rows))
+    checks = {"zero_grad_share": zero, **({"transfer": transfer} if transfer else {})}
+    n = min((e["n"] for by in out["attacks"].values() for e in by.values()), default=len(rows))
     reference_flags = list(store.root["attacks"].attrs.get("reference_flags", []))  # pyautoattack's own checks
-    summary["checks"]["gradient_masking"] = masking_warnings(ar, zero_grad_share=zero, transfer_ar=transfer or None,
-                                                             n=n) + reference_flags
+    checks["gradient_masking"] = masking_warnings(ar, zero_grad_share=zero, transfer_ar=transfer or None,
+                                                  n=n) + reference_flags
+    out["checks"] = checks
+    return out
 
 
 def _refusal(problems: list[tuple[str | None, str]], corpus: str) -> str:

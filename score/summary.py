@@ -1,95 +1,219 @@
-"""``summary.json`` (schema ``qrobust.summary/1``): every metric, recomputed from the stored predictions.
+"""``summary.json`` (schema ``qrobust.summary/2``): every metric, recomputed from the stored predictions.
 
-Fractions in [0, 1]; ``null`` where a family was not scored. The schema is in
-the README and pinned by a test; never computed from running counters.
+Fractions in [0, 1]; ``null`` where a family was not scored. The means of
+the paper run over the benchmark's own sets only (:mod:`qrobust.score.comparability`):
+mNR and NCI over the 15 ImageNet-C corruptions, mFP and mT5D over ImageNet-P's 10
+test perturbations at difficulty 1, mean ACC_s, SNI and SR over the 14 ImageNet-S
+variants, WCAR over the paper's five attacks. Whatever else was scored (held-out
+corruptions, validation perturbations, other difficulties, extra attacks) is
+reported beside them under ``extra`` / ``difficulty`` / ``wcar_extra``, never
+averaged in. ``comparability`` says, per family, what the numbers can be put
+next to. docs/metrics.md gives every formula with the paper equation or table
+it reproduces.
+
+:func:`upgrade` reads a schema 1 summary (qrobust 0.1) into this shape, for
+``qrobust report``: what can be recomputed from it is, the rest is flagged.
 """
 from __future__ import annotations
 
+import copy
+import re
+
 import numpy as np
 
-from qrobust.score import metrics
+from qrobust.score import comparability, metrics
+from qrobust.shared.spec import BENCHMARK_CORRUPTIONS, SEQUENCE_PERTURBATIONS, is_noise_sequence
 
-SUMMARY_SCHEMA = "qrobust.summary/1"
+SUMMARY_SCHEMA = "qrobust.summary/2"
+OLD_SCHEMAS = ("qrobust.summary/1",)  # read by upgrade()
 
 
 def _acc(top5: np.ndarray, labels: np.ndarray) -> float:
     return float(metrics.accuracy(top5, labels))
 
 
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
 def compute_summary(predictions: dict[str, np.ndarray], labels: np.ndarray, manifest: dict, model: dict,
-                    corpus: dict, env: dict) -> dict:
-    """The summary of one model on one corpus from its predictions (variant id -> top-5 array)."""
+                    corpus: dict, env: dict, adversarial: dict | None = None) -> dict:
+    """The summary of one model on one corpus from its predictions (variant id -> top-5 array).
+
+    ``adversarial`` holds what the attack outcomes give (``attacks``, ``wcar``,
+    ``wcar_basis``, ``wcar_extra``, ``wcar_extra_basis`` and ``checks`` entries;
+    see :func:`qrobust.score.adversarial.attack_summary`).
+    """
     variants = manifest["variants"]
-    clean = predictions.get("clean/onecrop")
-    square = predictions.get("clean/square")
+    clean, square = predictions.get("clean/onecrop"), predictions.get("clean/square")
     acc = _acc(clean, labels) if clean is not None else None
     acc_square = _acc(square, labels) if square is not None else None
+    adversarial = copy.deepcopy(adversarial or {})
+    checks = {"gradient_masking": [], "warnings": [], **adversarial.pop("checks", {})}
     summary = {
-        "schema": SUMMARY_SCHEMA, "model": model, "corpus": corpus, "env": env,
+        "schema": SUMMARY_SCHEMA, "model": model,
+        "corpus": {**corpus, "provenance": comparability.provenance(manifest, predictions)}, "env": env,
         "clean": {"acc": acc, "acc_square": acc_square},
         "natural": _natural(predictions, labels, variants, acc, len(manifest.get("classes", []))),
-        "sequence": _sequence(predictions, variants),
-        "systematic": _systematic(predictions, labels, acc_square),
-        "attacks": {}, "wcar": {},
-        "checks": {"gradient_masking": [], "warnings": []},
+        "sequence": _sequence(predictions, variants, comparability.difficulties(manifest)),
+        "systematic": _systematic(predictions, labels, acc, acc_square),
+        "attacks": {}, "wcar": {}, **adversarial,
+        "checks": checks,
     }
     if acc is None:
-        summary["checks"]["warnings"].append("clean/onecrop not scored: ACC and the relative metrics are missing")
-    if summary["systematic"] is not None and acc_square is None:
-        summary["checks"]["warnings"].append("clean/square not scored: SNI (relative to it) is missing")
+        checks["warnings"].append("clean/onecrop not scored: ACC and the relative metrics (NCI, SNI, AAI) "
+                                  "are missing")
+    summary["comparability"] = comparability.assess(summary, manifest)
+    if summary["natural"] is not None:  # said next to the value too: a bare mCE invites a wrong comparison
+        summary["natural"]["mce_basis"] = summary["comparability"]["mce"]
     return summary
 
 
 def _natural(predictions, labels, variants, acc, n_classes):
+    """ACC_c per variant (eq. 6), per corruption (mean over severities), mNR (eq. 8) and NCI (eq. 7) over the
+    15 benchmark corruptions; the others under ``extra``; mCE and relative mCE against AlexNet (ImageNet-C)."""
     ids = [v for v in predictions if v.startswith("natural/")]
     if not ids:
         return None
     by_variant = {v.split("/", 1)[1]: _acc(predictions[v], labels) for v in ids}
     by_corruption: dict[str, list[float]] = {}
+    errors: dict[str, list[tuple[int, float]]] = {}
     for v in ids:
-        by_corruption.setdefault(variants[v]["params"]["corruption"], []).append(by_variant[v.split("/", 1)[1]])
-    acc_by_corruption = {c: float(np.mean(a)) for c, a in by_corruption.items()}
-    mnr = float(metrics.mnr(acc_by_corruption))
-    out = {"acc": by_variant, "acc_by_corruption": acc_by_corruption, "mnr": mnr,
-           "nci": float(metrics.nci(acc, mnr)) if acc else None, "mce": None, "relative_mce": None}
-    # mCE is relative to AlexNet on ImageNet: only for a 1000-class corpus with all 5 severities
-    errors = {c: [] for c in by_corruption}
-    for v in ids:
-        errors[variants[v]["params"]["corruption"]].append((variants[v]["params"]["severity"],
-                                                             1 - by_variant[v.split("/", 1)[1]]))
-    complete = {c: [e for _, e in sorted(es)] for c, es in errors.items() if len(es) == 5}
-    # mCE is over the 15 benchmark corruptions, whatever else was scored (the released ImageNet-C also has
-    # 4 held-out ones: speckle_noise, gaussian_blur, spatter, saturate)
-    standard = {c: e for c, e in complete.items() if c in metrics.ALEXNET_ERR}
-    if n_classes == 1000 and set(standard) == set(metrics.ALEXNET_ERR):
-        out["mce"] = float(metrics.mce(standard))
+        params, a = variants[v]["params"], by_variant[v.split("/", 1)[1]]
+        by_corruption.setdefault(params["corruption"], []).append(a)
+        errors.setdefault(params["corruption"], []).append((params["severity"], 1 - a))
+    mean_by = {c: float(np.mean(a)) for c, a in by_corruption.items()}
+    benchmark = {c: mean_by[c] for c in BENCHMARK_CORRUPTIONS if c in mean_by}
+    extra = {c: a for c, a in mean_by.items() if c not in benchmark}
+    mnr = float(metrics.mnr(benchmark)) if benchmark else None
+    out = {"acc": by_variant, "acc_by_corruption": benchmark, "mnr": mnr,
+           "nci": float(metrics.nci(acc, mnr)) if acc and mnr is not None else None,
+           "extra": {"acc_by_corruption": extra, "mnr": _mean(extra.values())} if extra else None,
+           "mce": None, "relative_mce": None}
+    # mCE is relative to AlexNet on ImageNet: only for a 1000-class corpus with all 5 severities of the 15
+    complete = {c: [e for _, e in sorted(es)] for c, es in errors.items()
+                if c in metrics.ALEXNET_ERR and sorted(s for s, _ in es) == [1, 2, 3, 4, 5]}
+    if n_classes == 1000 and set(complete) == set(metrics.ALEXNET_ERR):
+        out["mce"] = float(metrics.mce(complete))
         if acc is not None:
-            out["relative_mce"] = float(metrics.relative_mce(standard, 1 - acc))
+            out["relative_mce"] = float(metrics.relative_mce(complete, 1 - acc))
     return out
 
 
-def _sequence(predictions, variants):
+def _flips(top5: np.ndarray, perturbation: str, stride: int) -> tuple[float, float]:
+    noise = is_noise_sequence(perturbation)
+    return (float(metrics.flip_probability(top5[..., 0], noise=noise, difficulty=stride)),
+            float(metrics.top5_distance(top5, noise=noise, difficulty=stride)))
+
+
+def _sequence(predictions, variants, difficulties):
+    """FP (eq. 9, ImageNet-P ``test.py``) and T5D per perturbation at difficulty 1, mFP and mT5D over the 10
+    test perturbations; validation perturbations under ``extra``; each other difficulty d under
+    ``difficulty[d]``: the noise perturbations' own difficulty-d videos, the others' difficulty-1 videos
+    compared at frame stride d, as ``test.py`` does."""
     ids = [v for v in predictions if v.startswith("sequence/")]
     if not ids:
         return None
-    fp, t5d = {}, {}
-    for v in ids:
-        top5 = predictions[v]
-        noise = "noise" in variants[v]["params"]["perturbation"]
-        name = v.split("/", 1)[1]
-        fp[name] = float(metrics.flip_probability(top5[..., 0], noise=noise))
-        t5d[name] = float(metrics.top5_distance(top5, noise=noise))
-    base = [v.split("/", 1)[1] for v in ids if variants[v]["params"]["difficulty"] == 1]
-    return {"fp": fp, "mfp": float(np.mean([fp[n] for n in base])) if base else None,
-            "t5d": t5d, "mt5d": float(np.mean([t5d[n] for n in base])) if base else None}
+    videos = {(variants[v]["params"]["perturbation"], variants[v]["params"]["difficulty"]): v for v in ids}
+
+    def level(d: int) -> dict:
+        fp, t5d = {}, {}
+        for p in dict.fromkeys(p for p, _ in videos):
+            noise = is_noise_sequence(p)
+            vid = videos.get((p, d) if noise else (p, 1))
+            if vid is None or (not noise and predictions[vid].shape[1] <= d):
+                continue
+            fp[p], t5d[p] = _flips(predictions[vid], p, 1 if noise else d)
+        test = [p for p in SEQUENCE_PERTURBATIONS if p in fp]
+        rest = [p for p in fp if p not in test]
+        return {"fp": {p: fp[p] for p in test}, "mfp": _mean(fp[p] for p in test),
+                "t5d": {p: t5d[p] for p in test}, "mt5d": _mean(t5d[p] for p in test),
+                "extra": {"fp": {p: fp[p] for p in rest}, "mfp": _mean(fp[p] for p in rest),
+                          "t5d": {p: t5d[p] for p in rest}, "mt5d": _mean(t5d[p] for p in rest)} if rest else None}
+
+    out = level(1)
+    out["difficulty"] = {str(d): level(d) for d in difficulties if d != 1} or None
+    return out
 
 
-def _systematic(predictions, labels, reference_acc):
+def _systematic(predictions, labels, acc, acc_square):
+    """ACC_s per variant (eq. 10), their mean, SNI = (ACC - mean ACC_s) / ACC with ACC the one-crop clean
+    accuracy (eq. 11, as Table 9 prints it), and SR, their sample standard deviation (eq. 12, ddof=1, as
+    Table 10 prints it). ``sni_square`` is the same drop relative to the square-resize reference."""
     ids = [v for v in predictions if v.startswith("systematic/")]
     if not ids:
         return None
-    acc = {v.split("/", 1)[1]: _acc(predictions[v], labels) for v in ids}
-    mean = float(np.mean(list(acc.values())))
-    return {"acc": acc, "mean": mean,
-            "sni": float(metrics.sni(reference_acc, mean)) if reference_acc else None,
-            "sr": float(metrics.sr(list(acc.values()))) if len(acc) > 1 else None}
+    by_variant = {v.split("/", 1)[1]: _acc(predictions[v], labels) for v in ids}
+    mean = float(np.mean(list(by_variant.values())))
+    return {"acc": by_variant, "mean": mean,
+            "sni": float(metrics.sni(acc, mean)) if acc else None,
+            "sni_square": float(metrics.sni(acc_square, mean)) if acc_square else None,
+            "sr": float(metrics.sr(list(by_variant.values()))) if len(by_variant) > 1 else None}
+
+
+# --- reading summaries of schema 1 -------------------------------------------------
+
+_DIFFICULTY = re.compile(r"(.+_noise)_([23])")
+
+
+def upgrade(old: dict) -> dict:
+    """A schema 1 summary in this schema's shape, with what can be recomputed from it recomputed.
+
+    Schema 1 divided SNI by the square-crop accuracy, averaged held-out
+    corruptions and validation perturbations into mNR and mFP, and ran a
+    sparse L1 attack under the name ``pgd-l1`` (now ``slide-l1``), whose
+    worst case is not the paper's WCAR: SNI, mNR, NCI, mFP and mT5D are
+    recomputed from the stored aggregates, that attack is renamed, its WCAR
+    moves to ``wcar_extra``, and ``comparability`` says so. Per-sample
+    numbers (bootstrap, paired tests) need the results folder rescored.
+    """
+    s = copy.deepcopy(old)
+    s["schema"] = SUMMARY_SCHEMA
+    acc = (s.get("clean") or {}).get("acc")
+    nat = s.get("natural")
+    if isinstance(nat, dict) and isinstance(nat.get("acc_by_corruption"), dict):
+        by = nat["acc_by_corruption"]
+        benchmark = {c: by[c] for c in BENCHMARK_CORRUPTIONS if c in by}
+        extra = {c: v for c, v in by.items() if c not in benchmark}
+        nat.update(acc_by_corruption=benchmark, mnr=_mean(benchmark.values()),
+                   extra={"acc_by_corruption": extra, "mnr": _mean(extra.values())} if extra else None)
+        nat["nci"] = float(metrics.nci(acc, nat["mnr"])) if acc and nat["mnr"] is not None else None
+    seq = s.get("sequence")
+    if isinstance(seq, dict) and isinstance(seq.get("fp"), dict) and isinstance(seq.get("t5d"), dict):
+        levels: dict[int, dict] = {}
+        for name in seq["fp"]:
+            m = _DIFFICULTY.fullmatch(name)
+            p, d = (m.group(1), int(m.group(2))) if m else (name, 1)
+            levels.setdefault(d, {})[p] = (seq["fp"][name], seq["t5d"].get(name))
+
+        def level(values):
+            test = [p for p in SEQUENCE_PERTURBATIONS if p in values]
+            rest = [p for p in values if p not in test]
+            pick = lambda names, i: {p: values[p][i] for p in names}  # noqa: E731
+            part = lambda names: {"fp": pick(names, 0), "mfp": _mean(values[p][0] for p in names),  # noqa: E731
+                                  "t5d": pick(names, 1), "mt5d": _mean(values[p][1] for p in names)}
+            return {**part(test), "extra": part(rest) if rest else None}
+
+        seq.clear()
+        seq.update(level(levels.pop(1, {})))
+        seq["difficulty"] = {str(d): level(v) for d, v in sorted(levels.items())} or None
+    sys_ = s.get("systematic")
+    if isinstance(sys_, dict) and sys_.get("mean") is not None:
+        sys_["sni_square"] = sys_.get("sni")
+        sys_["sni"] = float(metrics.sni(acc, sys_["mean"])) if acc else None
+    attacks = s.get("attacks") if isinstance(s.get("attacks"), dict) else {}
+    if "pgd-l1" in attacks:  # schema 1's pgd-l1 was the sparse attack, not ART's
+        attacks["slide-l1"] = attacks.pop("pgd-l1")
+    s["wcar_extra"], s["wcar"] = s.get("wcar") or {}, {}
+    s["wcar_basis"] = {}
+    old_note = ("recomputed from a summary of qrobust 0.1 (schema 1), which recorded neither how the corpus was "
+                "made nor which variants it covered: rescore to check comparability")
+    l1_note = ("qrobust 0.1 (schema 1) ran a sparse L1 attack as pgd-l1 (shown as slide-l1) and its WCAR covered "
+               "it (shown as extra worst case, not the paper's WCAR): rescore for the paper's PGD-L1 and WCAR")
+    s["comparability"] = {k: {"comparable": False, "note": l1_note if k == "attacks" else old_note}
+                          for k in ("clean", "natural", "mce", "sequence", "systematic", "attacks")}
+    s["comparability"]["wcar"] = {b: {"comparable": False, "note": l1_note} for b in s["wcar_extra"]}
+    if isinstance(nat, dict):
+        nat["mce_basis"] = s["comparability"]["mce"]
+    return s

@@ -26,9 +26,10 @@ from pathlib import Path
 from typing import Iterable
 
 import qrobust
+from qrobust.score.comparability import PAPER_ATTACKS
+from qrobust.score.summary import OLD_SCHEMAS, SUMMARY_SCHEMA, upgrade
 from qrobust.shared.errors import QrobustError
 
-SCHEMA = "qrobust.summary/1"
 ARCHS = {"resnet18": "ResNet18", "resnet50": "ResNet50", "regnetx_600mf": "RegNetX600M", "mobilenet_v2": "MobileNetV2"}
 METHODS = {"fp": "FP", "dorefa": "DoReFa", "pact": "PACT", "lsq": "LSQ"}
 BUDGETS = ("small", "middle", "large")
@@ -109,6 +110,7 @@ class Table:
     figure: str      # "bits": first "best" column against bit width; "bar"/"line": the "worst" columns per model
     trend: bool = False  # findings say how the first column moves with bit width
     noun: str = ""   # what a variant of a per-variant table is, for the findings
+    basis: tuple = ()  # keys of summary["comparability"] whose lines the table's caption carries
 
 
 ACC = Col("ACC", ("clean", "acc"), mark=None)
@@ -134,44 +136,79 @@ def _attack_tables(models: list[Model]) -> list[Table]:
     """Paper Tables 3-4: one table per attack, AR and AAI per budget."""
     tables = []
     for attack in _keys(models, "attacks"):
-        eps = {b: next(filter(None, (m.get("attacks", attack, b, "eps") for m in models)), None)
+        eps = {b: next(filter(None, (m.get("attacks", attack, b) for m in models)), None)
                for b in _keys(models, "attacks", attack)}
-        eps = ", ".join(f"{b} {e * 255:.3g}/255" for b, e in eps.items() if e) or "not recorded"
+        eps = ", ".join(f"{b} {_eps(e)}" for b, e in eps.items() if e and e.get("eps")) or "not recorded"
+        extra = "" if attack in PAPER_ATTACKS else " (not one of the paper's attacks: outside WCAR)"
         tables.append(Table(f"attack-{attack}", f"Adversarial robustness under {attack} (paper Tables 3-4)",
-                            f"AR and AAI per perturbation budget; eps: {eps}.", ("attacks", attack),
+                            f"AR and AAI per perturbation budget; eps: {eps}{extra}.", ("attacks", attack),
                             (Col("AR {key}", ("attacks", attack, "*", "ar")),
-                             Col("AAI {key}", ("attacks", attack, "*", "aai"), "low")), "bits"))
+                             Col("AAI {key}", ("attacks", attack, "*", "aai"), "low")), "bits", basis=("attacks",)))
     return tables
+
+
+def _eps(entry: dict) -> str:
+    """An attack's budget as people write it: Linf in 1/255 steps, L1 and L2 as numbers."""
+    e = entry["eps"]
+    return f"{e * 255:.3g}/255" if entry.get("norm", "linf") == "linf" else f"{e:.4g} ({entry['norm'].upper()})"
 
 
 TABLES = [
     Table("clean", "Clean accuracy (paper Table 1)", "ACC; NC: not converged, clean accuracy below {nc}%.",
-          ("clean",), (replace(ACC, mark="best"),), "bits"),
-    Table("wcar", "Worst-case adversarial robustness (paper Table 2)", "WCAR over all attacks, per budget.",
-          ("wcar",), (Col("WCAR {key}", ("wcar", "*")),), "bits", trend=True),
+          ("clean",), (replace(ACC, mark="best"),), "bits", basis=("clean",)),
+    Table("wcar", "Worst-case adversarial robustness (paper Table 2)",
+          "WCAR per budget over the paper's five attacks (FGSM-Linf, PGD-L1, PGD-L2, PGD-Linf, AutoAttack-Linf); "
+          "'incl. extras': the worst case over every attack run.",
+          ("attacks",), (Col("WCAR {key}", ("wcar", "*")), Col("WCAR incl. extras {key}", ("wcar_extra", "*"), mark=None)),
+          "bits", trend=True, basis=("wcar",)),
     _attack_tables,
-    Table("natural", "Natural robustness (paper Table 5)", "mNR and NCI over all corruptions.", ("natural",),
-          (MNR, NCI, Col("mCE", ("natural", "mce"), "low"), Col("Relative mCE", ("natural", "relative_mce"), "low")),
-          "bits", trend=True),
+    Table("natural", "Natural robustness (paper Table 5)",
+          "mNR and NCI over the 15 benchmark corruptions; mCE*: against AlexNet's errors, see the mCE line below.",
+          ("natural",),
+          (MNR, NCI, Col("mCE*", ("natural", "mce"), "low"), Col("Relative mCE*", ("natural", "relative_mce"), "low"),
+           Col("mNR extra", ("natural", "extra", "mnr"), mark=None)),
+          "bits", trend=True, basis=("natural", "mce")),
     Table("corruptions", "Natural robustness per corruption (paper Table 6)",
-          "Accuracy per corruption, averaged over severities" + PER_ROW.format("corruption"), ("natural",),
+          "Accuracy per corruption, averaged over severities" + PER_ROW.format("benchmark corruption")
+          + " Extra: corruptions outside the benchmark's 15, not in mNR.", ("natural",),
           (ACC, Col("{label}", ("natural", "acc_by_corruption", "*"), mark="worst"), replace(MNR, mark=None),
-           replace(NCI, mark=None)), "bar", noun="corruption"),
+           replace(NCI, mark=None), Col("{label} (extra)", ("natural", "extra", "acc_by_corruption", "*"), mark=None)),
+          "bar", noun="corruption", basis=("natural",)),
     Table("sequences", "Corruption sequences (paper Table 7)",
-          "Mean flip probability mFP and mean top-5 distance mT5D over all sequences.", ("sequence",),
-          (MFP, Col("mT5D", ("sequence", "mt5d"), "low", scale=1)), "bits", trend=True),
+          "Mean flip probability mFP and mean top-5 distance mT5D over the 10 test perturbations at difficulty 1; "
+          "d=2, d=3: ImageNet-P's harder difficulties, reported beside them.", ("sequence",),
+          (MFP, Col("mT5D", ("sequence", "mt5d"), "low", scale=1),
+           Col("mFP d={key}", ("sequence", "difficulty", "*", "mfp"), "low", None, 1, 3)),
+          "bits", trend=True, basis=("sequence",)),
     Table("sequence-fp", "Flip probability per corruption sequence (paper Table 8)",
-          "FP per sequence" + PER_ROW.format("sequence"), ("sequence",),
-          (Col("{label}", ("sequence", "fp", "*"), "low", "worst", 1, 3), replace(MFP, mark=None)), "bar",
-          noun="corruption sequence"),
+          "FP per sequence at difficulty 1" + PER_ROW.format("test perturbation")
+          + " Extra: validation perturbations, not in mFP.", ("sequence",),
+          (Col("{label}", ("sequence", "fp", "*"), "low", "worst", 1, 3), replace(MFP, mark=None),
+           Col("{label} (extra)", ("sequence", "extra", "fp", "*"), "low", None, 1, 3)), "bar",
+          noun="corruption sequence", basis=("sequence",)),
     Table("systematic", "Systematic robustness (paper Table 9)",
-          "Mean ACC_s, SNI and SR (standard deviation of ACC_s) over all decode/resize variants.", ("systematic",),
-          (MEAN_S, Col("SNI", ("systematic", "sni"), "low"), SR), "bits", trend=True),
+          "Mean ACC_s, SNI = (ACC - mean ACC_s) / ACC and SR (sample standard deviation of ACC_s) over the 14 "
+          "decode/resize variants.", ("systematic",),
+          (MEAN_S, Col("SNI", ("systematic", "sni"), "low"), SR), "bits", trend=True, basis=("systematic",)),
     Table("systematic-variants", "Systematic robustness per variant (paper Table 10)",
           "ACC_s per decode/resize variant" + PER_ROW.format("variant"), ("systematic",),
           (ACC, Col("{label}", ("systematic", "acc", "*"), mark="worst"), replace(MEAN_S, mark=None),
-           replace(SR, mark=None)), "line", noun="systematic variant"),
+           replace(SR, mark=None)), "line", noun="systematic variant", basis=("systematic",)),
 ]
+
+
+def comparability_lines(table: Table, models: list[Model]) -> list[str]:
+    """One line per comparability note the table's models carry (model names where they differ)."""
+    notes: dict[str, list[str]] = {}
+    for m in models:
+        for key in table.basis:
+            entry = m.get("comparability", key)
+            entries = [("", entry)] if isinstance(entry, dict) and "note" in entry else \
+                [(f"{b}: ", e) for b, e in (entry or {}).items() if isinstance(e, dict)]
+            for prefix, e in entries:
+                label = "mCE: " if key == "mce" else prefix
+                notes.setdefault(f"{label}{e.get('note')}", []).append(m.name)
+    return [note if len(names) == len(models) else f"{note} [{', '.join(names)}]" for note, names in notes.items()]
 
 
 # --- loading ----------------------------------------------------------------
@@ -186,8 +223,15 @@ def _load(folder, nc_threshold: float) -> Model:
     except (OSError, ValueError) as e:
         raise ReportError(f"{path}: not readable JSON ({' '.join(str(e).split())})") from None
     schema = s.get("schema") if isinstance(s, dict) else None
-    if schema != SCHEMA:
-        raise ReportError(f"{path}: schema {schema!r}, this qrobust reads {SCHEMA!r}; rescore with this version")
+    if schema in OLD_SCHEMAS:
+        try:
+            s = upgrade(s)  # what can be recomputed is; the rest says it is not comparable
+        except (TypeError, ValueError, KeyError, AttributeError) as e:
+            raise ReportError(f"{path}: a {schema} summary that cannot be read ({type(e).__name__}: "
+                              f"{' '.join(str(e).split())[:200]}); rescore the model") from None
+    elif schema != SUMMARY_SCHEMA:
+        readable = ", ".join([*OLD_SCHEMAS, SUMMARY_SCHEMA])
+        raise ReportError(f"{path}: schema {schema!r}, this qrobust reads {readable}; rescore with this version")
     for need in (("model", "arch"), ("corpus", "manifest_sha256"), ("clean",)):
         if not isinstance(s.get(need[0]), dict) or (need[1:] and s[need[0]].get(need[1]) is None):
             raise ReportError(f"{path}: {'.'.join(need)} is missing; the file is incomplete, rescore the model")

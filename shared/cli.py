@@ -139,6 +139,10 @@ def _add_score(sub) -> None:
                    help="checkpoint.safetensors | ARCH (with --weights FILE) | ARCH:TORCHVISION_WEIGHTS | "
                         "module:callable; `qrobust ls models` lists architectures")
     p.add_argument("--weights", help="state dict (.pth/.pt loaded with weights_only=True, or .safetensors)")
+    p.add_argument("--normalize", choices=("none", "imagenet"),
+                   help="input convention of a module:callable model: none (default: it gets RGB in [0, 1] and "
+                        "normalizes itself, as qrobust's own models do) or imagenet (qrobust applies ImageNet "
+                        "mean/std first). Registered architectures always normalize with ImageNet statistics")
     p.add_argument("--out", required=True, help="results folder (one per model and corpus)")
     p.add_argument("--only", action="append", metavar="GLOB", help="score only these variant ids (repeatable)")
     p.add_argument("--exclude", action="append", metavar="GLOB",
@@ -152,10 +156,10 @@ def _add_score(sub) -> None:
     p.add_argument("--distributed", action="store_true",
                    help="one process of several started by torchrun (implied under torchrun): shards and attack "
                         "batches are split over the ranks, results merged by rank 0")
-    a = p.add_argument_group("attacks (run live on clean/onecrop; budgets and settings: README, SETTINGS)")
+    a = p.add_argument_group("attacks (run live on clean/onecrop; budgets and settings: docs/metrics.md, README)")
     a.add_argument("--attacks", action="append", metavar="NAMES",
                    help="comma-separated: fgsm-linf, pgd-linf, pgd-l2, pgd-l1, autoattack-linf, or all; extras: "
-                        "apgd-l1, square-linf (`qrobust ls attacks`)")
+                        "slide-l1, apgd-l1, square-linf (`qrobust ls attacks`)")
     a.add_argument("--budgets", default="small,middle,large", help="comma-separated budget names")
     a.add_argument("--attack-limit", type=int, metavar="N", help="attack N rows spread over the corpus (default all)")
     a.add_argument("--attack-config", metavar="TOML", help="per-attack hyper-parameters and budgets")
@@ -181,7 +185,8 @@ def _cmd_score(args) -> int:
                     batch_size=args.batch_size, workers=args.workers, limit=args.limit, verify=not args.no_verify,
                     progress=not args.quiet, attacks=attacks or None, budgets=_globs([args.budgets]),
                     attack_limit=args.attack_limit, attack_config=config, budget_scale=args.budget_scale,
-                    cascade=args.cascade, transfer_from=args.transfer_from, distributed=args.distributed)
+                    cascade=args.cascade, transfer_from=args.transfer_from, distributed=args.distributed,
+                    normalize=args.normalize)
     if summary is None:  # a rank other than 0 of a distributed run: rank 0 reports
         return 0
     acc = summary["clean"]["acc"]
@@ -193,7 +198,7 @@ def _cmd_score(args) -> int:
     if summary.get("wcar"):
         parts.append("WCAR " + " ".join(f"{b} {v:.2%}" for b, v in summary["wcar"].items()))
     print(f"{args.out}/summary.json: {summary['model']['name']}: " + ", ".join(parts))
-    for warning in summary["checks"].get("gradient_masking") or []:
+    for warning in (summary["checks"].get("gradient_masking") or []) + (summary["checks"].get("warnings") or []):
         print(f"warning: {warning}", file=sys.stderr)
     return 0
 

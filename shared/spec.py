@@ -25,6 +25,11 @@ from qrobust.shared.registry import Registry
 
 ENCODINGS = ("jpg", "png")
 SEQUENCE_ENCODINGS = ("reference", "lossless")  # see qrobust.shared.video
+# The benchmark's own sets (the paper's section 3; ImageNet-C's and ImageNet-P's test sets). Means such as
+# mNR and mFP run over these only; anything else a corpus holds is reported beside them.
+BENCHMARK_CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur",
+                         "motion_blur", "zoom_blur", "snow", "frost", "fog", "brightness", "contrast",
+                         "elastic_transform", "pixelate", "jpeg_compression")
 SEQUENCE_PERTURBATIONS = ("gaussian_noise", "shot_noise", "motion_blur", "zoom_blur", "snow", "brightness",
                           "translate", "rotate", "tilt", "scale")
 NOISE_SEQUENCES = ("gaussian_noise", "shot_noise")  # the only ones with difficulty 2 and 3 videos
@@ -32,6 +37,12 @@ SYSTEMATIC_DECODERS = ("pil", "opencv", "ffmpeg")
 SYSTEMATIC_RESIZES = ("pil-bilinear", "pil-nearest", "pil-box", "pil-hamming", "pil-cubic", "pil-lanczos",
                       "opencv-bilinear", "opencv-nearest", "opencv-area", "opencv-cubic", "opencv-lanczos")
 FAMILY_ORDER = ("clean", "natural", "sequence", "systematic")
+
+
+def is_noise_sequence(perturbation: str) -> bool:
+    """ImageNet-P's rule (its ``test.py``): a perturbation whose name says "noise" is compared with its clean
+    frame 0 and encoded with ``-tune grain``; the others frame to frame."""
+    return "noise" in perturbation
 
 
 class SpecError(QrobustError, ValueError):

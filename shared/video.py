@@ -21,6 +21,7 @@ from fractions import Fraction
 import numpy as np
 
 from qrobust.shared.errors import QrobustError
+from qrobust.shared.spec import is_noise_sequence
 
 def _x264_asm() -> str:
     """x264's ``asm`` CPU mask: SSE2 at most on x86-64 (every such CPU has it), plain C elsewhere.
@@ -52,7 +53,7 @@ class VideoError(QrobustError):
 
 def recipe_for(encoding: str, perturbation: str) -> dict:
     """The recipe of a sequence family ``encoding`` for one perturbation (noise gets the grain tuning)."""
-    if encoding == "reference" and "noise" in perturbation:
+    if encoding == "reference" and is_noise_sequence(perturbation):
         return RECIPES["reference-noise"]
     try:
         return RECIPES[encoding]

@@ -271,7 +271,9 @@ def test_score_and_pack_an_imported_corpus(tree_c, tree_p, tmp_path):
     assert run("score", "--corpus", tmp_path / "p", "--model", "tiny_cnn", "--out", tmp_path / "rp",
                "--workers", 0) == 0
     sequence = json.loads((tmp_path / "rp" / "summary.json").read_text())["sequence"]
-    assert set(sequence["fp"]) == {"rotate", "gaussian_noise_2"} and sequence["mfp"] is not None
+    # difficulty 1 is the benchmark's; gaussian_noise_2 is difficulty 2, beside rotate at frame stride 2
+    assert set(sequence["fp"]) == {"rotate"} and sequence["mfp"] == sequence["fp"]["rotate"]
+    assert set(sequence["difficulty"]["2"]["fp"]) == {"gaussian_noise", "rotate"}
     # an imported corpus packs like a generated one
     assert run("pack", tmp_path / "c", "--out", tmp_path / "small", "--limit", 2, "--only", "natural/fog-*") == 0
     manifest = assert_valid(tmp_path / "small")

@@ -55,7 +55,7 @@ ROW = {("ResNet18", "FP", "32"): "r18-fp", ("ResNet18", "DoReFa", "2"): "r18-dor
 def make_summary(name: str, sha: str = "c0ffee" * 10) -> dict:
     arch, quant, acc, mnr, nci, mfp, mean_s, sni, sr, wcar, ar, aai = MODELS[name]
     return {
-        "schema": "qrobust.summary/1",
+        "schema": "qrobust.summary/2",
         "model": {"name": name, "arch": arch, "sha256": "0" * 64,
                   "quant": quant and {"method": quant[0], "w_bits": quant[1], "a_bits": quant[1]}},
         "corpus": {"suite": "demo", "manifest_sha256": sha, "samples": 72},
@@ -141,7 +141,7 @@ def test_csv_and_markdown_values_equal_the_summaries(report, table):
                 assert row[header] == "NC"
             else:
                 assert float(row[header]) == pytest.approx(float(expected(name, path)), abs=1e-9), (header, name)
-    assert not any(k in rows[0] for k in ("mCE", "Relative mCE"))  # null in every summary: no column
+    assert not any(k in rows[0] for k in ("mCE*", "Relative mCE*"))  # null in every summary: no column
 
 
 def test_not_converged_models_show_nc(report):
@@ -215,3 +215,31 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     del broken["model"]["arch"]
     with pytest.raises(ReportError, match="model.arch is missing"):
         build_report(write_results(tmp_path / "x", {"d": broken}), tmp_path / "out")
+
+
+def test_summaries_of_schema_1_are_read_with_what_changed_recomputed(tmp_path):
+    """qrobust 0.1 wrote schema 1: SNI against the square crop, held-out corruptions in mNR, a sparse L1 attack
+    as pgd-l1 inside WCAR. The report reads it with SNI and mNR recomputed and that WCAR set apart."""
+    old = make_summary("r18-fp")
+    old["schema"] = "qrobust.summary/1"
+    old["systematic"]["sni"] = -0.0014  # what schema 1 printed: relative to the square crop
+    old["natural"]["acc_by_corruption"]["spatter"] = 0.9  # a held-out corruption, averaged in by schema 1
+    old["natural"]["mnr"] = 0.5
+    old["sequence"]["fp"]["gaussian_noise_2"] = 0.3  # difficulty 2, averaged in by schema 1
+    old["sequence"]["t5d"]["gaussian_noise_2"] = 3.0
+    old["attacks"]["pgd-l1"] = {"small": {"eps": 100.0, "norm": "l1", "ar": 0.5, "aai": 0.3, "n": 72}}
+    index = build_report(write_results(tmp_path, {"old": old}), tmp_path / "out")
+    out = index.parent
+    systematic = read_csv(out, "systematic")[0]
+    assert float(systematic["SNI"]) == pytest.approx(100 * (0.7106 - 0.7031) / 0.7106, abs=0.006)  # 1.06, not -0.14
+    natural = read_csv(out, "natural")[0]
+    corruptions = make_summary("r18-fp")["natural"]["acc_by_corruption"]
+    assert float(natural["mNR"]) == pytest.approx(100 * sum(corruptions.values()) / len(corruptions), abs=0.006)
+    assert float(natural["mNR extra"]) == pytest.approx(90.0)
+    sequences = read_csv(out, "sequences")[0]
+    assert float(sequences["mFP"]) == pytest.approx(0.098 * (1.5 + .5) / 2, abs=6e-4) and "mFP d=2" in sequences
+    assert (out / "tables" / "attack-slide-l1.csv").is_file() and not (out / "tables" / "attack-pgd-l1.csv").exists()
+    wcar = read_csv(out, "wcar")[0]
+    assert "WCAR small" not in wcar and float(wcar["WCAR incl. extras small"]) == pytest.approx(1.30)
+    page = index.read_text()
+    assert "rescore for the paper&#x27;s PGD-L1 and WCAR" in page and "not recorded (results of qrobust 0.1" in page

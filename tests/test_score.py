@@ -24,7 +24,7 @@ from helpers import make_class_folder, write_suite
 from qrobust.shared.cli import main
 
 SUMMARY_KEYS = {"schema", "model", "corpus", "env", "clean", "natural", "sequence", "systematic", "attacks", "wcar",
-                "checks"}
+                "comparability", "checks"}
 
 
 def run(*args) -> int:
@@ -109,7 +109,7 @@ def test_score_stores_what_the_model_predicts(corpus, checkpoint, tmp_path):
     assert run("score", "--corpus", corpus, "--model", checkpoint, "--out", out, "--workers", 2,
                "--batch-size", 4) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary) == SUMMARY_KEYS and summary["schema"] == "qrobust.summary/1"
+    assert set(summary) == SUMMARY_KEYS and summary["schema"] == "qrobust.summary/2"
     assert summary["model"]["arch"] == "tiny_resnet" and summary["corpus"]["samples"] == 6
     # the stored top-5 equal an independent forward pass on independently decoded shards
     images, labels = _shard_images(corpus, "clean/onecrop")
@@ -135,14 +135,16 @@ def test_score_stores_what_the_model_predicts(corpus, checkpoint, tmp_path):
     assert 0 <= summary["sequence"]["mfp"] <= 1
     assert set(summary["systematic"]["acc"]) == {"decode-ffmpeg", "resize-opencv-area"}
     # the schema, pinned (README "summary.json")
-    assert set(summary["model"]) == {"name", "arch", "quant", "sha256", "spec"}
-    assert set(summary["corpus"]) == {"suite", "manifest_sha256", "samples", "location"}
+    assert set(summary["model"]) == {"name", "arch", "quant", "sha256", "normalize", "spec"}
+    assert summary["model"]["normalize"] == "imagenet"  # a registered architecture
+    assert set(summary["corpus"]) == {"suite", "manifest_sha256", "samples", "location", "provenance"}
     assert set(summary["env"]) == {"qrobust", "torch", "python", "device", "batch_size", "seed"}
     assert set(summary["clean"]) == {"acc", "acc_square"}
-    assert set(natural) == {"acc", "acc_by_corruption", "mnr", "nci", "mce", "relative_mce"}
+    assert set(natural) == {"acc", "acc_by_corruption", "mnr", "nci", "extra", "mce", "relative_mce", "mce_basis"}
     assert natural["mce"] is None  # 3 classes, not ImageNet: no AlexNet normalization
-    assert set(summary["sequence"]) == {"fp", "mfp", "t5d", "mt5d"}
-    assert set(summary["systematic"]) == {"acc", "mean", "sni", "sr"}
+    assert set(summary["sequence"]) == {"fp", "mfp", "t5d", "mt5d", "extra", "difficulty"}
+    assert set(summary["systematic"]) == {"acc", "mean", "sni", "sni_square", "sr"}
+    assert set(summary["comparability"]) == {"clean", "natural", "mce", "sequence", "systematic"}
     assert summary["attacks"] == {} and summary["wcar"] == {}
     assert set(summary["checks"]) == {"gradient_masking", "warnings"}
     from qrobust.score import metrics
@@ -152,7 +154,9 @@ def test_score_stores_what_the_model_predicts(corpus, checkpoint, tmp_path):
     noise = _zarr(out, "sequence/gaussian_noise")
     assert summary["sequence"]["fp"]["gaussian_noise"] == pytest.approx(
         np.mean(noise[:, 1:, 0] != noise[:, :1, 0]))
-    assert summary["systematic"]["sni"] == pytest.approx(
+    assert summary["systematic"]["sni"] == pytest.approx(  # relative to the one-crop ACC, as the paper's Table 9
+        (summary["clean"]["acc"] - summary["systematic"]["mean"]) / summary["clean"]["acc"])
+    assert summary["systematic"]["sni_square"] == pytest.approx(
         (summary["clean"]["acc_square"] - summary["systematic"]["mean"]) / summary["clean"]["acc_square"])
 
 

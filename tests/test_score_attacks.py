@@ -205,7 +205,8 @@ def test_expensive_attack_on_a_nested_subset(corpus, checkpoint, tmp_path):
     ran = pgd != 3
     assert np.flatnonzero(ran).tolist() == [0, 3, 6, 9]  # spread over the 12 rows (and the 3 classes)
     assert s["attacks"]["pgd-linf"]["large"]["ar"] == pytest.approx((pgd[ran] == 0).mean())
-    assert s["checks"]["wcar_n"]["large"] == 4
+    assert s["wcar_basis"]["large"] == {"attacks": ["fgsm-linf", "pgd-linf"], "n": 4,
+                                        "missing": ["pgd-l1", "pgd-l2", "autoattack-linf"]}
     assert s["wcar"]["large"] == pytest.approx(((pgd[ran] == 0) & (fgsm[ran] == 0)).mean())
 
 
