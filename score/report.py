@@ -172,6 +172,7 @@ def _page(models: list[Model], findings: list[str], sections: list[tuple[Table, 
             "Corpus": html.escape(f"{corpus.get('suite', '?')}, {corpus.get('samples', '?')} samples, manifest "
                                   f"{corpus['manifest_sha256'][:16]}"),
             "Made": html.escape(provenance_line(models)),
+            "Paper basis": html.escape(corpus_basis(models)),
             "Scored with": html.escape(f"qrobust {env('qrobust')}; torch {env('torch')}; device {env('device')}"),
             "Values": f"percentages with two decimals (flip probabilities: fractions); NC: clean accuracy below "
                       f"{threshold * 100:g}%; best per architecture, or most harmful variant per model, in bold",
@@ -205,6 +206,16 @@ def provenance_line(models: list[Model]) -> str:
     return "; ".join(str(p) for p in parts)
 
 
+def corpus_basis(models: list[Model]) -> str:
+    """Whether the corpus itself (geometry, classes) is on the paper's basis; the tables say the rest."""
+    entry = models[0].get("comparability", "corpus")
+    if not isinstance(entry, dict) or not isinstance(entry.get("comparable"), bool):
+        return "not recorded (results of qrobust 0.1: rescore to record it)"
+    if entry["comparable"]:
+        return "the corpus is (ImageNet's classes at 224 px); each table says whether its numbers are"
+    return "no number of this corpus is comparable with the paper's: " + "; ".join(map(str, entry.get("reasons") or []))
+
+
 def build_report(results: list[str | Path], out: str | Path, nc_threshold: float = 0.1) -> Path:
     """Write the tables, figures and index.html for ``results`` (folders holding summary.json) into ``out``.
 
@@ -223,7 +234,7 @@ def build_report(results: list[str | Path], out: str | Path, nc_threshold: float
         groups, caption = groups_of(rows), table.caption.format(nc=f"{nc_threshold * 100:g}")
         basis = comparability_lines(table, rows)
         if basis:  # what the numbers can be put next to, one line per note, in every format
-            caption += " Comparability: " + " | ".join(basis)
+            caption += " Comparability: " + "; ".join(basis) + "."
         cells = cell_grid(cols, groups)
         for ext, write in WRITERS.items():
             (out / "tables" / f"{table.name}{ext}").write_text(write(table, caption, cols, groups, cells), "utf-8")

@@ -197,17 +197,37 @@ TABLES = [
 ]
 
 
+def _short_line(entry, corpus: set[str]) -> str | None:
+    """One entry of summary["comparability"] without the reasons the corpus line already gives."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("comparable"), bool):
+        return None
+    if entry["comparable"]:
+        return "comparable with the paper"
+    reasons = entry.get("reasons")
+    if not isinstance(reasons, list):  # written without reasons: the whole note
+        return str(entry.get("note"))
+    own = [str(r) for r in reasons if r not in corpus]
+    return "not comparable: " + "; ".join(own) if own else "not comparable: see the corpus line"
+
+
 def comparability_lines(table: Table, models: list[Model]) -> list[str]:
-    """One line per comparability note the table's models carry (model names where they differ)."""
+    """The table's comparability, one short line per distinct statement (model names where they differ).
+
+    The reasons that hold for the whole corpus (geometry, classes) are left to the report's header."""
     notes: dict[str, list[str]] = {}
     for m in models:
+        corpus = set((m.get("comparability", "corpus") or {}).get("reasons") or [])
         for key in table.basis:
             entry = m.get("comparability", key)
-            entries = [("", entry)] if isinstance(entry, dict) and "note" in entry else \
-                [(f"{b}: ", e) for b, e in (entry or {}).items() if isinstance(e, dict)]
-            for prefix, e in entries:
-                label = "mCE: " if key == "mce" else prefix
-                notes.setdefault(f"{label}{e.get('note')}", []).append(m.name)
+            if key == "wcar" and isinstance(entry, dict) and "comparable" not in entry:
+                lines = {b: _short_line(e, corpus) for b, e in entry.items()}
+                same = set(lines.values())
+                text = next(iter(same)) if len(same) == 1 else "; ".join(f"{b}: {t}" for b, t in lines.items())
+            else:
+                text = _short_line(entry, corpus)
+                text = text and (f"mCE {text}" if key == "mce" else text)
+            if text:
+                notes.setdefault(text, []).append(m.name)
     return [note if len(names) == len(models) else f"{note} [{', '.join(names)}]" for note, names in notes.items()]
 
 
