@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from qrobust.shared.errors import QrobustError
-from qrobust.shared.manifest import write_atomic
+from qrobust.shared.manifest import remove_dead_partials, write_atomic
 
 RESULTS_SCHEMA = "qrobust.results/1"
 TOPK = 5
@@ -64,6 +64,7 @@ class ResultsStore:
 
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
+        remove_dead_partials(self.path)  # what a run killed mid-write left (it never becomes a result)
         ident_path = self.path / "results.json"
         identity = {"schema": RESULTS_SCHEMA, **identity}
         if ident_path.is_file():

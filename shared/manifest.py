@@ -46,6 +46,32 @@ def partial_path(path: Path) -> Path:
     return path.with_name(f"{path.name}{PARTIAL_SUFFIX}-{_HOST}-{os.getpid()}")
 
 
+def remove_dead_partials(folder: Path) -> int:
+    """Remove the partial files in ``folder`` (not below it) of processes of this host that no longer run.
+
+    A process killed between writing a partial file and renaming it leaves
+    the partial behind; one still running (a second run on the same folder)
+    keeps its own. Partials of other hosts are left alone: their processes
+    cannot be asked. Returns how many were removed.
+    """
+    removed = 0
+    prefix = f"{PARTIAL_SUFFIX}-{_HOST}-"
+    for p in folder.glob(f"*{prefix}*"):
+        pid = p.name.rpartition(prefix)[2]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # still running
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OverflowError):
+            continue  # running under another user, or not a pid at all
+        p.unlink(missing_ok=True)  # a link is removed itself, never what it points to
+        removed += 1
+    return removed
+
+
 def fsync_dir(folder: Path) -> None:
     """Make a rename in ``folder`` durable (no-op where directories cannot be opened)."""
     try:

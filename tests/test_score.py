@@ -144,7 +144,7 @@ def test_score_stores_what_the_model_predicts(corpus, checkpoint, tmp_path):
     assert natural["mce"] is None  # 3 classes, not ImageNet: no AlexNet normalization
     assert set(summary["sequence"]) == {"fp", "mfp", "t5d", "mt5d", "extra", "difficulty"}
     assert set(summary["systematic"]) == {"acc", "mean", "sni", "sni_square", "sr"}
-    assert set(summary["comparability"]) == {"clean", "natural", "mce", "sequence", "systematic"}
+    assert set(summary["comparability"]) == {"corpus", "clean", "natural", "mce", "sequence", "systematic"}
     assert summary["attacks"] == {} and summary["wcar"] == {}
     assert set(summary["checks"]) == {"gradient_masking", "warnings"}
     from qrobust.score import metrics
@@ -333,3 +333,23 @@ def test_model_and_corpus_classes_must_agree(corpus, tmp_path, capsys):
     assert run("score", "--corpus", corpus, "--model", "tiny_cnn", "--weights", tmp_path / "ten.pth",
                "--out", tmp_path / "r") == 2
     assert "tiny_cnn" in capsys.readouterr().err
+
+
+def test_partial_files_of_killed_runs_are_removed_when_the_folder_is_reopened(corpus, checkpoint, tmp_path):
+    """A run killed between writing progress.json's partial file and renaming it leaves the partial; the next
+    run removes it (and only it: a live process's partial, or another host's, stays)."""
+    from qrobust.shared.manifest import partial_path
+
+    out = tmp_path / "r"
+    assert run("score", "--corpus", corpus, "--model", checkpoint, "--out", out, "--workers", 0,
+               "--only", "clean/onecrop") == 0
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = partial_path(out / "x").name.removeprefix("x.partial-").removesuffix(f"-{os.getpid()}")
+    stale = out / f"progress.json.partial-{host}-{int(dead.stdout)}"
+    live = out / f"summary.json.partial-{host}-{os.getppid()}"
+    remote = out / "progress.json.partial-otherhost-1"
+    for p in (stale, live, remote):
+        p.write_text("{")
+    assert run("score", "--corpus", corpus, "--model", checkpoint, "--out", out, "--workers", 0,
+               "--only", "clean/onecrop") == 0
+    assert not stale.exists() and live.exists() and remote.exists()
