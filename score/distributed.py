@@ -37,6 +37,7 @@ import logging
 import os
 from dataclasses import dataclass
 
+from qrobust.shared.distributed import init_process_group
 from qrobust.shared.errors import QrobustError
 
 log = logging.getLogger("qrobust.score")
@@ -133,23 +134,6 @@ def setup(distributed: bool, device: str) -> Context | None:
     group = dist.new_group(backend="gloo", timeout=TIMEOUT) if dist.get_backend() != "gloo" else None
     log.info("rank %d of %d on %s", rank, world, device)
     return Context(rank, world, device, group, owned)
-
-
-def init_process_group(backend: str, **kwargs) -> None:
-    """``torch.distributed.init_process_group``, made safe to destroy (scoring and training use this one).
-
-    torch._dynamo (which torchvision imports) keeps a reference to the process
-    group when it is first imported after ``init_process_group``, so
-    ``destroy_process_group`` could not free it: gloo's threads lived on into
-    interpreter shutdown, where a rank died by SIGABRT now and then ("terminate
-    called without an active exception"). Imported first, it holds nothing.
-    """
-    import importlib
-
-    import torch.distributed as dist
-
-    importlib.import_module("torch._dynamo")
-    dist.init_process_group(backend, **kwargs)
 
 
 def step(ctx: Context | None, work, *, root_only: bool = False):

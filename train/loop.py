@@ -185,7 +185,7 @@ def setup_distributed(device: str | torch.device = "cpu") -> tuple[int, int, tor
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        from qrobust.score.distributed import init_process_group
+        from qrobust.shared.distributed import init_process_group
 
         init_process_group("nccl" if device.type == "cuda" else "gloo")
         atexit.register(_teardown)
