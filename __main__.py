@@ -1,6 +1,6 @@
 """``python -m qrobust`` (and ``torchrun -m qrobust score ...``): the ``qrobust`` command."""
 import sys
 
-from qrobust.shared.cli import main
+from qrobust.cli import main
 
 sys.exit(main())

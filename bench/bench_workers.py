@@ -3,7 +3,7 @@
 Builds one small source folder from the real photos bundled with scikit-image
 (no downloads): ``--images`` non-square crops of ImageNet-like size (shorter
 side 300-400 px, JPEG q90, 4:2:0), one class per photo. Then runs the real
-command line (``python -m qrobust.shared.cli generate``, a fresh process and a
+command line (``python -m qrobust generate``, a fresh process and a
 fresh ``--out`` each time, so parent start-up, source scanning, planning,
 worker start-up and the manifest are all in the wall time) on the packaged
 ``robustmq`` suite (256/224; all 101 variants, or those ``--only`` selects),
@@ -93,7 +93,7 @@ def busy_cpu_seconds() -> float:
 def run_generate(src: Path, out: Path, workers: int, only: list[str]) -> tuple[float, float, float]:
     """(wall seconds, CPU seconds of the command and its workers, CPU seconds other processes took
     meanwhile: on a shared machine a run that competed for the cores does not measure the scaling)."""
-    cmd = [sys.executable, "-m", "qrobust.shared.cli", "-q", "generate", "--suite", "robustmq", "--source",
+    cmd = [sys.executable, "-m", "qrobust", "-q", "generate", "--suite", "robustmq", "--source",
            str(src), "--out", str(out), "--workers", str(workers), *(a for g in only for a in ("--only", g))]
     before, machine = resource.getrusage(resource.RUSAGE_CHILDREN), busy_cpu_seconds()
     start = time.perf_counter()

@@ -77,7 +77,7 @@ def write_suite(path: Path, corruptions=("gaussian_noise", "impulse_noise", "fog
 def small_corpus(tmp: Path, only: str, severities=(1,), per_class: int = 2, shard: int = 2) -> Path:
     """A corpus of 3 * ``per_class`` real photos (3 classes), ``shard`` samples per shard, of the variants ``only``
     selects."""
-    from qrobust.shared.cli import main
+    from qrobust.cli import main
 
     src = make_class_folder(tmp / "src", per_class=per_class)
     suite = write_suite(tmp / "small.toml", corruptions=("fog",), severities=severities, shard=shard)

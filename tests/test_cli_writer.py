@@ -13,7 +13,7 @@ from PIL import Image
 
 from helpers import photo_crop
 from qrobust.generate.writer import ShardFile, encode_image
-from qrobust.shared.cli import build_parser, main
+from qrobust.cli import build_parser, main
 from qrobust.shared.shards import shard_summary
 from qrobust.shared.registry import Registry, UnknownNameError
 
@@ -32,7 +32,7 @@ def test_every_help_ends_with_a_runnable_example(command, capsys):
 
 
 def test_help_is_fast_and_imports_no_program():
-    code = ("import sys; from qrobust.shared.cli import build_parser; build_parser(); "
+    code = ("import sys; from qrobust.cli import build_parser; build_parser(); "
             "print(any(m.startswith(('qrobust.generate', 'qrobust.score', 'numpy', 'torch')) for m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

@@ -31,7 +31,7 @@ KILLS = 5
 
 
 def cli(*args) -> list[str]:
-    return [sys.executable, "-m", "qrobust.shared.cli", "-q", *map(str, args)]
+    return [sys.executable, "-m", "qrobust", "-q", *map(str, args)]
 
 
 def sha(path: Path) -> str:

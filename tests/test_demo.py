@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from qrobust.shared.cli import main
+from qrobust.cli import main
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from helpers import fitted_checkpoint, small_corpus
-from qrobust.shared.cli import main
+from qrobust.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # as each torchrun rank runs (OMP_NUM_THREADS=1)
 

@@ -17,7 +17,7 @@ from PIL import Image
 
 from helpers import make_class_folder, save_jpeg, write_suite
 from qrobust.generate.natural import corrupt
-from qrobust.shared.cli import main
+from qrobust.cli import main
 from qrobust.shared.manifest import load_manifest, verify_corpus
 from qrobust.shared.preprocess import onecrop
 from qrobust.shared.seeding import sample_seed
@@ -111,7 +111,7 @@ def test_killed_run_resumes_to_identical_bytes(tmp_path, class_folder):
     assert run(*args, "--out", tmp_path / "ref") == 0
     out = tmp_path / "killed"
     for attempt in range(3):  # kill at different points, then finish
-        proc = subprocess.Popen([sys.executable, "-m", "qrobust.shared.cli", "-q", *map(str, args), "--out", out],
+        proc = subprocess.Popen([sys.executable, "-m", "qrobust", "-q", *map(str, args), "--out", out],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.time() + 60
         target = 3 + 8 * attempt

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from helpers import make_class_folder
-from qrobust.shared.cli import main
+from qrobust.cli import main
 from qrobust.shared.errors import QrobustError
 from qrobust.shared.models import META_MODEL, ModelError, ModelSpec, build_model, load_model, save_checkpoint
 

@@ -23,7 +23,7 @@ import torch
 
 from helpers import small_corpus, tar_members as members
 from qrobust.score.stream import Corpus, CorpusError, decode_member, decode_npy, iter_samples
-from qrobust.shared.cli import main
+from qrobust.cli import main
 from qrobust.shared.manifest import ManifestError, load_manifest
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -13,7 +13,7 @@ from PIL import Image
 
 from helpers import tar_members
 from qrobust.generate.imported import ReleaseError, import_release
-from qrobust.shared.cli import main
+from qrobust.cli import main
 from qrobust.shared.manifest import load_manifest, manifest_problems, verify_corpus
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from helpers import small_corpus
-from qrobust.shared.cli import main
+from qrobust.cli import main
 
 timm = pytest.importorskip("timm")
 ARCH = "test_efficientnet"  # a small timm model; its pretrained config carries the ImageNet mean/std

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from helpers import small_corpus, tar_members as members
-from qrobust.shared.cli import main
+from qrobust.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

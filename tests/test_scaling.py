@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from helpers import make_class_folder, write_suite
-from qrobust.shared.cli import main
+from qrobust.cli import main
 from qrobust.shared.manifest import verify_corpus
 
 ONLY = "clean/*,natural/gaussian_noise-*,natural/fog-*,sequence/rotate,systematic/*"

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from helpers import make_class_folder, write_suite
-from qrobust.shared.cli import main
+from qrobust.cli import main
 
 SUMMARY_KEYS = {"schema", "model", "corpus", "env", "clean", "natural", "sequence", "systematic", "attacks", "wcar",
                 "comparability", "checks"}
@@ -174,7 +174,7 @@ def test_killed_score_resumes_to_the_same_results(corpus, checkpoint, tmp_path):
     assert run(*args, "--out", tmp_path / "ref") == 0
     out = tmp_path / "killed"
     for attempt in range(2):
-        proc = subprocess.Popen([sys.executable, "-m", "qrobust.shared.cli", "-q", *map(str, args), "--out", out],
+        proc = subprocess.Popen([sys.executable, "-m", "qrobust", "-q", *map(str, args), "--out", out],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.time() + 60
         progress = out / "progress.json"

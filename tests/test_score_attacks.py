@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from helpers import fitted_checkpoint, small_corpus
-from qrobust.shared.cli import main
+from qrobust.cli import main
 
 
 def run(*args) -> int:

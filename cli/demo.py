@@ -24,6 +24,8 @@ import logging
 import time
 from pathlib import Path
 
+from qrobust.cli.common import subparser
+
 log = logging.getLogger("qrobust.demo")
 
 ARCH = "tiny_cnn"           # ~2.8 M multiply-adds at 64 px: 10 models x 29k images + AutoAttack fit the budget
@@ -156,3 +158,19 @@ def _print_findings(index: Path, results: list[Path], manifest: dict, times: dic
     n = len(manifest["variants"])
     print(f"\nreport: {index}\ndemo: {len(results)} models x {n} variants x {manifest['samples']['count']} images; "
           + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()) + f"; total {sum(times.values()):.0f} s")
+
+
+def add_demo(sub) -> None:
+    p = subparser(sub, "demo", "Run the benchmark end to end on the built-in demo data (photos shipped with "
+                  "scikit-image): build the data set, train a small model and its DoReFa/PACT/LSQ versions at "
+                  "2/4/8 bits, generate and verify the demo corpus, score every model (attacks included), "
+                  "write the report.", "qrobust demo --out demo-out")
+    p.add_argument("--out", default="demo-out", help="output folder (a second run reuses what is there)")
+    p.add_argument("--workers", type=int, help="worker processes (default: all cores)")
+    p.add_argument("--quick", action="store_true",
+                   help="reduced demo (fewer variants and attacked images, 4 bit only, shorter training)")
+    p.set_defaults(run=_cmd_demo)
+
+
+def _cmd_demo(args) -> int:
+    return run_demo(args.out, workers=args.workers, progress=not args.quiet, quick=args.quick)

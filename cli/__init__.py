@@ -1,0 +1,60 @@
+"""The ``qrobust`` command: the command layer, the one place that reaches every program.
+
+One module per group of subcommands (:mod:`~qrobust.cli.generate`,
+:mod:`~qrobust.cli.score`, :mod:`~qrobust.cli.train`, :mod:`~qrobust.cli.ls`,
+:mod:`~qrobust.cli.demo`). They name the programs' entry points by dotted
+path, imported only when a subcommand runs, so ``qrobust --help`` stays fast
+and nothing imports back up.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from qrobust.cli import demo, generate, ls, score, train
+from qrobust.cli.common import EXIT_NO_SPACE, EXIT_PROBLEMS, EXIT_USAGE  # noqa: F401  (the exit statuses)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qrobust", description="How robust is this (quantized) model? The RobustMQ benchmark.",
+        epilog="example:\n  qrobust demo --out demo-out\n\n`qrobust COMMAND --help` shows each command's options.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    from qrobust import __version__
+
+    parser.add_argument("--version", action="version", version=f"qrobust {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in (generate.add_generate, generate.add_verify, score.add_score, score.add_report, generate.add_pack,
+                generate.add_import, train.add_train, train.add_quantize, ls.add_ls, demo.add_demo):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "run", None):
+        parser.print_help()
+        return EXIT_USAGE
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="qrobust: %(message)s", stream=sys.stderr)
+    from qrobust.shared.errors import NO_SPACE, USER_ERRORS
+
+    try:
+        return args.run(args)
+    except USER_ERRORS as e:
+        print(f"qrobust {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"qrobust {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except OSError as e:
+        if e.errno not in NO_SPACE:
+            raise
+        where = f" writing {e.filename}" if e.filename else ""
+        print(f"qrobust {args.command}: error: out of disk space{where} ({e.strerror}); nothing half-written is "
+              "kept: free space and rerun the same command to resume", file=sys.stderr)
+        return EXIT_NO_SPACE
+
