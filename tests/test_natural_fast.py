@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qrobust.generate import imagecorruptions_compat, natural, natural_fast
+from qrobust.generate import imagecorruptions_compat, natural, natural_fast, replay
 from qrobust.generate.natural import ACCELERATED, CORRUPTIONS, SEVERITIES, corrupt
 from qrobust.shared.demo_data import photo
 
@@ -164,11 +164,11 @@ def test_zoom_kernels_equal_scipy_zoom():
             crop = rng.rand(ch0, ch1, 3).astype(np.float32)
             expected = zoom(crop, (factor, factor, 1), order=1)
             acc = np.zeros((height, width, 3), np.float32)
-            natural_fast._zoom_add_f32(crop, out_h, out_w, acc)
+            replay.zoom_add_f32(crop, out_h, out_w, acc)
             kept = expected[:height, :width]
             np.testing.assert_array_equal(acc[:kept.shape[0], :kept.shape[1]], kept, err_msg=f"{factor}")
             layer = rng.normal(0.3, 0.3, (ch0, ch1, 1))  # snow: float64, negative values too
-            np.testing.assert_array_equal(natural_fast._zoom_f64(layer, out_h, out_w),
+            np.testing.assert_array_equal(replay.zoom_f64(layer, out_h, out_w),
                                           zoom(layer, (factor, factor, 1), order=1), err_msg=f"{factor}")
 
 
@@ -183,7 +183,7 @@ def test_gaussian_filter_equals_scipy():
                 sigmas = (sigma, sigma * 1.3)
                 expected = ndimage.gaussian_filter(image, list(sigmas) + [0] * (image.ndim - 2), mode=mode,
                                                    cval=0, truncate=truncate)
-                np.testing.assert_array_equal(natural_fast._gaussian_filter(image, sigmas, mode, truncate),
+                np.testing.assert_array_equal(replay.gaussian_filter(image, sigmas, mode, truncate),
                                               expected, err_msg=f"{shape} {mode} {sigma}")
 
 
@@ -218,5 +218,5 @@ def test_elastic_map_equals_scipy_map_coordinates():
             indices = (np.reshape(y + dy[..., np.newaxis], (-1, 1)), np.reshape(x + dx[..., np.newaxis], (-1, 1)),
                        np.reshape(z, (-1, 1)))
             expected = map_coordinates(image, indices, order=1, mode="reflect").reshape(image.shape)
-            actual = natural_fast._elastic_map(image, dx, dy, np.empty(image.shape, dtype))
+            actual = replay.map_coordinates_displaced(image, dx, dy, np.empty(image.shape, dtype))
             np.testing.assert_array_equal(actual, expected, err_msg=f"{height}x{width} spread {spread}")
