@@ -47,7 +47,7 @@ import imagecorruptions  # noqa: E402
 
 PHOTOS = (skimage.data.astronaut, skimage.data.chelsea, skimage.data.coffee, skimage.data.rocket)
 IMAGES_PER_RUN = 50_000
-GOAL_RATIO = 8.0  # issue 8: at least 8x less CPU per image for the whole natural family
+GOAL_RATIO = 8.0  # the target: at least 8x less CPU per image for the whole natural family
 
 
 def load_photo(load, size):

@@ -69,12 +69,10 @@ def _warm_up(variants: list[Variant]) -> None:
     try:
         import numpy as np
 
-        modules = ["qrobust.generate.render", "qrobust.generate.writer"]
+        from qrobust.generate import natural, render, writer  # noqa: F401  (imported now, not in the first job)
+
         if any(v.family == "sequence" or v.params.get("decoder") == "ffmpeg" for v in variants):
-            modules.append("av")
-        for module in modules:
-            importlib.import_module(module)
-        from qrobust.generate import natural
+            importlib.import_module("av")
 
         tiny = np.zeros((natural.MIN_SIDE, natural.MIN_SIDE, 3), np.uint8)
     except Exception:

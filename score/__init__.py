@@ -1,3 +1,3 @@
-"""qrobust.score: streams a corpus through a model and stores per-sample results
-(see ../shared/DESIGN.md). The scorer is built by its own issue; the corpus
-format it reads is defined in ``qrobust.shared.manifest``."""
+"""qrobust.score: streams a corpus through models, runs the white-box attacks live, stores per-sample
+results and computes every metric from them (docs/scoring.md, docs/metrics.md). The corpus format it
+reads is defined in ``qrobust.shared.manifest``; it never imports ``qrobust.generate``."""

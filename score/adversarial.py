@@ -26,6 +26,7 @@ recorded with every result.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import sys
@@ -33,7 +34,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from qrobust.score import distributed as dist
 from qrobust.score.comparability import PAPER_ATTACKS
+from qrobust.score.logits import ModelOutputError, checked
 from qrobust.score.stream import CorpusError, Failure, UnitStream
 from qrobust.shared.errors import QrobustError
 from qrobust.shared.seeding import sample_seed
@@ -156,7 +159,8 @@ def run_attacks(net, jobs: list[Job], store, source, units, rows: np.ndarray, *,
             x = torch.from_numpy(np.ascontiguousarray(pixels)).to(device).permute(0, 3, 1, 2).float().div_(255)
             y = torch.from_numpy(labels.astype(np.int64)).to(device)
             with torch.inference_mode():
-                clean_pred = _ranked(net(x), "clean", keys).argmax(1)
+                clean_pred = checked(net(x), len(keys), None, lambda i: f"clean sample {keys[i]!r}",
+                                     "clean attack batch").argmax(1)
             correct = (clean_pred == y).cpu().numpy()
             group = store.root["attacks"]
             if "zero_grad_share" not in group.attrs:  # a gradient-masking probe, once, on the first batch read
@@ -186,7 +190,9 @@ def run_attacks(net, jobs: list[Job], store, source, units, rows: np.ndarray, *,
                     x_adv = run_attack(job.attack, crafter, x[sel], y[sel], job.eps, seeds=seeds, params=job.params)
                     _check_budget(job, x_adv, x[sel])
                     with torch.inference_mode():  # rescored in fp32 (the store's prediction is this one)
-                        adv_pred = _ranked(net(x_adv.float()), job.id, [keys[i] for i in idx]).argmax(1).cpu().numpy()
+                        adv_pred = checked(net(x_adv.float()), len(idx), None,
+                                           lambda i: f"sample {keys[idx[i]]!r} under {job.id}",
+                                           "attack batch").argmax(1).cpu().numpy()
                     pred[idx] = adv_pred
                     outcome[idx] = np.where(adv_pred == labels[idx], ROBUST, FOOLED)
                 store.write_attack(job.id, lo, outcome, pred)
@@ -200,21 +206,6 @@ def run_attacks(net, jobs: list[Job], store, source, units, rows: np.ndarray, *,
             group.attrs["reference_flags"] = sorted(set(group.attrs.get("reference_flags", [])) | flags.messages)
         if bar is not None:
             bar.close()
-
-
-def _ranked(logits, what: str, keys):
-    """``logits`` if every row is finite; else the run stops (argmax would rank NaN first and call it a class)."""
-    import torch
-
-    finite = torch.isfinite(logits).all(dim=1)
-    if not bool(finite.all()):
-        from qrobust.score.run import ModelOutputError
-
-        first = int((~finite).nonzero()[0, 0])
-        raise ModelOutputError(f"returned NaN or infinite logits on {int((~finite).sum())} of {len(keys)} "
-                               f"{what} images of an attack batch, first sample {keys[first]!r}; NaN/inf have no "
-                               "rank, so no outcome is recorded")
-    return logits
 
 
 class _ReferenceFlags(logging.Handler):
@@ -270,55 +261,64 @@ def _batches(source, units, rows, needed, batch_ids, batch_size, verify, workers
         raise CorpusError(f"clean/onecrop ended before attack batch {batch_ids[next_batch]} was complete")
 
 
-def attack_summary(store, jobs_record: dict[str, dict], rows: np.ndarray,
-                   clean_correct: np.ndarray | None) -> dict:
-    """``attacks[attack][budget]`` and the worst cases per budget, from the stored outcomes.
+def plan_attacks(store, ctx, manifest, rows, *, attacks, budgets, limit, config, rule, transfer_from, n_classes,
+                  batch_size, device):
+    """(jobs, subset rows, {job id: settings}, surrogate model or None); the store's attack arrays are made
+    (or checked) by the one process that writes it."""
+    from qrobust.score.attacks import BUDGET_NAMES, resolved_params
+    from qrobust.shared.models import load_model
 
-    AR is the share of an attack's rows not fooled (eq. 3); AAI = (ACC - AR) /
-    ACC with ACC the clean accuracy on the same rows (eq. 4). ``wcar[budget]``
-    (eq. 5) counts a row robust only if none of the paper's five attacks that
-    ran at that budget (:data:`PAPER_ATTACKS`, each stored in full) fooled it,
-    on the rows all of them ran on; ``wcar_basis[budget]`` lists those attacks,
-    the missing ones and the rows. When other attacks ran too (``slide-l1``,
-    ``apgd-l1``, ``square-linf``), ``wcar_extra[budget]`` is the worst case over
-    every attack, with its own basis. Transfer attacks are a check, in neither.
+    if "clean/onecrop" not in manifest["variants"]:
+        raise CorpusError("attacks start from clean/onecrop, which this corpus lacks")
+    if limit is not None and limit < 1:
+        raise CorpusError("--attack-limit must be at least 1")
+    crop = manifest["suite"]["spec"]["geometry"]["crop"]
+    jobs = plan_jobs(attacks, list(budgets or BUDGET_NAMES), (3, crop, crop), config=config, rule=rule)
+    # record what really runs on this model (AutoAttack adapts its targets to the number of classes)
+    jobs = [dataclasses.replace(j, params=resolved_params(j.attack, j.params, n_classes)) for j in jobs]
+    surrogate = None
+    if transfer_from:
+        surrogate, sspec, _ = load_model(transfer_from, num_classes=n_classes, device=device)
+        if sspec.quant:
+            log.warning("--transfer-from %s is quantized; the transfer check expects a float model", sspec.name)
+        base = [j for j in jobs if j.attack == "pgd-linf"] or plan_jobs(
+            ["pgd-linf"], list(budgets or BUDGET_NAMES), (3, crop, crop), config=config, rule=rule)
+        jobs += [Job(j.attack, j.budget, j.eps, j.norm, j.cost, j.params, transfer=True) for j in base]
+    subset = subset_rows(rows, limit)
+    records = {j.id: {**j.record(), "scale": rule, **({"surrogate": transfer_from} if j.transfer else {})}
+               for j in jobs}
+    if ctx is None or ctx.rank == 0:
+        store.open_attacks(subset, records, batch_size)
+    log.info("attacks: %s on %d rows", ", ".join(records), len(subset))
+    return jobs, subset, records, surrogate
+
+
+def attack(net, store, writer, ctx, source, manifest, all_units, rows, *, attacks, budgets, limit, config, rule,
+            cascade, transfer_from, n_classes, batch_size, device, verify, progress, workers, named) -> dict:
+    """Plan, check and run the attack jobs of a scoring run; returns {job id: settings} of this run.
+
+    ``store`` is the results store, ``writer`` where this process writes (the
+    store, or this rank's part, then given this rank's share of the batches).
     """
-    attacks: dict[str, dict] = {}
-    by_budget: dict[str, dict[str, np.ndarray]] = {}
-    for job_id, rec in sorted(jobs_record.items()):
-        outcome = store.attack_outcome(job_id)
-        if outcome is None or (outcome < 0).any():
-            continue  # not finished: left out rather than computed from part of the rows
-        attack, budget = job_id.split("/")
-        ran = outcome != NOT_RUN
-        cascaded = bool((outcome == SKIPPED).any())
-        ar = None if cascaded else float((outcome[ran] == ROBUST).mean())
-        acc_here = float(clean_correct[ran].mean()) if clean_correct is not None else None
-        entry = {"eps": rec["eps"], "norm": rec["norm"], "n": int(ran.sum()), "ar": ar,
-                 "aai": (acc_here - ar) / acc_here if ar is not None and acc_here else None, "params": rec["params"]}
-        if cascaded:
-            entry["cascade"] = True
-        attacks.setdefault(attack, {})[budget] = entry
-        if not rec.get("transfer"):
-            by_budget.setdefault(budget, {})[attack] = outcome
-    out = {"attacks": attacks, "wcar": {}, "wcar_basis": {}, "wcar_extra": {}, "wcar_extra_basis": {}}
-    for b, outcomes in by_budget.items():
-        paper = {a: o for a, o in outcomes.items() if a in PAPER_ATTACKS}
-        if paper:
-            out["wcar"][b], n = _worst_case(list(paper.values()))
-            out["wcar_basis"][b] = {"attacks": sorted(paper), "n": n,
-                                    "missing": [a for a in PAPER_ATTACKS if a not in paper]}
-        if set(outcomes) - set(PAPER_ATTACKS):
-            out["wcar_extra"][b], n = _worst_case(list(outcomes.values()))
-            out["wcar_extra_basis"][b] = {"attacks": sorted(outcomes), "n": n}
-    return {k: v for k, v in out.items() if v or k in ("attacks", "wcar")}
+    plan = dist.step(ctx, lambda: plan_attacks(store, ctx, manifest, rows, attacks=attacks, budgets=budgets,
+                                                limit=limit, config=config, rule=rule, transfer_from=transfer_from,
+                                                n_classes=n_classes, batch_size=batch_size, device=device))
+    jobs, subset, records, surrogate = plan
 
+    def run() -> None:
+        if writer is not store:
+            writer.open_attacks(subset, records, batch_size)
+        onecrop = [u for u in all_units if u.variant == "clean/onecrop"]
+        try:
+            run_attacks(net, jobs, writer, source, onecrop, subset, seed=manifest.get("seed") or 0,
+                                    batch_size=batch_size, device=device, verify=verify, cascade=cascade,
+                                    progress=progress, workers=workers, surrogate=surrogate,
+                                    share=ctx.split if ctx is not None else None)
+        except ModelOutputError as e:
+            raise ModelOutputError(f"model {named} {e}") from None
 
-def _worst_case(outcomes: list[np.ndarray]) -> tuple[float | None, int]:
-    """WCAR over these attacks' outcomes on the rows all of them ran on, and how many rows that is."""
-    common = np.logical_and.reduce([o != NOT_RUN for o in outcomes])
-    fooled = np.logical_or.reduce([o == FOOLED for o in outcomes])
-    return (float((~fooled[common]).mean()) if common.any() else None), int(common.sum())
+    dist.step(ctx, run)
+    return records
 
 
 def attack_config(path: str | None = None, sets: list[str] | None = None) -> dict:

@@ -32,18 +32,20 @@ def other_convention(net, spec, device):
     return "imagenet", Normalized(net).to(device)
 
 
-def check_convention(summary: dict, net, spec, source, units, predictions: dict, labels: np.ndarray, device: str,
-                     verify: bool) -> None:
-    """Run a callable's first clean images under its other convention; record both accuracies, warn if the
-    other is much better."""
+def probe(net, spec, source, units, predictions: dict, labels: np.ndarray, device: str, verify: bool) -> dict:
+    """Run a callable's first clean images under its other convention.
+
+    Returns the summary's checks: ``{"input_convention": {...}}`` with both
+    accuracies, plus ``{"warnings": [...]}`` when the other convention is much
+    better; {} when clean/onecrop was not scored.
+    """
     import torch
 
     from qrobust.score.stream import read_unit
 
-    acc = summary["clean"]["acc"]
     clean = predictions.get("clean/onecrop")
-    if acc is None or clean is None:
-        return
+    if clean is None:
+        return {}
     other, alt = other_convention(net, spec, device)
     rows, right = 0, 0
     with torch.inference_mode():
@@ -59,15 +61,16 @@ def check_convention(summary: dict, net, spec, source, units, predictions: dict,
             if rows == PROBE_SAMPLES:
                 break
     if not rows:
-        return
+        return {}
     as_scored = float(np.mean(clean[:rows, 0] == labels[:rows]))
     alt_acc = right / rows
-    summary["checks"]["input_convention"] = {"as_scored": spec.normalize, "acc": as_scored, "other": other,
-                                             "acc_other": alt_acc, "n": rows}
+    out = {"input_convention": {"as_scored": spec.normalize, "acc": as_scored, "other": other,
+                                "acc_other": alt_acc, "n": rows}}
     if alt_acc >= as_scored + MUCH_BETTER and 1 - alt_acc <= (1 - as_scored) / 2:
         what = {"none": "RGB in [0, 1] as they are", "imagenet": "ImageNet mean/std normalization"}
         message = (f"input convention: clean accuracy {as_scored:.1%} on the first {rows} images with "
                    f"{what[spec.normalize]}, {alt_acc:.1%} with {what[other]}; the model seems to expect the "
                    f"latter: rescore with --normalize {other} into a new --out")
-        summary["checks"]["warnings"].append(message)
+        out["warnings"] = [message]
         log.warning("%s: %s", spec.name, message)
+    return out

@@ -1,4 +1,4 @@
-"""The RobustMQ metrics (paper section 3.2) and the extras of ../shared/DESIGN.md.
+"""The RobustMQ metrics (paper section 3.2) and their extras (mCE, top-5 distance, intervals); docs/metrics.md.
 
 Plain functions on numbers and numpy arrays. Accuracies and errors are
 fractions in [0, 1], never percentages. Bad input raises ``MetricError``, a

@@ -10,21 +10,19 @@ batches are dealt to the ranks, each writing its own part, merged by rank 0
 """
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
 import json
 import logging
 import os
 import sys
 
-import numpy as np
 
 from qrobust.score import distributed as dist
 from qrobust.score import input_check
-from qrobust.score.predict import TOPK, PartStore, ResultsStore
+from qrobust.score import adversarial, summary as summaries
+from qrobust.score import logits
+from qrobust.score.predict import PartStore, ResultsStore
 from qrobust.score.stream import Corpus, CorpusError, Failure, Unit, UnitStream
-from qrobust.score.summary import compute_summary
-from qrobust.shared.errors import QrobustError
 from qrobust.shared.manifest import write_atomic
 
 log = logging.getLogger("qrobust.score")
@@ -56,12 +54,8 @@ def _layout(manifest: dict, variants: list[str], rows: int) -> dict[str, tuple[i
     for vid in variants:
         entry = manifest["variants"][vid]
         frames = entry["params"].get("frames") if entry["family"] == "sequence" else None
-        out[vid] = (rows, frames, TOPK) if frames else (rows, TOPK)
+        out[vid] = (rows, frames, logits.TOPK) if frames else (rows, logits.TOPK)
     return out
-
-
-class ModelOutputError(QrobustError, ValueError):
-    """A model's logits cannot be ranked: NaN or infinite values, or not one score per class."""
 
 
 def fp32_kernels(device: str) -> None:
@@ -77,47 +71,6 @@ def fp32_kernels(device: str) -> None:
 
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
-
-
-def _top5(model, pixels: np.ndarray, batch_size: int, device: str, num_classes: int | None = None,
-          where=None) -> np.ndarray:
-    """Top-5 class ids of uint8 (n, H, W, 3) images, in batches.
-
-    The logits must be (batch, ``num_classes``) and finite: NaN and infinities
-    have no rank (``topk`` would put NaN first), and another width means class
-    ids that are not the corpus's, so either would give metrics that look fine
-    and mean nothing. Raises :class:`ModelOutputError`; ``where(i)`` describes
-    row ``i`` of ``pixels`` for the message.
-    """
-    import torch
-
-    def at(i: int) -> str:
-        return where(i) if where is not None else f"row {i}"
-
-    out = []
-    for i in range(0, len(pixels), batch_size):
-        batch = torch.from_numpy(np.ascontiguousarray(pixels[i:i + batch_size])).to(device)
-        batch = batch.permute(0, 3, 1, 2).float().div_(255)
-        logits = model(batch)
-        if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[0] != len(batch) \
-                or (num_classes is not None and logits.shape[1] != num_classes):
-            shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-            raise ModelOutputError(f"returned logits of shape {shape} for a batch of {len(batch)} at {at(i)}; "
-                                   f"expected ({len(batch)}, {num_classes or 'classes'}): one score per class "
-                                   "of the corpus")
-        finite = torch.isfinite(logits).all(dim=1)
-        if not bool(finite.all()):
-            first = int((~finite).nonzero()[0, 0])
-            bad = int((~finite).sum())
-            raise ModelOutputError(f"returned NaN or infinite logits for {bad} of {len(batch)} samples of the "
-                                   f"batch at {at(i)}, first {at(i + first)}; NaN/inf have no rank, so no "
-                                   "prediction or metric is recorded (a quantizer overflow? check the model "
-                                   "on this input)")
-        ids = logits.topk(min(TOPK, logits.shape[1]), dim=1).indices.to(torch.int32).cpu().numpy()
-        if ids.shape[1] < TOPK:  # fewer than 5 classes: pad with -1 (no class)
-            ids = np.pad(ids, ((0, 0), (0, TOPK - ids.shape[1])), constant_values=-1)
-        out.append(ids)
-    return np.concatenate(out)
 
 
 def score(corpus: str, model: str, out: str, *, weights: str | None = None, only: list[str] | None = None,
@@ -251,13 +204,13 @@ def _score(corpus, model, out, ctx, *, weights, only, exclude, device, batch_siz
             try:
                 _run_units(net, writer, source, mine, batch_size, workers, run_device, verify, progress,
                            spec.num_classes)
-            except ModelOutputError as e:
-                raise ModelOutputError(f"model {named} {e}") from None
+            except logits.ModelOutputError as e:
+                raise logits.ModelOutputError(f"model {named} {e}") from None
 
     dist.step(ctx, score_units)
     jobs_run = None
     if attacks:
-        jobs_run = _attack(net, store, writer, ctx, source, manifest, all_units, rows, attacks=attacks,
+        jobs_run = adversarial.attack(net, store, writer, ctx, source, manifest, all_units, rows, attacks=attacks,
                            budgets=budgets, limit=attack_limit, config=attack_config, rule=budget_scale,
                            cascade=cascade, transfer_from=transfer_from, n_classes=spec.num_classes,
                            batch_size=batch_size, device=run_device, verify=verify, progress=progress,
@@ -266,115 +219,23 @@ def _score(corpus, model, out, ctx, *, weights, only, exclude, device, batch_siz
         if ctx.rank:
             return None  # rank 0 merges and reports
         store.absorb_parts(by_id)
-    predictions = _finished_predictions(store, all_units, manifest)
-    summary = compute_summary(
-        predictions, store.labels[...], manifest,
+    predictions = summaries.finished_predictions(store, all_units, manifest)
+    checks = {}
+    if spec.is_callable:  # a user's model: its input convention is the user's choice, and can be wrong
+        checks = input_check.probe(net, spec, source, all_units, predictions, store.labels[...], run_device, verify)
+    summary = summaries.summarize(
+        store, predictions, manifest,
         model={"name": spec.name, "arch": spec.arch, "quant": spec.quant, "sha256": sha,
                "normalize": spec.normalize, "spec": spec.to_dict()},
         corpus={"suite": manifest["suite"]["name"], "manifest_sha256": source.manifest_sha256, "samples": rows,
                 "location": _public_location(str(corpus))},
         env={"qrobust": __version__, "torch": torch.__version__, "device": device, "batch_size": batch_size,
              "seed": manifest.get("seed"), "python": sys.version.split()[0]},
-        adversarial=_attack_results(store, predictions))
-    if spec.is_callable:  # a user's model: its input convention is the user's choice, and can be wrong
-        input_check.check_convention(summary, net, spec, source, all_units, predictions, store.labels[...],
-                                     run_device, verify)
+        checks=checks)
     if jobs_run is not None:
         summary["env"]["attacks"] = jobs_run
     write_atomic(store.path / "summary.json", json.dumps(summary, indent=1, sort_keys=True))
     return summary
-
-
-def _attack(net, store, writer, ctx, source, manifest, all_units, rows, *, attacks, budgets, limit, config, rule,
-            cascade, transfer_from, n_classes, batch_size, device, verify, progress, workers, named) -> dict:
-    """Plan, check and run the attack jobs; returns {job id: settings} of this run.
-
-    ``store`` is the results store, ``writer`` where this process writes (the
-    store, or this rank's part, then given this rank's share of the batches).
-    """
-    plan = dist.step(ctx, lambda: _plan_attacks(store, ctx, manifest, rows, attacks=attacks, budgets=budgets,
-                                                limit=limit, config=config, rule=rule, transfer_from=transfer_from,
-                                                n_classes=n_classes, batch_size=batch_size, device=device))
-    jobs, subset, records, surrogate = plan
-
-    def run() -> None:
-        from qrobust.score import adversarial
-
-        if writer is not store:
-            writer.open_attacks(subset, records, batch_size)
-        onecrop = [u for u in all_units if u.variant == "clean/onecrop"]
-        try:
-            adversarial.run_attacks(net, jobs, writer, source, onecrop, subset, seed=manifest.get("seed") or 0,
-                                    batch_size=batch_size, device=device, verify=verify, cascade=cascade,
-                                    progress=progress, workers=workers, surrogate=surrogate,
-                                    share=ctx.split if ctx is not None else None)
-        except ModelOutputError as e:
-            raise ModelOutputError(f"model {named} {e}") from None
-
-    dist.step(ctx, run)
-    return records
-
-
-def _plan_attacks(store, ctx, manifest, rows, *, attacks, budgets, limit, config, rule, transfer_from, n_classes,
-                  batch_size, device):
-    """(jobs, subset rows, {job id: settings}, surrogate model or None); the store's attack arrays are made
-    (or checked) by the one process that writes it."""
-    from qrobust.score import adversarial
-    from qrobust.score.attacks import BUDGET_NAMES, resolved_params
-    from qrobust.shared.models import load_model
-
-    if "clean/onecrop" not in manifest["variants"]:
-        raise CorpusError("attacks start from clean/onecrop, which this corpus lacks")
-    if limit is not None and limit < 1:
-        raise CorpusError("--attack-limit must be at least 1")
-    crop = manifest["suite"]["spec"]["geometry"]["crop"]
-    jobs = adversarial.plan_jobs(attacks, list(budgets or BUDGET_NAMES), (3, crop, crop), config=config, rule=rule)
-    # record what really runs on this model (AutoAttack adapts its targets to the number of classes)
-    jobs = [dataclasses.replace(j, params=resolved_params(j.attack, j.params, n_classes)) for j in jobs]
-    surrogate = None
-    if transfer_from:
-        surrogate, sspec, _ = load_model(transfer_from, num_classes=n_classes, device=device)
-        if sspec.quant:
-            log.warning("--transfer-from %s is quantized; the transfer check expects a float model", sspec.name)
-        base = [j for j in jobs if j.attack == "pgd-linf"] or adversarial.plan_jobs(
-            ["pgd-linf"], list(budgets or BUDGET_NAMES), (3, crop, crop), config=config, rule=rule)
-        jobs += [adversarial.Job(j.attack, j.budget, j.eps, j.norm, j.cost, j.params, transfer=True) for j in base]
-    subset = adversarial.subset_rows(rows, limit)
-    records = {j.id: {**j.record(), "scale": rule, **({"surrogate": transfer_from} if j.transfer else {})}
-               for j in jobs}
-    if ctx is None or ctx.rank == 0:
-        store.open_attacks(subset, records, batch_size)
-    log.info("attacks: %s on %d rows", ", ".join(records), len(subset))
-    return jobs, subset, records, surrogate
-
-
-def _attack_results(store: ResultsStore, predictions: dict) -> dict:
-    """The attack outcomes' part of the summary (:func:`~qrobust.score.adversarial.attack_summary`) and its
-    gradient-masking checks, from the store; {} when no attack was run."""
-    from qrobust.score import adversarial
-
-    jobs = store.attack_jobs()
-    if not jobs:
-        return {}
-    from qrobust.score.attacks.checks import masking_warnings
-
-    rows = store.root["attacks"]["rows"][...]
-    clean = predictions.get("clean/onecrop")
-    correct = clean[rows, 0] == store.labels[...][rows] if clean is not None else None
-    out = adversarial.attack_summary(store, jobs, rows, correct)
-    table = out["attacks"]
-    out["attacks"] = {a: v for a, v in table.items() if not a.startswith("transfer-")}
-    ar = {a: {b: e["ar"] for b, e in by.items() if e["ar"] is not None} for a, by in out["attacks"].items()}
-    transfer = {a.removeprefix("transfer-"): {b: e["ar"] for b, e in by.items()}
-                for a, by in table.items() if a.startswith("transfer-")}
-    zero = store.root["attacks"].attrs.get("zero_grad_share")
-    checks = {"zero_grad_share": zero, **({"transfer": transfer} if transfer else {})}
-    n = min((e["n"] for by in out["attacks"].values() for e in by.values()), default=len(rows))
-    reference_flags = list(store.root["attacks"].attrs.get("reference_flags", []))  # pyautoattack's own checks
-    checks["gradient_masking"] = masking_warnings(ar, zero_grad_share=zero, transfer_ar=transfer or None,
-                                                  n=n) + reference_flags
-    out["checks"] = checks
-    return out
 
 
 def _refusal(problems: list[tuple[str | None, str]], corpus: str) -> str:
@@ -395,16 +256,6 @@ def _public_location(location: str) -> str:
         return location
     parts = urlsplit(location)
     return urlunsplit((parts.scheme, parts.hostname or "", parts.path, "", ""))
-
-
-def _finished_predictions(store: ResultsStore, units: list[Unit], manifest: dict) -> dict[str, np.ndarray]:
-    """Predictions of every variant whose units are all stored (this run's selection and earlier ones)."""
-    out = {}
-    for vid in manifest["variants"]:
-        ids = [store.unit_id(u.variant, u.index) for u in units if u.variant == vid]
-        if ids and all(i in store.done for i in ids):
-            out[vid] = store.predictions(vid)
-    return out
 
 
 def _run_units(net, store, source, todo, batch_size, workers, device, verify, progress,
@@ -432,11 +283,11 @@ def _run_units(net, store, source, todo, batch_size, workers, device, verify, pr
                 pixels = part.pixels
                 if part.unit.variant in sequences:  # (n, T, H, W, 3): every frame is an image
                     n, t = pixels.shape[:2]
-                    top5 = _top5(net, pixels.reshape(n * t, *pixels.shape[2:]), batch_size, device, num_classes,
+                    top5 = logits.top5(net, pixels.reshape(n * t, *pixels.shape[2:]), batch_size, device, num_classes,
                                  lambda i, part=part, t=t: _where(part, i // t, f", frame {i % t}"))
-                    top5 = top5.reshape(n, t, TOPK)
+                    top5 = top5.reshape(n, t, logits.TOPK)
                 else:
-                    top5 = _top5(net, pixels, batch_size, device, num_classes,
+                    top5 = logits.top5(net, pixels, batch_size, device, num_classes,
                                  lambda i, part=part: _where(part, i))
                 store.write(part.unit.variant, part.start, top5, part.labels)
                 uid = store.unit_id(part.unit.variant, part.unit.index)

@@ -22,6 +22,8 @@ import re
 import numpy as np
 
 from qrobust.score import comparability, metrics
+from qrobust.score.adversarial import FOOLED, NOT_RUN, ROBUST, SKIPPED
+from qrobust.score.comparability import PAPER_ATTACKS
 from qrobust.shared.spec import BENCHMARK_CORRUPTIONS, SEQUENCE_PERTURBATIONS, is_noise_sequence
 
 SUMMARY_SCHEMA = "qrobust.summary/2"
@@ -43,7 +45,7 @@ def compute_summary(predictions: dict[str, np.ndarray], labels: np.ndarray, mani
 
     ``adversarial`` holds what the attack outcomes give (``attacks``, ``wcar``,
     ``wcar_basis``, ``wcar_extra``, ``wcar_extra_basis`` and ``checks`` entries;
-    see :func:`qrobust.score.adversarial.attack_summary`).
+    see :func:`attack_summary`).
     """
     variants = manifest["variants"]
     clean, square = predictions.get("clean/onecrop"), predictions.get("clean/square")
@@ -68,6 +70,107 @@ def compute_summary(predictions: dict[str, np.ndarray], labels: np.ndarray, mani
     if summary["natural"] is not None:  # said next to the value too: a bare mCE invites a wrong comparison
         summary["natural"]["mce_basis"] = summary["comparability"]["mce"]
     return summary
+
+
+def summarize(store, predictions: dict[str, np.ndarray], manifest: dict, *, model: dict, corpus: dict, env: dict,
+              checks: dict | None = None) -> dict:
+    """A results store's summary: its finished predictions (:func:`finished_predictions`), its attack outcomes
+    and their gradient-masking checks, and ``checks`` the scorer adds (e.g. the input-convention probe)."""
+    adversarial = _attack_results(store, predictions)
+    extra = dict(checks or {})
+    warnings = extra.pop("warnings", [])
+    adversarial["checks"] = {**adversarial.get("checks", {}), **extra}
+    summary = compute_summary(predictions, store.labels[...], manifest, model, corpus, env, adversarial)
+    summary["checks"]["warnings"] += warnings
+    return summary
+
+
+def finished_predictions(store, units: list, manifest: dict) -> dict[str, np.ndarray]:
+    """Predictions of every variant whose units are all stored (this run's selection and earlier ones)."""
+    out = {}
+    for vid in manifest["variants"]:
+        ids = [store.unit_id(u.variant, u.index) for u in units if u.variant == vid]
+        if ids and all(i in store.done for i in ids):
+            out[vid] = store.predictions(vid)
+    return out
+
+
+def _attack_results(store, predictions: dict) -> dict:
+    """The attack outcomes' part of the summary (:func:`attack_summary`) and its
+    gradient-masking checks, from the store; {} when no attack was run."""
+    jobs = store.attack_jobs()
+    if not jobs:
+        return {}
+    from qrobust.score.attacks.checks import masking_warnings
+
+    rows = store.root["attacks"]["rows"][...]
+    clean = predictions.get("clean/onecrop")
+    correct = clean[rows, 0] == store.labels[...][rows] if clean is not None else None
+    out = attack_summary(store, jobs, rows, correct)
+    table = out["attacks"]
+    out["attacks"] = {a: v for a, v in table.items() if not a.startswith("transfer-")}
+    ar = {a: {b: e["ar"] for b, e in by.items() if e["ar"] is not None} for a, by in out["attacks"].items()}
+    transfer = {a.removeprefix("transfer-"): {b: e["ar"] for b, e in by.items()}
+                for a, by in table.items() if a.startswith("transfer-")}
+    zero = store.root["attacks"].attrs.get("zero_grad_share")
+    checks = {"zero_grad_share": zero, **({"transfer": transfer} if transfer else {})}
+    n = min((e["n"] for by in out["attacks"].values() for e in by.values()), default=len(rows))
+    reference_flags = list(store.root["attacks"].attrs.get("reference_flags", []))  # pyautoattack's own checks
+    checks["gradient_masking"] = masking_warnings(ar, zero_grad_share=zero, transfer_ar=transfer or None,
+                                                  n=n) + reference_flags
+    out["checks"] = checks
+    return out
+
+
+def attack_summary(store, jobs_record: dict[str, dict], rows: np.ndarray,
+                   clean_correct: np.ndarray | None) -> dict:
+    """``attacks[attack][budget]`` and the worst cases per budget, from the stored outcomes.
+
+    AR is the share of an attack's rows not fooled (eq. 3); AAI = (ACC - AR) /
+    ACC with ACC the clean accuracy on the same rows (eq. 4). ``wcar[budget]``
+    (eq. 5) counts a row robust only if none of the paper's five attacks that
+    ran at that budget (:data:`PAPER_ATTACKS`, each stored in full) fooled it,
+    on the rows all of them ran on; ``wcar_basis[budget]`` lists those attacks,
+    the missing ones and the rows. When other attacks ran too (``slide-l1``,
+    ``apgd-l1``, ``square-linf``), ``wcar_extra[budget]`` is the worst case over
+    every attack, with its own basis. Transfer attacks are a check, in neither.
+    """
+    attacks: dict[str, dict] = {}
+    by_budget: dict[str, dict[str, np.ndarray]] = {}
+    for job_id, rec in sorted(jobs_record.items()):
+        outcome = store.attack_outcome(job_id)
+        if outcome is None or (outcome < 0).any():
+            continue  # not finished: left out rather than computed from part of the rows
+        attack, budget = job_id.split("/")
+        ran = outcome != NOT_RUN
+        cascaded = bool((outcome == SKIPPED).any())
+        ar = None if cascaded else float((outcome[ran] == ROBUST).mean())
+        acc_here = float(clean_correct[ran].mean()) if clean_correct is not None else None
+        entry = {"eps": rec["eps"], "norm": rec["norm"], "n": int(ran.sum()), "ar": ar,
+                 "aai": (acc_here - ar) / acc_here if ar is not None and acc_here else None, "params": rec["params"]}
+        if cascaded:
+            entry["cascade"] = True
+        attacks.setdefault(attack, {})[budget] = entry
+        if not rec.get("transfer"):
+            by_budget.setdefault(budget, {})[attack] = outcome
+    out = {"attacks": attacks, "wcar": {}, "wcar_basis": {}, "wcar_extra": {}, "wcar_extra_basis": {}}
+    for b, outcomes in by_budget.items():
+        paper = {a: o for a, o in outcomes.items() if a in PAPER_ATTACKS}
+        if paper:
+            out["wcar"][b], n = _worst_case(list(paper.values()))
+            out["wcar_basis"][b] = {"attacks": sorted(paper), "n": n,
+                                    "missing": [a for a in PAPER_ATTACKS if a not in paper]}
+        if set(outcomes) - set(PAPER_ATTACKS):
+            out["wcar_extra"][b], n = _worst_case(list(outcomes.values()))
+            out["wcar_extra_basis"][b] = {"attacks": sorted(outcomes), "n": n}
+    return {k: v for k, v in out.items() if v or k in ("attacks", "wcar")}
+
+
+def _worst_case(outcomes: list[np.ndarray]) -> tuple[float | None, int]:
+    """WCAR over these attacks' outcomes on the rows all of them ran on, and how many rows that is."""
+    common = np.logical_and.reduce([o != NOT_RUN for o in outcomes])
+    fooled = np.logical_or.reduce([o == FOOLED for o in outcomes])
+    return (float((~fooled[common]).mean()) if common.any() else None), int(common.sum())
 
 
 def _natural(predictions, labels, variants, acc, n_classes):

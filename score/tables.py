@@ -256,7 +256,7 @@ def _load(folder, nc_threshold: float) -> Model:
         if not isinstance(s.get(need[0]), dict) or (need[1:] and s[need[0]].get(need[1]) is None):
             raise ReportError(f"{path}: {'.'.join(need)} is missing; the file is incomplete, rescore the model")
     q = s["model"].get("quant") or {}
-    w = q.get("w_bits", 32 if not q else None)  # DESIGN.md's spelling, as ModelSpec writes it
+    w = q.get("w_bits", 32 if not q else None)  # as ModelSpec writes it
     a = q.get("a_bits", w)
     if not isinstance(w, int) or not isinstance(a, int):
         raise ReportError(f"{path}: model.quant has no integer weight bits; the file is incomplete, rescore the model")

@@ -1,4 +1,4 @@
-"""Canonical geometry of the clean references (see SETTINGS.md, "Geometry").
+"""Canonical geometry of the clean references (docs/generating.md, "Clean references").
 
 ``onecrop``: resize the shorter side (Pillow bilinear, antialiased, exactly what
 torchvision's ``Resize(int)`` does on a PIL image), then center crop: the input

@@ -139,7 +139,7 @@ def test_logits_not_one_per_class_stop_the_run(corpus, tmp_path, capsys, model, 
 
 
 def test_top5_finds_the_first_bad_row_across_batches():
-    from qrobust.score.run import ModelOutputError, _top5
+    from qrobust.score.logits import ModelOutputError, top5 as _top5
 
     class NaNAt(torch.nn.Module):
         def forward(self, x):
@@ -159,5 +159,5 @@ def test_non_finite_logits_under_attack_stop_the_run(corpus, tmp_path, capsys):
                  "--budgets", "small") == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "model test_numerics:nan_under_attack_model" in err, err
-    assert "NaN or infinite logits on" in err and "fgsm-linf/small" in err and "first sample 'astronaut_" in err, err
+    assert "NaN or infinite logits for" in err and "under fgsm-linf/small" in err and "first sample 'astronaut_" in err, err
     assert not (tmp_path / "nan_under_attack_model" / "summary.json").exists()

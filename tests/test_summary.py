@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from qrobust.score import metrics
-from qrobust.score.adversarial import FOOLED, NOT_RUN, ROBUST, attack_summary
+from qrobust.score.adversarial import FOOLED, NOT_RUN, ROBUST
+from qrobust.score.summary import attack_summary
 from qrobust.score.summary import compute_summary
 from qrobust.shared.spec import BENCHMARK_CORRUPTIONS, SEQUENCE_PERTURBATIONS
 
