@@ -53,8 +53,8 @@ def trained_model(work: Path, val_per_class: int):
     from qrobust.shared.demo_data import build_demo_dataset
     from qrobust.shared.models import load_model
     from qrobust.train.data import open_data
-    from qrobust.train.loop import Recipe
     from qrobust.train.qat import train_fp
+    from qrobust.train.recipes import Recipe
 
     data = build_demo_dataset(work / "data", train_per_class=48, val_per_class=val_per_class)
     recipe = Recipe(epochs=24, batch_size=64, lr=3e-3, warmup_epochs=1, optimizer="adam", weight_decay=5e-4,

@@ -39,7 +39,7 @@ QUICK_ONLY = ["clean/*", "natural/*-3", "sequence/gaussian_noise", "sequence/rot
 
 
 def _recipes(quick: bool):
-    from qrobust.train.loop import Recipe
+    from qrobust.train.recipes import Recipe
 
     fp = Recipe(epochs=8 if quick else 24, batch_size=64, lr=3e-3, warmup_epochs=1, optimizer="adam",
                 weight_decay=5e-4, label_smoothing=0.1, image_size=64, seed=0, workers=0)

@@ -39,7 +39,7 @@ def _recipe_overrides(args) -> dict:
 def _recipe(base, overrides: dict):
     if not overrides:
         return None if base is None else base
-    recipe = resolve("qrobust.train.loop:Recipe")
+    recipe = resolve("qrobust.train.recipes:Recipe")
     return recipe.from_dict({**base.to_dict(), **overrides})
 
 
@@ -55,7 +55,7 @@ def add_train(sub) -> None:
 
 
 def _cmd_train(args) -> int:
-    base = resolve("qrobust.train.loop:fp_recipe")(args.arch)
+    base = resolve("qrobust.train.recipes:fp_recipe")(args.arch)
     path = resolve("qrobust.train.qat:train_fp")(args.arch, args.train, args.out, val_root=args.val,
                                                    recipe=_recipe(base, _recipe_overrides(args)), device=args.device,
                                                    progress=not args.quiet)
@@ -98,7 +98,7 @@ def _cmd_quantize(args) -> int:
     fp_model, weights = (args.arch, args.fp_model) if args.arch else (args.fp_model, None)
     arch = args.arch or resolve("qrobust.train.qat:fp_arch")(args.fp_model)
     overrides = _recipe_overrides(args)
-    recipe = _recipe(resolve("qrobust.train.loop:qat_recipe")(arch, bits[0]), overrides) if overrides else None
+    recipe = _recipe(resolve("qrobust.train.recipes:qat_recipe")(arch, bits[0]), overrides) if overrides else None
     kw = dict(weights=weights, val_root=args.val, recipe=recipe, first_last_bits=first_last, device=args.device,
               progress=not args.quiet)
     if args.grid:

@@ -20,8 +20,9 @@ from qrobust.shared.demo_data import build_demo_dataset
 from qrobust.shared.manifest import file_sha256
 from qrobust.shared.models import ModelSpec, build_model, load_model, read_checkpoint_metadata, save_checkpoint
 from qrobust.train.data import Loader, open_data, open_splits
-from qrobust.train.loop import Recipe, TrainError, evaluate, lr_at, param_groups, qat_recipe, train
+from qrobust.train.loop import evaluate, param_groups, train
 from qrobust.train.qat import META_TRAINING, list_checkpoints, quantize, quantize_grid, state_dir, train_fp
+from qrobust.train.recipes import Recipe, TrainError, lr_at, qat_recipe
 
 SIZE = 32
 CLASSES = 12
@@ -306,8 +307,8 @@ def test_grid_skips_finished_checkpoints_and_ls_lists_them(qat_ckpts, fp_ckpt, d
 DDP_SCRIPT = """
 import sys, json
 import torch.distributed as dist
-from qrobust.train.loop import Recipe
 from qrobust.train.qat import train_fp
+from qrobust.train.recipes import Recipe
 data, out = sys.argv[1], sys.argv[2]
 r = Recipe(epochs=2, batch_size=32, lr=3e-3, warmup_epochs=0.5, optimizer="adam", image_size=32, workers=0)
 path = train_fp("tiny_cnn", data + "/train", out, val_root=data + "/val", recipe=r, progress=False)

@@ -1,5 +1,8 @@
 """The training loop: float training from scratch and quantization-aware fine-tuning share it.
 
+It runs a :class:`~qrobust.train.recipes.Recipe` (the settings, their defaults per
+architecture and the learning-rate schedule live in :mod:`qrobust.train.recipes`):
+
 * cosine learning rate with linear warmup from ``warmup_lr``, set every step;
 * SGD with Nesterov momentum, or Adam (tiny models trained from scratch);
 * weight decay on conv/linear weights only: none on BatchNorm parameters
@@ -26,23 +29,21 @@
 from __future__ import annotations
 
 import atexit
-import dataclasses
 import json
 import logging
 import math
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
-from qrobust.shared.errors import QrobustError
 from qrobust.shared.manifest import write_atomic
 from qrobust.shared.models import write_safetensors
 from qrobust.shared.seeding import sample_seed
+from qrobust.train.recipes import Recipe, TrainError, lr_at
 
 log = logging.getLogger("qrobust.train")
 
@@ -53,118 +54,6 @@ META_STATE = "qrobust.train_state"
 RESUME_FREE = ("workers",)
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
 WEIGHT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-TINY_ARCHS = ("tiny_cnn", "tiny_resnet")
-
-
-class TrainError(QrobustError, ValueError):
-    """Training cannot go on as asked (mismatched state file, diverged loss, bad recipe)."""
-
-
-@dataclass
-class Recipe:
-    """Everything that decides a training run; all of it is recorded in the checkpoint metadata."""
-
-    epochs: int
-    batch_size: int  # global: split over DDP ranks
-    lr: float  # peak learning rate, reached after the warmup
-    warmup_epochs: float
-    warmup_lr: float = 1e-4  # the linear warmup starts here
-    momentum: float = 0.9  # SGD momentum (Adam: beta1 stays 0.9)
-    nesterov: bool = True
-    weight_decay: float = 1e-4  # conv / linear weights
-    bn_weight_decay: float = 0.0  # BatchNorm (and other norm) weights and biases
-    label_smoothing: float = 0.1
-    image_size: int = 224
-    seed: int = 0
-    workers: int = 2  # data loader processes per rank (does not change the result)
-    optimizer: str = "sgd"  # "sgd" | "adam" (adam for tiny models trained from scratch)
-    pact_alpha_decay: float = 1e-4  # L2 penalty on PACT's alpha (PACT paper)
-
-    def __post_init__(self):
-        problems = []
-        if self.epochs < 0:
-            problems.append(f"epochs {self.epochs} < 0")
-        if self.batch_size < 1:
-            problems.append(f"batch_size {self.batch_size} < 1")
-        if not self.lr > 0:
-            problems.append(f"lr {self.lr} is not positive")
-        if self.warmup_epochs < 0 or self.warmup_lr < 0:
-            problems.append("warmup_epochs and warmup_lr must be >= 0")
-        if self.optimizer not in ("sgd", "adam"):
-            problems.append(f"optimizer {self.optimizer!r} is not 'sgd' or 'adam'")
-        if self.image_size < 8:
-            problems.append(f"image_size {self.image_size} < 8")
-        if not 0 <= self.label_smoothing < 1:
-            problems.append(f"label_smoothing {self.label_smoothing} not in [0, 1)")
-        if self.workers < 0:
-            problems.append(f"workers {self.workers} < 0")
-        if problems:
-            raise TrainError("bad recipe: " + "; ".join(problems))
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Recipe":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise TrainError(f"unknown recipe fields: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-        return cls(**d)
-
-
-def qat_recipe(arch: str, bits: int) -> Recipe:
-    """The quantization-aware fine-tuning recipe for an architecture (MQBench "academic" configs).
-
-    From a pretrained float model: SGD Nesterov, momentum 0.9, label smoothing
-    0.1, cosine learning rate with a linear warmup from 1e-4, 100 epochs, no
-    weight decay on BatchNorm; peak lr 0.004 and weight decay 1e-4 for
-    ResNet-18/50 and RegNetX-600MF, lr 0.01 and weight decay 1e-5 for
-    MobileNetV2; batch 512 (ResNet-50: 256). The warmup length is not pinned by
-    the configs we follow: one epoch is our choice.
-
-    MQBench publishes a recipe for 4 bits only. For 2, 6 and 8 bits there is no
-    public recipe; we use the 4-bit one unchanged, so the bit width is the only
-    difference between the models of a grid.
-
-    The small test architectures (``tiny_cnn``, ``tiny_resnet``) get the demo's
-    recipe instead: Adam, lr 1e-3, batch 64, 8 epochs, half an epoch of warmup,
-    weight decay 5e-4, 64 px images.
-    """
-    if not isinstance(bits, int) or not 1 <= bits <= 16:
-        raise TrainError(f"bits must be an integer from 1 to 16, not {bits!r}")
-    if arch in TINY_ARCHS:
-        return Recipe(epochs=8, batch_size=64, lr=1e-3, warmup_epochs=0.5, optimizer="adam", weight_decay=5e-4,
-                      image_size=64, workers=0)
-    workers = min(8, os.cpu_count() or 1)
-    if arch == "mobilenet_v2":
-        return Recipe(epochs=100, batch_size=512, lr=0.01, warmup_epochs=1, weight_decay=1e-5, workers=workers)
-    batch = 256 if arch == "resnet50" else 512
-    if arch not in ("resnet18", "resnet50", "regnetx_600mf"):
-        log.warning("no QAT recipe for %s: using the ResNet-18 one (lr 0.004, batch 512, 100 epochs)", arch)
-    return Recipe(epochs=100, batch_size=batch, lr=0.004, warmup_epochs=1, weight_decay=1e-4, workers=workers)
-
-
-def fp_recipe(arch: str) -> Recipe:
-    """A recipe for training a float model from scratch.
-
-    Tiny architectures: Adam, lr 3e-3, batch 64, 30 epochs, 64 px (the demo's).
-    Others: the usual ImageNet recipe, SGD Nesterov lr 0.1 at batch 256,
-    weight decay 1e-4, 90 cosine epochs after 5 warmup epochs, label smoothing 0.1.
-    """
-    if arch in TINY_ARCHS:
-        return Recipe(epochs=30, batch_size=64, lr=3e-3, warmup_epochs=1, optimizer="adam", weight_decay=5e-4,
-                      image_size=64, workers=0)
-    return Recipe(epochs=90, batch_size=256, lr=0.1, warmup_epochs=5, weight_decay=1e-4,
-                  workers=min(8, os.cpu_count() or 1))
-
-
-def lr_at(step: int, total_steps: int, warmup_steps: int, recipe: Recipe) -> float:
-    """Linear warmup from ``warmup_lr`` to ``lr`` over ``warmup_steps``, then cosine decay to 0."""
-    if step < warmup_steps:
-        return recipe.warmup_lr + (recipe.lr - recipe.warmup_lr) * step / warmup_steps
-    t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * recipe.lr * (1.0 + math.cos(math.pi * min(1.0, t)))
 
 
 # --------------------------------------------------------------------------- distributed

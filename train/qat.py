@@ -26,8 +26,8 @@ import torch
 from qrobust.shared.models import META_MODEL, META_VERSION, ModelError, ModelSpec, build_model, load_model, \
     read_checkpoint_metadata, read_checkpoint_spec, save_checkpoint
 from qrobust.train.data import DataError, Loader, open_splits
-from qrobust.train.loop import Recipe, TrainError, barrier, evaluate, fp_recipe, is_main_process, qat_recipe, \
-    setup_distributed, train
+from qrobust.train.loop import barrier, evaluate, is_main_process, setup_distributed, train
+from qrobust.train.recipes import Recipe, TrainError, fp_recipe, qat_recipe
 
 log = logging.getLogger("qrobust.train")
 
@@ -75,7 +75,7 @@ def train_fp(arch: str, train_root: str | os.PathLike, out: str | os.PathLike, *
     ``out`` is a ``.safetensors`` path, or a folder (then ``<arch>.safetensors`` in it).
     Without ``val_root``, a folder with ``train/`` and ``val/`` uses them, else a
     tenth of the training samples is held out. ``recipe`` defaults to
-    :func:`~qrobust.train.loop.fp_recipe`. Rerunning resumes from ``<out>.train/``
+    :func:`~qrobust.train.recipes.fp_recipe`. Rerunning resumes from ``<out>.train/``
     (``resume=False``: start over).
 
     >>> train_fp("tiny_cnn", "data/train", "models/", val_root="data/val")  # doctest: +SKIP
@@ -147,7 +147,7 @@ def quantize(fp_model: str, method: str, bits: int, train_root: str | os.PathLik
     ``calib_batches`` seeded training batches (center crops), measure the
     validation accuracy before fine-tuning, fine-tune with
     :func:`~qrobust.train.loop.train` (``recipe`` defaults to
-    :func:`~qrobust.train.loop.qat_recipe`), save. ``out`` is a path or a folder
+    :func:`~qrobust.train.recipes.qat_recipe`), save. ``out`` is a path or a folder
     (then ``<arch>-<method>-w<b>a<b>.safetensors``). Rerunning resumes from
     ``<out>.train/`` (``resume=False``: start over).
 
@@ -253,7 +253,7 @@ def quantize_grid(fp_model: str, methods, bits_list, train_root: str | os.PathLi
 
     A checkpoint already there from the same float weights is kept (finished);
     one from other float weights is an error. ``kw`` goes to :func:`quantize`
-    (``recipe``: one for all; default :func:`~qrobust.train.loop.qat_recipe` per bits).
+    (``recipe``: one for all; default :func:`~qrobust.train.recipes.qat_recipe` per bits).
 
     >>> quantize_grid("models/resnet18.safetensors", ["lsq", "pact"], [2, 4], "train/", "models/")  # doctest: +SKIP
     """
