@@ -12,7 +12,7 @@ seconds and core-hours / 50k.
 
 As a same-process baseline it also times the plain reference loop for the
 natural family (``np.random.seed`` + ``imagecorruptions.corrupt``, no
-encoding), the figure SETTINGS.md quotes (5.7 s/image), prints the ratio, and
+encoding), about 5.7 s/image on a 2-core VM, prints the ratio, and
 the suite total with the natural family at that baseline instead.
 
 Run:  python bench/bench_families.py [--images N] [--repeats R] [--only FAMILY]
@@ -93,7 +93,7 @@ def main() -> None:
     import cv2
 
     cv2.setNumThreads(1)
-    from qrobust.shared.spec import load_suite
+    from qrobust.shared.suites import load_suite
 
     suites = {"reference": load_suite("robustmq"), "lossless": load_suite("robustmq", sequence_encoding="lossless")}
     families = args.only or list(FAMILIES)

@@ -81,7 +81,7 @@ def main() -> None:
     from torch import nn
 
     from qrobust.score.attacks import BUDGET_NAMES, at_shape, frozen, run_attack
-    from qrobust.shared.models import Normalized
+    from qrobust.shared.architectures import Normalized
 
     logging.getLogger("qrobust").setLevel(logging.ERROR)
     if args.threads:

@@ -143,7 +143,7 @@ def add_import(sub) -> None:
 
 
 def _cmd_import(args) -> int:
-    manifest = resolve("qrobust.generate.imported:import_release")(
+    manifest = resolve("qrobust.generate.release_import:import_release")(
         args.kind, args.root, args.out, classes=args.classes, only=globs(args.only) or None, limit=args.limit,
         per_class=args.per_class, workers=args.workers, strict=args.strict, progress=not args.quiet)
     _print_corpus(args.out, manifest, "rejected files")

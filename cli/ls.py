@@ -20,7 +20,7 @@ def _cmd_ls(args) -> int:
     if args.what == "corruptions":
         names = resolve("qrobust.generate.natural:CORRUPTIONS").names(args.pattern)
     elif args.what == "models":
-        names = resolve("qrobust.shared.models:ARCHITECTURES").names(args.pattern)
+        names = resolve("qrobust.shared.architectures:ARCHITECTURES").names(args.pattern)
     elif args.what == "attacks":
         attacks = resolve("qrobust.score.attacks:ATTACKS")
         names = [f"{n:16} {attacks.get(n).norm:5} budgets {attacks.get(n).budgets}" for n in attacks.names(args.pattern)]
@@ -29,9 +29,9 @@ def _cmd_ls(args) -> int:
     elif args.what == "checkpoints":
         return _ls_checkpoints(args.pattern if args.pattern != "*" else ".")
     elif args.what == "suites":
-        names = [n for n in resolve("qrobust.shared.spec:packaged_suites")() if fnmatch.fnmatchcase(n, args.pattern)]
+        names = [n for n in resolve("qrobust.shared.suites:packaged_suites")() if fnmatch.fnmatchcase(n, args.pattern)]
     else:
-        suite = resolve("qrobust.shared.spec:load_suite")(args.suite)
+        suite = resolve("qrobust.shared.suites:load_suite")(args.suite)
         names = [v.id for v in suite.variants if fnmatch.fnmatchcase(v.id, args.pattern)]
     print("\n".join(names))
     return 0 if names else EXIT_PROBLEMS

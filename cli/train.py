@@ -1,13 +1,12 @@
 """``qrobust train`` and ``qrobust quantize``: float training and quantization-aware fine-tuning."""
 from __future__ import annotations
 
-import json
 
 from qrobust.cli.common import resolve, globs, subparser
 
 
 def _recipe_arguments(p) -> None:
-    r = p.add_argument_group("training recipe (defaults: SETTINGS.md / README; every field can be set)")
+    r = p.add_argument_group("training recipe (defaults: docs/quantization.md; every field can be set)")
     r.add_argument("--epochs", type=int)
     r.add_argument("--batch-size", type=int, help="global batch (split over torchrun processes)")
     r.add_argument("--lr", type=float, help="peak learning rate")
@@ -73,7 +72,8 @@ def add_quantize(sub) -> None:
                    help="FP model: a qrobust checkpoint, FILE with --arch (torchvision/timm/pycls state dict), "
                         "or ARCH:TORCHVISION_WEIGHTS")
     p.add_argument("--arch", help="architecture of a plain state dict given to --from")
-    p.add_argument("--method", help="dorefa, pact or lsq (--grid: comma-separated, default all)")
+    p.add_argument("--method", help="dorefa, pact or lsq (`qrobust ls quantizers`; --grid: comma-separated, "
+                                    "default all)")
     p.add_argument("--bits", help="2, 4, 6 or 8 (weights and activations; --grid: comma-separated, default all)")
     p.add_argument("--grid", action="store_true", help="every method x bits; --out is a folder")
     p.add_argument("--train", required=True, help="training ImageFolder, or a folder/glob of WebDataset shards")
@@ -87,9 +87,11 @@ def _cmd_quantize(args) -> int:
     from qrobust.shared.errors import QrobustError
 
     qat = resolve("qrobust.train.qat:quantize_grid") if args.grid else resolve("qrobust.train.qat:quantize")
-    methods = globs([args.method]) if args.method else (["dorefa", "pact", "lsq"] if args.grid else [])
+    registered = resolve("qrobust.shared.quant:METHODS")  # every method, and the bits each supports
+    methods = globs([args.method]) if args.method else (registered.in_order() if args.grid else [])
     try:
-        bits = [int(b) for b in globs([args.bits])] if args.bits else ([2, 4, 6, 8] if args.grid else [])
+        bits = [int(b) for b in globs([args.bits])] if args.bits else \
+            (sorted({b for m in methods for b in registered.get(m).bits}) if args.grid else [])
         first_last = None if args.first_last_bits == "same" else int(args.first_last_bits)
     except ValueError:
         raise QrobustError("--bits and --first-last-bits take integers (or 'same')") from None

@@ -22,7 +22,7 @@ from pathlib import Path
 from qrobust.generate import jobs
 from qrobust.shared import manifest as mf
 from qrobust.shared.errors import NO_SPACE, QrobustError
-from qrobust.shared.spec import Suite, Variant
+from qrobust.shared.suites import Suite, Variant
 
 log = logging.getLogger("qrobust.generate")
 

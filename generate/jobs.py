@@ -19,7 +19,7 @@ from qrobust.shared.errors import QrobustError
 from qrobust.shared.shards import keys_digest, shard_summary
 from qrobust.shared.seeding import sample_seed
 from qrobust.shared.sources import BadImage, SourceSample
-from qrobust.shared.spec import Suite, Variant
+from qrobust.shared.suites import Suite, Variant
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from qrobust.generate import natural, sequences, systematic
 from qrobust.shared import preprocess
 from qrobust.shared.registry import Registry
 from qrobust.shared.sources import BadImage, SourceSample, decode_rgb
-from qrobust.shared.spec import SpecError, Suite, Variant
+from qrobust.shared.suites import SpecError, Suite, Variant
 from qrobust.shared.video import check_encoder
 
 

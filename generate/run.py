@@ -23,7 +23,7 @@ from qrobust.shared import manifest as mf
 from qrobust.shared.errors import QrobustError
 from qrobust.shared.shards import keys_digest
 from qrobust.shared.sources import SourceDataset, SourceSample, one_line, open_source
-from qrobust.shared.spec import Suite, Variant, load_suite
+from qrobust.shared.suites import Suite, Variant, load_suite
 
 log = logging.getLogger("qrobust.generate")
 

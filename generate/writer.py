@@ -22,7 +22,7 @@ from PIL import Image
 
 from qrobust.shared.manifest import fsync_dir, partial_path
 from qrobust.shared.shards import shard_summary
-from qrobust.shared.spec import Variant
+from qrobust.shared.suites import Variant
 from qrobust.shared.video import encode_frames, recipe_for
 
 PNG_LEVEL = 1  # OpenCV PNG level 1: lossless like any level, 5-7x faster to write than Pillow's default

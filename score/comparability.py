@@ -23,13 +23,10 @@ release gives an mCE comparable with published values.
 """
 from __future__ import annotations
 
-from qrobust.shared.spec import BENCHMARK_CORRUPTIONS, SEQUENCE_PERTURBATIONS, SYSTEMATIC_DECODERS, \
-    SYSTEMATIC_RESIZES
+from qrobust.shared.noises import BENCHMARK_CORRUPTIONS, SEQUENCE_PERTURBATIONS, SYSTEMATIC_VARIANTS
 
 PAPER_CROP, PAPER_RESIZE, PAPER_CLASSES = 224, 256, 1000
 SEVERITIES = (1, 2, 3, 4, 5)
-SYSTEMATIC_VARIANTS = tuple(f"decode-{d}" for d in SYSTEMATIC_DECODERS) + \
-    tuple(f"resize-{r}" for r in SYSTEMATIC_RESIZES)
 # the paper's attacks (WCAR, eq. 5, is their worst case); anything else run is an extra
 PAPER_ATTACKS = ("fgsm-linf", "pgd-l1", "pgd-l2", "pgd-linf", "autoattack-linf")
 GENERATOR_DIFFERENCE = ("generated with imagecorruptions {version}, not the released ImageNet-C (its "

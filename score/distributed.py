@@ -13,7 +13,7 @@ How the work is shared, and why:
   ``--batch-size``, which is per process, and the same kernels: torchrun runs
   each rank with ``OMP_NUM_THREADS=1``).
 * Each rank writes its own store, ``OUT/parts/rank-R-of-W``
-  (:class:`~qrobust.score.predict.PartStore`): never two writers into one zarr
+  (:class:`~qrobust.score.results.PartStore`): never two writers into one zarr
   chunk, which would lose data. After every rank is done, rank 0 merges the
   parts into ``OUT/predictions.zarr`` and progress.json, deletes them, and
   writes summary.json, as one process would have.

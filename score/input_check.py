@@ -25,7 +25,7 @@ MUCH_BETTER = 0.1      # the other convention must be this much more accurate (a
 
 def other_convention(net, spec, device):
     """``(name, model)``: the model under the convention it was not scored with (the same weights)."""
-    from qrobust.shared.models import Normalized
+    from qrobust.shared.architectures import Normalized
 
     if spec.normalize == "imagenet":
         return "none", net.net

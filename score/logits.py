@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from qrobust.score.predict import TOPK
+from qrobust.score.results import TOPK
 from qrobust.shared.errors import QrobustError
 
 

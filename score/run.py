@@ -2,7 +2,7 @@
 
 Units are (variant, shard) pairs, read, verified and decoded by DataLoader
 worker processes (:mod:`qrobust.score.stream`) while the main process runs the
-model and writes the results store (:mod:`qrobust.score.predict`). A rerun
+model and writes the results store (:mod:`qrobust.score.results`). A rerun
 skips finished units, so an interrupted run resumes; the summary is always
 recomputed from all stored predictions. Under torchrun the units and attack
 batches are dealt to the ranks, each writing its own part, merged by rank 0
@@ -21,7 +21,7 @@ from qrobust.score import distributed as dist
 from qrobust.score import input_check
 from qrobust.score import adversarial, summary as summaries
 from qrobust.score import logits
-from qrobust.score.predict import PartStore, ResultsStore
+from qrobust.score.results import PartStore, ResultsStore
 from qrobust.score.stream import Corpus, CorpusError, Failure, Unit, UnitStream
 from qrobust.shared.manifest import write_atomic
 

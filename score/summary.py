@@ -24,7 +24,7 @@ import numpy as np
 from qrobust.score import comparability, metrics
 from qrobust.score.adversarial import FOOLED, NOT_RUN, ROBUST, SKIPPED
 from qrobust.score.comparability import PAPER_ATTACKS
-from qrobust.shared.spec import BENCHMARK_CORRUPTIONS, SEQUENCE_PERTURBATIONS, is_noise_sequence
+from qrobust.shared.noises import BENCHMARK_CORRUPTIONS, SEQUENCE_PERTURBATIONS, is_noise_sequence
 
 SUMMARY_SCHEMA = "qrobust.summary/2"
 OLD_SCHEMAS = ("qrobust.summary/1",)  # read by upgrade()
@@ -204,8 +204,7 @@ def _natural(predictions, labels, variants, acc, n_classes):
     return out
 
 
-def _flips(top5: np.ndarray, perturbation: str, stride: int) -> tuple[float, float]:
-    noise = is_noise_sequence(perturbation)
+def _flips(top5: np.ndarray, noise: bool, stride: int) -> tuple[float, float]:
     return (float(metrics.flip_probability(top5[..., 0], noise=noise, difficulty=stride)),
             float(metrics.top5_distance(top5, noise=noise, difficulty=stride)))
 
@@ -219,15 +218,18 @@ def _sequence(predictions, variants, difficulties):
     if not ids:
         return None
     videos = {(variants[v]["params"]["perturbation"], variants[v]["params"]["difficulty"]): v for v in ids}
+    # the manifest says which are noise sequences (corpora from before it did: the catalogue's flag)
+    noisy = {variants[v]["params"]["perturbation"]: variants[v]["params"].get(
+        "noise", is_noise_sequence(variants[v]["params"]["perturbation"])) is True for v in ids}
 
     def level(d: int) -> dict:
         fp, t5d = {}, {}
         for p in dict.fromkeys(p for p, _ in videos):
-            noise = is_noise_sequence(p)
+            noise = noisy[p]
             vid = videos.get((p, d) if noise else (p, 1))
             if vid is None or (not noise and predictions[vid].shape[1] <= d):
                 continue
-            fp[p], t5d[p] = _flips(predictions[vid], p, 1 if noise else d)
+            fp[p], t5d[p] = _flips(predictions[vid], noise, 1 if noise else d)
         test = [p for p in SEQUENCE_PERTURBATIONS if p in fp]
         rest = [p for p in fp if p not in test]
         return {"fp": {p: fp[p] for p in test}, "mfp": _mean(fp[p] for p in test),

@@ -28,16 +28,16 @@ from typing import Iterable
 import qrobust
 from qrobust.score.comparability import PAPER_ATTACKS
 from qrobust.score.summary import OLD_SCHEMAS, SUMMARY_SCHEMA, upgrade
+from qrobust.shared import noises
+from qrobust.shared.architectures import ARCHITECTURES
+from qrobust.shared.quant import METHODS as METHODS_REGISTRY
 from qrobust.shared.errors import QrobustError
 
-ARCHS = {"resnet18": "ResNet18", "resnet50": "ResNet50", "regnetx_600mf": "RegNetX600M", "mobilenet_v2": "MobileNetV2"}
-METHODS = {"fp": "FP", "dorefa": "DoReFa", "pact": "PACT", "lsq": "LSQ"}
+# labels, order and colours come from the architectures' and quantization methods' definitions
+ARCHS = {n: ARCHITECTURES.get(n).label for n in ARCHITECTURES.in_order()}  # the paper's order first
+METHODS = {"fp": "FP", **{n: METHODS_REGISTRY.get(n).label for n in METHODS_REGISTRY.in_order()}}
 BUDGETS = ("small", "middle", "large")
-HUES = {"fp": "Greys", "dorefa": "Blues", "pact": "Oranges", "lsq": "Greens"}  # figure colors; lighter: fewer bits
-SHORT = {"gaussian_noise": "Gauss", "shot_noise": "Shot", "impulse_noise": "Impulse", "defocus_blur": "Defocus",
-         "glass_blur": "Glass", "motion_blur": "Motion", "zoom_blur": "Zoom", "brightness": "Bright",
-         "elastic_transform": "Elastic", "pixelate": "Pixel", "jpeg_compression": "JPEG",
-         "pil": "PIL", "opencv": "OpenCV", "ffmpeg": "FFmpeg", "decode": "Decode", "resize": ""}
+HUES = {"fp": "Greys", **{n: METHODS_REGISTRY.get(n).hue for n in METHODS_REGISTRY.in_order()}}  # lighter: fewer bits
 
 
 class ReportError(QrobustError, ValueError):
@@ -127,9 +127,9 @@ def _keys(models: Iterable[Model], *path) -> list[str]:
 
 
 def _label(key: str) -> str:
-    """glass_blur -> Glass, rotate -> Rotate, resize-opencv-area -> OpenCV area, decode-pil -> Decode PIL."""
-    words = [SHORT.get(w, w) for w in key.split("-")]
-    return SHORT.get(key) or (" ".join(w for w in words if w) if len(words) > 1 else key.replace("_", " ").capitalize())
+    """A column's label: the catalogue's (glass_blur -> Glass, resize-opencv-area -> OpenCV area), else the
+    key made readable (a name the catalogue does not know, from someone else's corpus)."""
+    return noises.label(key) or key.replace("_", " ").capitalize()
 
 
 def _attack_tables(models: list[Model]) -> list[Table]:

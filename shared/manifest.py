@@ -289,6 +289,8 @@ def parse_manifest(raw: bytes, path: str) -> dict:
             value = params.get(key)
             if not (isinstance(value, str) if kind is str else _int(value, *kind)):
                 raise ManifestError(f"{path}: variant {vid!r} has no valid {key} parameter")
+        if entry["family"] == "sequence" and not isinstance(params.get("noise", False), bool):
+            raise ManifestError(f"{path}: variant {vid!r}: its noise flag is not true or false")
         for i, shard in enumerate(shards):
             if not isinstance(shard, dict) or not {"name", "sha256", "bytes", "count"} <= set(shard) \
                     or not _int(shard["bytes"], 0, MAX_SHARD_BYTES) or not _int(shard["count"]) \
@@ -314,7 +316,7 @@ def manifest_problems(manifest: dict) -> list[tuple[str | None, str]]:
     spec defines for that id (or the spec defines no such id); a variant's
     shard counts disagree with its count or the corpus's sample count.
     """
-    from qrobust.shared.spec import FAMILIES
+    from qrobust.shared.suites import FAMILIES
 
     out: list[tuple[str | None, str]] = []
     if manifest.get("plan_sha256") != plan_digest(plan_of(manifest)):
@@ -344,6 +346,8 @@ def manifest_problems(manifest: dict) -> list[tuple[str | None, str]]:
             want = v.as_record()
             if v.family == "sequence" and isinstance(record["encoding"], dict):  # + the recipe, a library matter
                 record["encoding"] = {"format": record["encoding"].get("format")}
+            if v.family == "sequence" and isinstance(record["params"], dict) and "noise" not in record["params"]:
+                record["params"] = {**record["params"], "noise": v.params["noise"]}  # written before it was
             differ = sorted(k for k in want if record[k] != want[k])
             if differ:
                 out.append((vid, f"{MANIFEST_NAME}: variant {vid}: {', '.join(differ)} differ from the suite "

@@ -28,117 +28,32 @@ mismatched file is a one-line :class:`ModelError` that names it.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import importlib
 import inspect
 import json
 import logging
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
 from torchvision import models as tvm
-from torchvision.models.resnet import BasicBlock
 
+from qrobust.shared.architectures import ARCHITECTURES, Normalized, regnet_from_pycls, torchvision_weights
+from qrobust.shared.checkpoints import (ModelError, one_line, read_checkpoint_metadata, read_state_dict,
+                                        write_safetensors)
 from qrobust.shared.errors import QrobustError
-from qrobust.shared.manifest import file_sha256, fsync_dir, partial_path
-from qrobust.shared.registry import Registry
+from qrobust.shared.manifest import file_sha256
 
 log = logging.getLogger("qrobust.models")
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 SOURCES = ("init", "checkpoint", "state_dict", "torchvision", "callable")
 # what qrobust applies to [0, 1] RGB before a model's own forward: ImageNet mean/std, or nothing
 NORMALIZATIONS = ("imagenet", "none")
 META_MODEL, META_VERSION = "qrobust.model", "qrobust.version"
 
-ARCHITECTURES: Registry[Callable[[int], nn.Module]] = Registry("architecture")
-# architectures whose torchvision weights ``arch:WEIGHTS_NAME`` can name (torchvision has no RegNetX-600MF)
-TORCHVISION_WEIGHTS = ("resnet18", "resnet50", "mobilenet_v2")
 MAX_CLASSES = 100_000  # a spec read from a file asking for more (a 10**12-way classifier) is refused, not allocated
-
-
-class ModelError(QrobustError, ValueError):
-    """A model cannot be built or loaded as asked (bad spec, file or state dict)."""
-
-
-class Normalized(nn.Module):
-    """``net((x - mean) / std)``: the wrapper that makes a model take [0, 1] RGB.
-
-    mean/std are non-persistent buffers: they follow ``.to(device)`` but stay out
-    of the state dict, which is the inner net's alone (``net.*``).
-    """
-
-    def __init__(self, net: nn.Module, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-        super().__init__()
-        self.net = net
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net((x - self.mean) / self.std)
-
-
-@ARCHITECTURES.register("resnet18")
-def resnet18(num_classes: int) -> nn.Module:
-    return tvm.resnet18(weights=None, num_classes=num_classes)
-
-
-@ARCHITECTURES.register("resnet50")
-def resnet50(num_classes: int) -> nn.Module:
-    return tvm.resnet50(weights=None, num_classes=num_classes)
-
-
-@ARCHITECTURES.register("mobilenet_v2")
-def mobilenet_v2(num_classes: int) -> nn.Module:
-    return tvm.mobilenet_v2(weights=None, num_classes=num_classes)
-
-
-@ARCHITECTURES.register("regnetx_600mf")
-def regnetx_600mf(num_classes: int) -> nn.Module:
-    """pycls RegNetX-600MF (6,196,040 parameters at 1000 classes; torchvision has no builder for it)."""
-    params = tvm.regnet.BlockParams.from_init_params(depth=16, w_0=48, w_a=36.97, w_m=2.24, group_width=24)
-    return tvm.RegNet(params, num_classes=num_classes)
-
-
-def _conv_bn(cin: int, cout: int, stride: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
-
-
-@ARCHITECTURES.register("tiny_cnn")
-def tiny_cnn(num_classes: int) -> nn.Module:
-    """Three stride-2 conv+BN+ReLU layers (16/32/64), global pool, linear: ~24k parameters + 65 per class."""
-    return nn.Sequential(_conv_bn(3, 16, 2), _conv_bn(16, 32, 2), _conv_bn(32, 64, 2),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes))
-
-
-class TinyResNet(nn.Module):
-    """A stride-2 stem and one torchvision BasicBlock per stage (widths 16/32/64)."""
-
-    def __init__(self, num_classes: int, widths=(16, 32, 64)):
-        super().__init__()
-        self.stem = _conv_bn(3, widths[0], 2)
-        blocks, cin = [], widths[0]
-        for i, w in enumerate(widths):
-            stride = 1 if i == 0 else 2
-            down = None if stride == 1 and cin == w else nn.Sequential(
-                nn.Conv2d(cin, w, 1, stride, bias=False), nn.BatchNorm2d(w))
-            blocks.append(BasicBlock(cin, w, stride, down))
-            cin = w
-        self.layers = nn.Sequential(*blocks)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(cin, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(self.pool(self.layers(self.stem(x))), 1))
-
-
-ARCHITECTURES.add("tiny_resnet", TinyResNet)
 
 
 @dataclass(frozen=True)
@@ -242,7 +157,7 @@ def build_model(spec: ModelSpec | str, num_classes: int | None = None) -> nn.Mod
         if spec.normalize == "imagenet" or legacy:
             model = Normalized(model)
     else:
-        builder = ARCHITECTURES.get(spec.arch)
+        builder = ARCHITECTURES.get(spec.arch).build
         with torch.random.fork_rng(devices=[]):  # reproducible init without touching the caller's RNG
             torch.manual_seed(0)
             model = Normalized(builder(spec.num_classes))
@@ -292,27 +207,6 @@ def _inner(model: nn.Module) -> nn.Module:
     return model.net if isinstance(model, Normalized) else model
 
 
-def read_checkpoint_metadata(path: str | os.PathLike) -> dict:
-    """The string metadata of a ``.safetensors`` file ({} if it has none).
-
-    Only the header is parsed (safetensors bounds it, checks every tensor's
-    offsets against the file size, and never unpickles); a missing, truncated
-    or malformed file is a one-line :class:`ModelError` naming it.
-
-    >>> json.loads(read_checkpoint_metadata("ckpt.safetensors")["qrobust.model"])["arch"]  # doctest: +SKIP
-    'resnet18'
-    """
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return dict(f.metadata() or {})
-    except FileNotFoundError:
-        raise ModelError(f"{path}: no such file") from None
-    except Exception as e:  # safetensors raises its own error types for malformed headers
-        raise ModelError(f"{path}: not a readable safetensors file: {_one_line(e)}") from None
-
-
 def read_checkpoint_spec(path: str | os.PathLike) -> ModelSpec:
     """The :class:`ModelSpec` a qrobust checkpoint records, without building the model.
 
@@ -327,77 +221,9 @@ def read_checkpoint_spec(path: str | os.PathLike) -> ModelSpec:
     try:
         return ModelSpec.from_dict(json.loads(meta[META_MODEL]))
     except (json.JSONDecodeError, RecursionError) as e:
-        raise ModelError(f"{path}: malformed {META_MODEL} metadata (not JSON: {_one_line(e)})") from None
+        raise ModelError(f"{path}: malformed {META_MODEL} metadata (not JSON: {one_line(e)})") from None
     except ModelError as e:
         raise ModelError(f"{path}: malformed {META_MODEL} metadata: {e}") from None
-
-
-def _one_line(e: BaseException | str) -> str:
-    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", str(e))
-    return " ".join(text.split()) or (type(e).__name__ if isinstance(e, BaseException) else "")
-
-
-def _pickle_refusal(e: BaseException) -> str:
-    """What torch's weights-only unpickler refused, without its advice to load unsafely."""
-    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", str(e))
-    m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\.\s|\n|$)", text, re.S)
-    if m:
-        return _one_line(m.group(1))
-    lines = [line for line in text.splitlines() if line.strip()]
-    return _one_line(lines[0]) if lines else type(e).__name__
-
-
-def _read_state_dict(path: Path) -> dict:
-    """Tensors from a weights file, never unpickling arbitrary objects."""
-    if not path.is_file():
-        raise ModelError(f"weights file {path} not found")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        read_checkpoint_metadata(path)  # turns a malformed file into a one-line error
-        try:
-            return load_file(str(path))
-        except Exception as e:  # a dtype torch lacks, a file changed under us
-            raise ModelError(f"{path}: cannot read its tensors: {_one_line(e)}") from None
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # UnpicklingError for payloads, RuntimeError for non-zip files
-        raise ModelError(f"{path}: refused, not a plain tensor state dict (weights_only load: "
-                         f"{_pickle_refusal(e)})") from None
-    for key in ("state_dict", "model"):  # common training-checkpoint wrappers
-        if isinstance(sd, dict) and isinstance(sd.get(key), dict) and not any(torch.is_tensor(v) for v in sd.values()):
-            sd = sd[key]
-    if not isinstance(sd, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in sd.items()):
-        raise ModelError(f"{path}: holds {type(sd).__name__}, not a state dict of tensors")
-    return sd
-
-
-_REGNET_PARTS = {"conv1.conv": "f.a.0", "conv1.bn": "f.a.1", "conv2.conv": "f.b.0", "conv2.bn": "f.b.1",
-                 "conv3.conv": "f.c.0", "conv3.bn": "f.c.1", "downsample.conv": "proj.0", "downsample.bn": "proj.1",
-                 # pycls's own names for the same layers
-                 "f.a_bn": "f.a.1", "f.b_bn": "f.b.1", "f.c_bn": "f.c.1", "f.a": "f.a.0", "f.b": "f.b.0",
-                 "f.c": "f.c.0", "proj": "proj.0", "bn": "proj.1"}
-
-
-def regnet_from_pycls(sd: dict) -> dict:
-    """Rename a timm ``regnetx_006`` or pycls RegNetX state dict to torchvision's RegNet names.
-
-    stem.conv/bn -> stem.0/1; s{i}.b{j} -> trunk_output.block{i}.block{i}-{j-1}; conv1/2/3 (timm) or
-    f.a/b/c (pycls) -> f.a/b/c.0 with their norms -> .1; downsample (timm) or proj (pycls) -> proj.0/1;
-    head.fc -> fc. Keys already in torchvision's names pass unchanged.
-    """
-    import re
-
-    out = {}
-    for key, value in sd.items():
-        new = key.replace("stem.conv.", "stem.0.").replace("stem.bn.", "stem.1.").replace("head.fc.", "fc.")
-        m = re.match(r"s(\d+)\.b(\d+)\.(.+)\.([^.]+)$", new)
-        if m:
-            stage, block, part, leaf = m.groups()
-            part = _REGNET_PARTS.get(part, part)
-            new = f"trunk_output.block{stage}.block{stage}-{int(block) - 1}.{part}.{leaf}"
-        out[new] = value
-    return out
 
 
 def _load_into(model: nn.Module, sd: dict, what: str) -> None:
@@ -422,23 +248,6 @@ def _load_into(model: nn.Module, sd: dict, what: str) -> None:
                  if keys]
         hint = " (a different num_classes?)" if shapes else ""
         raise ModelError(f"state dict does not match {what}: {'; '.join(parts)}{hint}")
-
-
-def _torchvision_weights(arch: str, name: str, num_classes: int | None):
-    if arch not in TORCHVISION_WEIGHTS:
-        raise ModelError(f"torchvision publishes no weights for {arch!r} (it has {', '.join(TORCHVISION_WEIGHTS)})")
-    enum = tvm.get_model_weights(arch)
-    short = name.removeprefix(enum.__name__ + ".")
-    if short not in enum.__members__:  # torchvision itself answers a bare KeyError('FOO')
-        close = difflib.get_close_matches(short, enum.__members__, n=3, cutoff=0.5)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ModelError(f"unknown torchvision weights {name!r} for {arch}.{hint} "
-                         f"Available: {', '.join(enum.__members__)}")
-    weights = enum[short]
-    classes = len(weights.meta["categories"])
-    if num_classes not in (None, classes):
-        raise ModelError(f"{enum.__name__}.{weights.name} has {classes} classes, not {num_classes}")
-    return weights, classes
 
 
 def load_model(spec_string: str, weights: str | os.PathLike | None = None, num_classes: int | None = None,
@@ -497,7 +306,7 @@ def load_model(spec_string: str, weights: str | os.PathLike | None = None, num_c
         arch, _, name = text.partition(":")
         if weights is not None:
             raise ModelError(f"{text} names torchvision weights; do not pass a weights file as well")
-        tv_weights, n = _torchvision_weights(arch, name, num_classes)
+        tv_weights, n = torchvision_weights(arch, name, num_classes)
         model = build_model(arch, n)
         # check_hash: torchvision's file names carry a sha256 prefix; weights_only: no pickled code
         _load_into(model, tv_weights.get_state_dict(progress=True, check_hash=True, weights_only=True), arch)
@@ -513,7 +322,7 @@ def load_model(spec_string: str, weights: str | os.PathLike | None = None, num_c
                          source="init" if weights is None else "state_dict")
     if weights is not None and spec.source in ("state_dict", "callable"):
         try:
-            _load_into(model, _read_state_dict(Path(weights)), f"{spec.arch} ({spec.num_classes} classes)")
+            _load_into(model, read_state_dict(Path(weights)), f"{spec.arch} ({spec.num_classes} classes)")
         except ModelError as e:
             raise _naming(weights, e) from None
         sha = file_sha256(weights)
@@ -522,7 +331,7 @@ def load_model(spec_string: str, weights: str | os.PathLike | None = None, num_c
 
 def _naming(path, e: Exception) -> ModelError:
     """``e`` as a one-line :class:`ModelError` that starts with the file's name."""
-    text = _one_line(e)
+    text = one_line(e)
     return ModelError(text if text.startswith(str(path)) else f"{path}: {text}")
 
 
@@ -553,7 +362,7 @@ def _load_checkpoint(path: Path, num_classes: int | None, device, callable_named
     spec = dataclasses.replace(saved, source="checkpoint", weights=str(path))
     try:
         model = build_model(saved)
-        _load_into(model, _read_state_dict(path), f"{saved.arch} ({saved.num_classes} classes)")
+        _load_into(model, read_state_dict(path), f"{saved.arch} ({saved.num_classes} classes)")
     except (QrobustError, TypeError, ValueError) as e:  # e.g. a quantization spec with bits=3 or method "x"
         raise _naming(path, e) from None
     return model.to(device).eval(), spec, file_sha256(path)
@@ -577,18 +386,3 @@ def save_checkpoint(model: nn.Module, spec: ModelSpec, path: str | os.PathLike,
     return write_safetensors(tensors, path, meta)
 
 
-def write_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str]) -> Path:
-    """Write tensors and string metadata to ``path`` atomically (partial file, fsync, rename)."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    tmp = partial_path(path)
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
-    return path

@@ -11,7 +11,8 @@ cannot change the model (torch's ``FakeQuantize`` does).
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from dataclasses import dataclass
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -251,13 +252,28 @@ class QuantLinear(_QuantLayer, nn.Linear):
         return F.linear(self.input_quant(x), self.quantized_weight(), self.bias)
 
 
-# name -> (weight quantizer(bits, per_channel), activation quantizer(bits, signed), their names for the policy)
-METHODS: Registry[tuple] = Registry("quantization method")
-METHODS.add("dorefa", (lambda b, pc: DoReFaWeight(b), DoReFaAct, "DoReFaWeight", "DoReFaAct"))
+@dataclass(frozen=True)
+class QuantMethodDef:
+    """A quantization method: its quantizers and what tables, figures and the command line ask about it."""
+
+    name: str
+    label: str                  # as the paper's tables name it
+    hue: str                    # matplotlib colormap of its lines and bars (lighter: fewer bits)
+    weight: Callable            # (bits, per_channel) -> weight quantizer
+    activation: Callable        # (bits, signed=False) -> activation quantizer
+    weight_name: str            # the quantizers' names in a checkpoint's policy
+    activation_name: str
+    bits: tuple[int, ...] = BITS
+
+
+METHODS: Registry[QuantMethodDef] = Registry("quantization method")
+METHODS.add("dorefa", QuantMethodDef("dorefa", "DoReFa", "Blues", lambda b, pc: DoReFaWeight(b), DoReFaAct,
+                                     "DoReFaWeight", "DoReFaAct"))
 # RobustMQ: "PACT ... leveraging the method in DoReFa for weight quantization"
-METHODS.add("pact", (lambda b, pc: DoReFaWeight(b), PACTAct, "DoReFaWeight", "PACTAct"))
-METHODS.add("lsq", (lambda b, pc: LSQ(b, True, pc, role="weight"), lambda b, signed=False: LSQ(b, signed),
-                    "LSQ(signed)", "LSQ"))
+METHODS.add("pact", QuantMethodDef("pact", "PACT", "Oranges", lambda b, pc: DoReFaWeight(b), PACTAct,
+                                   "DoReFaWeight", "PACTAct"))
+METHODS.add("lsq", QuantMethodDef("lsq", "LSQ", "Greens", lambda b, pc: LSQ(b, True, pc, role="weight"),
+                                  lambda b, signed=False: LSQ(b, signed), "LSQ(signed)", "LSQ"))
 
 
 def quantizers(model: nn.Module) -> list[nn.Module]:
@@ -276,7 +292,9 @@ def quantize_model(model: nn.Module, method: str, w_bits: int, a_bits: int, *, f
     quantizer (first_last_bits, else a_bits) with ``"quantize"``. Activation quantizers need
     :func:`calibrate` before use. The policy is JSON-serializable, and
     ``quantize_model(fresh, **{k: policy[k] for k in QUANT_ARGS})`` quantizes a fresh model the same."""
-    make_w, make_a, w_name, a_name = METHODS.get(method)
+    definition = METHODS.get(method)
+    make_w, make_a = definition.weight, definition.activation
+    w_name, a_name = definition.weight_name, definition.activation_name
     for what, bits in (("w_bits", w_bits), ("a_bits", a_bits), ("first_last_bits", first_last_bits)):
         if bits is not None or what != "first_last_bits":
             _check_bits(bits, what)

@@ -56,6 +56,14 @@ class Registry(Generic[T]):
         except KeyError:
             raise UnknownNameError(self.unknown_message(name)) from None
 
+    def find(self, name: str) -> T | None:
+        """The item registered as ``name``, or None."""
+        return self._items.get(name)
+
+    def in_order(self) -> list[str]:
+        """The registered names in the order they were registered (a catalogue's own order)."""
+        return list(self._items)
+
     def unknown_message(self, name: str) -> str:
         close = difflib.get_close_matches(name, self._items, n=3, cutoff=0.5)
         hint = f" Did you mean {', '.join(close)}?" if close else ""

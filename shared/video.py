@@ -21,7 +21,7 @@ from fractions import Fraction
 import numpy as np
 
 from qrobust.shared.errors import QrobustError
-from qrobust.shared.spec import is_noise_sequence
+from qrobust.shared.noises import is_noise_sequence
 
 def _x264_asm() -> str:
     """x264's ``asm`` CPU mask: SSE2 at most on x86-64 (every such CPU has it), plain C elsewhere.

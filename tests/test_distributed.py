@@ -155,7 +155,7 @@ def _rank(rank: int, world: int, port: int, argv: list[str], stop_rank: int, log
     torch.set_num_threads(1)
     from qrobust.score import attacks as attack_pkg
     from qrobust.score.adversarial import AttackConfigError
-    from qrobust.score.predict import ResultsStore
+    from qrobust.score.results import ResultsStore
 
     real_attack, calls, written = attack_pkg.run_attack, [], []
 

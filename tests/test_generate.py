@@ -382,7 +382,7 @@ def test_plan_splits_the_heaviest_groups_and_runs_longest_first(tmp_path):
     from qrobust.generate.run import job_cost, plan_jobs
     from qrobust.shared.manifest import shard_name
     from qrobust.shared.sources import SourceSample
-    from qrobust.shared.spec import load_suite
+    from qrobust.shared.suites import load_suite
 
     suite = load_suite(str(write_suite(tmp_path / "s.toml", corruptions=("fog", "glass_blur"), severities=(1, 2, 3),
                                        shard=4)))
@@ -423,7 +423,7 @@ def test_split_jobs_do_not_change_bytes(tmp_path, class_folder):
     """A natural-only suite: with two workers each severity is a job of its own, with one they share one."""
     from qrobust.generate.run import plan_jobs
     from qrobust.shared.sources import open_source
-    from qrobust.shared.spec import load_suite
+    from qrobust.shared.suites import load_suite
 
     suite_path = write_suite(tmp_path / "s.toml", corruptions=("glass_blur", "fog"), severities=(1, 2, 3), shard=6)
     text = suite_path.read_text()

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from helpers import tar_members
-from qrobust.generate.imported import ReleaseError, import_release
+from qrobust.generate.release_import import ReleaseError, import_release
 from qrobust.cli import main
 from qrobust.shared.manifest import load_manifest, manifest_problems, verify_corpus
 
@@ -129,8 +129,8 @@ def test_imagenet_p_keeps_the_released_videos(tree_p, tmp_path):
     manifest = import_release("imagenet-p", str(tree_p), str(out), workers=1, progress=False)
     assert_valid(out)
     assert manifest["variants"]["sequence/gaussian_noise_2"]["params"] == \
-        {"perturbation": "gaussian_noise", "difficulty": 2, "frames": 4}
-    assert manifest["variants"]["sequence/rotate"]["params"] == {"perturbation": "rotate", "difficulty": 1, "frames": 4}
+        {"perturbation": "gaussian_noise", "difficulty": 2, "frames": 4, "noise": True}
+    assert manifest["variants"]["sequence/rotate"]["params"] == {"perturbation": "rotate", "difficulty": 1, "frames": 4, "noise": False}
     assert manifest["suite"]["spec"]["geometry"]["crop"] == 64
     for key, label, ext, data in samples(out, "sequence/rotate"):
         wnid = WNIDS[int(key[-8:]) // 2]

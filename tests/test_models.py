@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from qrobust.shared.errors import QrobustError
-from qrobust.shared.models import (ARCHITECTURES, IMAGENET_MEAN, IMAGENET_STD, ModelError, ModelSpec, Normalized,
-                                   build_model, load_model, read_checkpoint_metadata, save_checkpoint,
-                                   write_safetensors)
+from qrobust.shared.architectures import ARCHITECTURES, IMAGENET_MEAN, IMAGENET_STD, Normalized
+from qrobust.shared.checkpoints import read_checkpoint_metadata, write_safetensors
+from qrobust.shared.models import ModelError, ModelSpec, build_model, load_model, save_checkpoint
 from qrobust.shared.registry import UnknownNameError
 
 SMALL = ("tiny_cnn", "tiny_resnet")
@@ -77,7 +77,7 @@ def test_registry_lists_architectures_and_suggests_on_typo():
 
 
 def test_regnetx_600mf_matches_pycls_parameter_count():
-    assert sum(p.numel() for p in ARCHITECTURES.get("regnetx_600mf")(1000).parameters()) == 6_196_040
+    assert sum(p.numel() for p in ARCHITECTURES.get("regnetx_600mf").build(1000).parameters()) == 6_196_040
 
 
 def test_resnet18_builds_and_runs():
@@ -158,7 +158,7 @@ def test_checkpoint_of_a_callable_model_round_trips(tmp_path):
                                  weights=save_checkpoint(loaded, loaded_spec, tmp_path / f"again-{normalize}.safetensors"))
         assert same_outputs(model, again)
         other = "imagenet" if normalize == "none" else "none"
-        with pytest.raises(ModelError, match=f"contradicts it"):
+        with pytest.raises(ModelError, match="contradicts it"):
             load_model("test_models:make_net", weights=path, normalize=other)
     # a callable that normalizes by itself (no num_classes argument) round trips too
     model, spec, _ = load_model("test_models:make_self_normalizing_net")

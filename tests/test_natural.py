@@ -11,7 +11,7 @@ from qrobust.shared.registry import UnknownNameError
 
 PHOTOS = ("astronaut", "coffee")
 SEEDS = (0, 12345)
-# Broken in imagecorruptions 1.1.2 on current libraries (see SETTINGS.md); the others must run unpatched.
+# Broken in imagecorruptions 1.1.2 on current libraries (docs/generating.md, "imagecorruptions 1.1.2 and its mends"); the others must run unpatched.
 BROKEN_UNPATCHED = {"glass_blur", "fog"}
 # importing imagecorruptions itself needs pkg_resources, which current venvs lack: go through the mend
 imagecorruptions = imagecorruptions_compat.package()

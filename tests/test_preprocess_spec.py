@@ -7,7 +7,7 @@ from PIL import Image
 
 from qrobust.shared.demo_data import photo
 from qrobust.shared.preprocess import onecrop
-from qrobust.shared.spec import SpecError, load_suite, packaged_suites
+from qrobust.shared.suites import SpecError, load_suite, packaged_suites
 
 
 @pytest.mark.parametrize("size", [(500, 375), (375, 500), (333, 257), (256, 256), (1000, 999)])
@@ -60,7 +60,7 @@ def test_malformed_suites(tmp_path, text, message):
 def test_sequence_and_systematic_tables():
     suite = load_suite("robustmq", sequence_encoding="lossless")
     noise = suite.select(["sequence/gaussian_noise"])[0]
-    assert noise.params == {"perturbation": "gaussian_noise", "difficulty": 1, "frames": 31}
+    assert noise.params == {"perturbation": "gaussian_noise", "difficulty": 1, "frames": 31, "noise": True}
     assert noise.encoding == {"format": "lossless"}
     decode = suite.select(["systematic/decode-opencv"])[0]
     assert decode.params == {"decoder": "opencv", "resize": "pil-bilinear"}

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from qrobust.shared.errors import QrobustError
-from qrobust.shared.models import ARCHITECTURES, build_model
+from qrobust.shared.architectures import ARCHITECTURES
+from qrobust.shared.models import build_model
 from qrobust.shared.quant import (BITS, LSQ, METHODS, QUANT_ARGS, DoReFaAct, DoReFaWeight, PACTAct, QuantConv2d,
                                   QuantError, QuantLinear, calibrate, quantize_model, quantizers)
 from qrobust.shared.registry import UnknownNameError

@@ -298,7 +298,7 @@ def test_partial_files_of_lost_workers_are_cleared_before_the_manifest(setup, tm
 def test_a_dask_worker_with_other_pixel_libraries_is_refused(tmp_path):
     from qrobust.generate import jobs
     from qrobust.shared.errors import QrobustError
-    from qrobust.shared.spec import load_suite
+    from qrobust.shared.suites import load_suite
 
     suite = load_suite(str(write_suite(tmp_path / "s.toml")))
     with pytest.raises(QrobustError, match=r"Pillow \S+ \(the run: 0.0.1\)"):

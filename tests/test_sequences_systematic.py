@@ -249,7 +249,7 @@ def test_one_converter_per_video_gives_to_ndarrays_pixels(resized):
 def test_clean_square_and_pil_decode_agree_on_16_bit_sources():
     from qrobust.generate.render import SampleContext, render_clean
     from qrobust.shared.sources import SourceSample
-    from qrobust.shared.spec import load_suite
+    from qrobust.shared.suites import load_suite
 
     deep = (np.linspace(0, 65535, 300 * 400).reshape(300, 400)).astype(np.uint16)
     buf = io.BytesIO()
@@ -298,7 +298,7 @@ def test_sequence_payloads_are_checked_and_reproducible_across_processes(resized
     ('[clean]\nvariants = ["onecrop", "onecrop"]', "lists a name twice"),
 ])
 def test_suite_tables_refuse_duplicates(tmp_path, table, message):
-    from qrobust.shared.spec import SpecError, load_suite
+    from qrobust.shared.suites import SpecError, load_suite
 
     path = tmp_path / "s.toml"
     path.write_text(f"[geometry]\nresize = 64\ncrop = 56\n{table}\n")
@@ -308,7 +308,7 @@ def test_suite_tables_refuse_duplicates(tmp_path, table, message):
 
 def test_sequences_need_32_px(tmp_path):
     from qrobust.generate.render import check_renderable
-    from qrobust.shared.spec import SpecError, load_suite
+    from qrobust.shared.suites import SpecError, load_suite
 
     path = tmp_path / "s.toml"
     path.write_text('[geometry]\nresize = 30\ncrop = 24\n[sequence]\nperturbations = ["snow"]\n')

@@ -9,7 +9,7 @@ from qrobust.score import metrics
 from qrobust.score.adversarial import FOOLED, NOT_RUN, ROBUST
 from qrobust.score.summary import attack_summary
 from qrobust.score.summary import compute_summary
-from qrobust.shared.spec import BENCHMARK_CORRUPTIONS, SEQUENCE_PERTURBATIONS
+from qrobust.shared.noises import BENCHMARK_CORRUPTIONS, SEQUENCE_PERTURBATIONS
 
 N = 10_000  # samples: a percentage with two decimals is a whole number of them
 

@@ -18,7 +18,8 @@ from PIL import Image
 
 from qrobust.shared.demo_data import build_demo_dataset
 from qrobust.shared.manifest import file_sha256
-from qrobust.shared.models import ModelSpec, build_model, load_model, read_checkpoint_metadata, save_checkpoint
+from qrobust.shared.checkpoints import read_checkpoint_metadata
+from qrobust.shared.models import ModelSpec, build_model, load_model, save_checkpoint
 from qrobust.train.data import Loader, open_data, open_splits
 from qrobust.train.loop import evaluate, param_groups, train
 from qrobust.train.qat import META_TRAINING, list_checkpoints, quantize, quantize_grid, state_dir, train_fp

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from qrobust.shared.manifest import write_atomic
-from qrobust.shared.models import write_safetensors
+from qrobust.shared.checkpoints import write_safetensors
 from qrobust.shared.seeding import sample_seed
 from qrobust.train.recipes import Recipe, TrainError, lr_at
 

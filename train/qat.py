@@ -23,8 +23,9 @@ from pathlib import Path
 
 import torch
 
+from qrobust.shared.checkpoints import read_checkpoint_metadata
 from qrobust.shared.models import META_MODEL, META_VERSION, ModelError, ModelSpec, build_model, load_model, \
-    read_checkpoint_metadata, read_checkpoint_spec, save_checkpoint
+    read_checkpoint_spec, save_checkpoint
 from qrobust.train.data import DataError, Loader, open_splits
 from qrobust.train.loop import barrier, evaluate, is_main_process, setup_distributed, train
 from qrobust.train.recipes import Recipe, TrainError, fp_recipe, qat_recipe

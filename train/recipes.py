@@ -8,8 +8,9 @@ counts the steps). :class:`TrainError` is here too, as the recipe is the first
 thing that can refuse a run; the loop and the checkpoint writers raise it as well.
 
 Apart from :mod:`qrobust.train.loop` because choosing and checking a recipe
-needs neither torch nor the loop: the command layer builds one from its options
-before any training starts.
+needs no part of the loop: the command layer builds one from its options before
+any training starts. The per-architecture settings come from each
+architecture's definition (:class:`~qrobust.shared.architectures.ArchDef`).
 """
 from __future__ import annotations
 
@@ -19,11 +20,10 @@ import math
 import os
 from dataclasses import dataclass
 
+from qrobust.shared.architectures import ARCHITECTURES
 from qrobust.shared.errors import QrobustError
 
 log = logging.getLogger("qrobust.train")
-
-TINY_ARCHS = ("tiny_cnn", "tiny_resnet")
 
 
 class TrainError(QrobustError, ValueError):
@@ -103,16 +103,15 @@ def qat_recipe(arch: str, bits: int) -> Recipe:
     """
     if not isinstance(bits, int) or not 1 <= bits <= 16:
         raise TrainError(f"bits must be an integer from 1 to 16, not {bits!r}")
-    if arch in TINY_ARCHS:
+    known = ARCHITECTURES.find(arch)  # its definition carries lr, weight decay and batch size
+    if known is not None and known.tiny:
         return Recipe(epochs=8, batch_size=64, lr=1e-3, warmup_epochs=0.5, optimizer="adam", weight_decay=5e-4,
                       image_size=64, workers=0)
-    workers = min(8, os.cpu_count() or 1)
-    if arch == "mobilenet_v2":
-        return Recipe(epochs=100, batch_size=512, lr=0.01, warmup_epochs=1, weight_decay=1e-5, workers=workers)
-    batch = 256 if arch == "resnet50" else 512
-    if arch not in ("resnet18", "resnet50", "regnetx_600mf"):
+    if known is None:
         log.warning("no QAT recipe for %s: using the ResNet-18 one (lr 0.004, batch 512, 100 epochs)", arch)
-    return Recipe(epochs=100, batch_size=batch, lr=0.004, warmup_epochs=1, weight_decay=1e-4, workers=workers)
+        known = ARCHITECTURES.get("resnet18")
+    return Recipe(epochs=100, batch_size=known.qat_batch_size, lr=known.qat_lr, warmup_epochs=1,
+                  weight_decay=known.qat_weight_decay, workers=min(8, os.cpu_count() or 1))
 
 
 def fp_recipe(arch: str) -> Recipe:
@@ -122,7 +121,8 @@ def fp_recipe(arch: str) -> Recipe:
     Others: the usual ImageNet recipe, SGD Nesterov lr 0.1 at batch 256,
     weight decay 1e-4, 90 cosine epochs after 5 warmup epochs, label smoothing 0.1.
     """
-    if arch in TINY_ARCHS:
+    known = ARCHITECTURES.find(arch)
+    if known is not None and known.tiny:
         return Recipe(epochs=30, batch_size=64, lr=3e-3, warmup_epochs=1, optimizer="adam", weight_decay=5e-4,
                       image_size=64, workers=0)
     return Recipe(epochs=90, batch_size=256, lr=0.1, warmup_epochs=5, weight_decay=1e-4,

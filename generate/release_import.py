@@ -22,7 +22,7 @@ sample's key is its file stem (dots become ``_``, as for ``generate``).
 Every variant holds the same samples in key order. A sample that cannot be
 used in one variant is left out of all of them and listed in the manifest's
 ``rejected`` with a one-line reason (and logged); ``strict`` stops at the first
-one instead. Listing and probing the tree (:mod:`qrobust.generate.release`)
+one instead. Listing and probing the tree (:mod:`qrobust.generate.release_tree`)
 find bad files without decoding any; here, a file is also rejected for a size
 other than the corpus's square crop (the most common size) or, for videos,
 another frame count than the other videos of its perturbation.
@@ -45,11 +45,12 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
 from qrobust.generate import outdir
-from qrobust.generate.release import (KINDS, MEMBER, SAMPLES_PER_SHARD, Listing, ReleaseError, list_release,
+from qrobust.generate.release_tree import (KINDS, MEMBER, SAMPLES_PER_SHARD, Listing, ReleaseError, list_release,
                                       probe_files, select_keys, usable_keys)
-from qrobust.generate.release import fingerprint as release_fingerprint
+from qrobust.generate.release_tree import fingerprint as release_fingerprint
 from qrobust.generate.writer import ShardFile
 from qrobust.shared import manifest as mf
+from qrobust.shared.noises import is_noise_sequence
 from qrobust.shared.shards import keys_digest, shard_summary
 from qrobust.shared.sources import Rejected, read_class_list
 
@@ -334,7 +335,9 @@ def _manifest(kind: str, root: Path, spec: dict, classes: list[str], keys: list[
     family = "natural" if kind == "imagenet-c" else "sequence"
     variants = {}
     for vid, shards in sorted(summaries.items()):
-        params = dict(listing.variants[vid][1], **({"frames": frames[vid]} if family == "sequence" else {}))
+        params = dict(listing.variants[vid][1])
+        if family == "sequence":  # what the scorer asks of a sequence: its frames, and whether it is a noise one
+            params.update(frames=frames[vid], noise=is_noise_sequence(params["perturbation"]))
         variants[vid] = {"family": family, "name": vid.split("/", 1)[1], "params": params,
                          "encoding": {"format": MEMBER[kind], "as_released": True},
                          "count": sum(s["count"] for s in shards), "shards": shards}

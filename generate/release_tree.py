@@ -1,5 +1,5 @@
 """A released ImageNet-C or ImageNet-P tree: its layout, which files make which samples, and probing
-one file's header (nothing is decoded). Read-only; :mod:`qrobust.generate.imported` writes the corpus.
+one file's header (nothing is decoded). Read-only; :mod:`qrobust.generate.release_import` writes the corpus.
 
 Found when listing (no file read): missing from a variant, a duplicate key,
 another class folder in another variant, an unknown class, a bad file name,

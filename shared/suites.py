@@ -1,6 +1,6 @@
 """Suite specs: which variants a corpus holds, and their parameters, as data.
 
-A suite is a TOML file (the packaged ones live in ``manifests/``): a name, a
+A suite is a TOML file (the packaged ones live in ``suites/``): a name, a
 seed, the geometry of the clean references, the shard size, and one table per
 noise family. This module turns it into a list of :class:`Variant` with stable
 ids ``family/name``; the generator renders them, the manifest records them.
@@ -21,28 +21,12 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from qrobust.shared.errors import QrobustError
+from qrobust.shared.noises import PERTURBATIONS, SEQUENCE_PERTURBATIONS, SYSTEMATIC_DECODERS, SYSTEMATIC_RESIZES
 from qrobust.shared.registry import Registry
 
 ENCODINGS = ("jpg", "png")
 SEQUENCE_ENCODINGS = ("reference", "lossless")  # see qrobust.shared.video
-# The benchmark's own sets (the paper's section 3; ImageNet-C's and ImageNet-P's test sets). Means such as
-# mNR and mFP run over these only; anything else a corpus holds is reported beside them.
-BENCHMARK_CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur",
-                         "motion_blur", "zoom_blur", "snow", "frost", "fog", "brightness", "contrast",
-                         "elastic_transform", "pixelate", "jpeg_compression")
-SEQUENCE_PERTURBATIONS = ("gaussian_noise", "shot_noise", "motion_blur", "zoom_blur", "snow", "brightness",
-                          "translate", "rotate", "tilt", "scale")
-NOISE_SEQUENCES = ("gaussian_noise", "shot_noise")  # the only ones with difficulty 2 and 3 videos
-SYSTEMATIC_DECODERS = ("pil", "opencv", "ffmpeg")
-SYSTEMATIC_RESIZES = ("pil-bilinear", "pil-nearest", "pil-box", "pil-hamming", "pil-cubic", "pil-lanczos",
-                      "opencv-bilinear", "opencv-nearest", "opencv-area", "opencv-cubic", "opencv-lanczos")
 FAMILY_ORDER = ("clean", "natural", "sequence", "systematic")
-
-
-def is_noise_sequence(perturbation: str) -> bool:
-    """ImageNet-P's rule (its ``test.py``): a perturbation whose name says "noise" is compared with its clean
-    frame 0 and encoded with ``-tune grain``; the others frame to frame."""
-    return "noise" in perturbation
 
 
 class SpecError(QrobustError, ValueError):
@@ -172,13 +156,13 @@ def _sequence_variants(table: dict) -> list[Variant]:
         raise SpecError("[sequence] difficulties must be distinct integers drawn from 1, 2, 3")
     out = []
     for name in _known_names(table, "perturbations", "sequence", SEQUENCE_PERTURBATIONS):
+        p = PERTURBATIONS.get(name)
         # difficulty 2 and 3 are separate videos only for the noise sequences; the reference scores
         # the others' difficulties as frame strides of the same video (metrics.flip_probability(difficulty=d))
-        for d in (difficulties if name in NOISE_SEQUENCES else [1]):
+        for d in (d for d in difficulties if d in p.difficulties):
             vname = name if d == 1 else f"{name}_{d}"
-            frames = 41 if name == "translate" else 31
             out.append(Variant(f"sequence/{vname}", "sequence", vname,
-                               {"perturbation": name, "difficulty": d, "frames": frames},
+                               {"perturbation": name, "difficulty": d, "frames": p.frames, "noise": p.noise},
                                {"format": fmt}, group=f"sequence/{vname}"))
     return out
 
@@ -209,7 +193,7 @@ def suite_path(name_or_path: str) -> Path:
         if not p.is_file():
             raise SpecError(f"suite file {p} does not exist")
         return p
-    packaged = resources.files("qrobust") / "manifests" / f"{name_or_path}.toml"
+    packaged = resources.files("qrobust") / "suites" / f"{name_or_path}.toml"
     if not packaged.is_file():
         raise SpecError(f"unknown suite {name_or_path!r}; packaged suites: {', '.join(packaged_suites())}, "
                         "or pass a path to a .toml file")
@@ -217,7 +201,7 @@ def suite_path(name_or_path: str) -> Path:
 
 
 def packaged_suites() -> list[str]:
-    folder = resources.files("qrobust") / "manifests"
+    folder = resources.files("qrobust") / "suites"
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".toml"))
 
 
