@@ -18,6 +18,7 @@ from PIL import Image
 
 from qrobust.generate import imagecorruptions_compat
 from qrobust.shared.noises import BENCHMARK_CORRUPTIONS
+from qrobust.shared.noises import CORRUPTIONS as CATALOGUE
 from qrobust.shared.registry import Registry
 
 # The 15 ImageNet-C test corruptions, in the benchmark's order (noise, blur, weather, digital): the ones the
@@ -69,7 +70,7 @@ def reference(name: str):
 
 
 CORRUPTIONS: Registry = Registry("corruption")
-for _name in CORRUPTION_NAMES:
+for _name in CATALOGUE.in_order():  # the benchmark's 15 and ImageNet-C's 4 held-out ones
     CORRUPTIONS.add(_name, _accelerated(_name) if _name in ACCELERATED else _reference(_name))
 
 

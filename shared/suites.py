@@ -21,7 +21,8 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from qrobust.shared.errors import QrobustError
-from qrobust.shared.noises import PERTURBATIONS, SEQUENCE_PERTURBATIONS, SYSTEMATIC_DECODERS, SYSTEMATIC_RESIZES
+from qrobust.shared.noises import (CORRUPTIONS, PERTURBATIONS, SEQUENCE_PERTURBATIONS, SYSTEMATIC_DECODERS,
+                                   SYSTEMATIC_RESIZES)
 from qrobust.shared.registry import Registry
 
 ENCODINGS = ("jpg", "png")
@@ -129,7 +130,7 @@ def _natural_variants(table: dict) -> list[Variant]:
             isinstance(s, int) and 1 <= s <= 5 for s in severities):
         raise SpecError("[natural] severities must be a list of integers in 1..5")
     out = []
-    for corruption in _string_list(table, "corruptions", "natural"):
+    for corruption in _known_names(table, "corruptions", "natural", tuple(CORRUPTIONS.in_order())):
         for s in severities:
             out.append(Variant(f"natural/{corruption}-{s}", "natural", f"{corruption}-{s}",
                                {"corruption": corruption, "severity": s}, encoding,
