@@ -49,7 +49,7 @@ def _recipes(quick: bool):
 def run_demo(out: str, *, workers: int | None = None, progress: bool = True, quick: bool = False) -> int:
     """Run the demo into folder ``out``; returns the process exit status."""
     from qrobust.shared.demo_data import build_demo_dataset
-    from qrobust.shared.manifest import verify_corpus
+    from qrobust.shared.verify import verify_corpus
 
     generate = importlib.import_module("qrobust.generate.run").generate
     build_report = importlib.import_module("qrobust.score.report").build_report

@@ -1,7 +1,6 @@
 """``qrobust generate``, ``verify``, ``pack`` and ``import``: making and checking corpora."""
 from __future__ import annotations
 
-import importlib
 import sys
 
 from qrobust.cli.common import EXIT_PROBLEMS, resolve, globs, subparser
@@ -77,8 +76,11 @@ def add_verify(sub) -> None:
 
 
 def _cmd_verify(args) -> int:
-    manifest_mod = importlib.import_module("qrobust.shared.manifest")
-    manifest = manifest_mod.load_manifest(args.corpus)
+    from qrobust.shared.manifest import load_manifest
+    from qrobust.shared.verify import verify_corpus
+    from qrobust.shared.versions import environment_differences
+
+    manifest = load_manifest(args.corpus)
     n = sum(len(v["shards"]) for v in manifest["variants"].values())
     bar = None
     if not args.quiet:
@@ -86,13 +88,13 @@ def _cmd_verify(args) -> int:
 
         bar = tqdm(total=n, desc="verify", unit="shard", file=sys.stderr)
     try:
-        problems = manifest_mod.verify_corpus(args.corpus, rehash=not args.size_only, workers=args.workers,
+        problems = verify_corpus(args.corpus, rehash=not args.size_only, workers=args.workers,
                                               progress=bar.update if bar else None)
     finally:
         if bar:
             bar.close()
     if args.check_env:
-        problems += [f"environment: {d}" for d in manifest_mod.environment_differences(manifest)]
+        problems += [f"environment: {d}" for d in environment_differences(manifest)]
     for p in problems:
         print(f"MISMATCH {p}")
     if problems:

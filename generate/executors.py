@@ -20,7 +20,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from pathlib import Path
 
 from qrobust.generate import jobs
-from qrobust.shared import manifest as mf
+from qrobust.shared.versions import library_versions, pixel_libraries
 from qrobust.shared.errors import NO_SPACE, QrobustError
 from qrobust.shared.suites import Suite, Variant
 
@@ -169,8 +169,8 @@ class DaskExecutor:
         if not self.client.scheduler_info().get("workers"):
             log.warning("no Dask worker is connected to %s yet: the tasks wait for workers (an adaptive "
                         "cluster starts them now)", self.scheduler)
-        versions = mf.library_versions()  # every worker must render with these (checked there)
-        pixel = {lib: versions.get(lib) for lib in mf.pixel_libraries(self.suite.spec)}
+        versions = library_versions()  # every worker must render with these (checked there)
+        pixel = {lib: versions.get(lib) for lib in pixel_libraries(self.suite.spec)}
         # one copy of the suite for every task, not one per task: a task every other task depends on. Not
         # scatter(), which gives up when no worker is connected yet (an adaptive cluster has none until
         # tasks wait). Workers need the corpus at the client's path: an absolute one, whatever their cwd.

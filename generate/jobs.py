@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qrobust.shared import manifest as mf
+
+from qrobust.shared.versions import library_versions
 from qrobust.shared.errors import QrobustError
 from qrobust.shared.shards import keys_digest, shard_summary
 from qrobust.shared.seeding import sample_seed
@@ -91,7 +93,7 @@ def on_cluster(setup: tuple, name: str, *args):
     suite, out, warm, versions = setup
     key = (out, json.dumps(suite.spec, sort_keys=True))
     if _worker.get("key") != key:
-        here = mf.library_versions()
+        here = library_versions()
         differ = [f"{lib} {here.get(lib)} (the run: {v})" for lib, v in versions.items() if here.get(lib) != v]
         if differ:  # its pixels would differ from the other workers': never mix them into one corpus
             import socket

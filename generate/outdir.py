@@ -13,7 +13,8 @@ import errno
 import logging
 from pathlib import Path
 
-from qrobust.shared import manifest as mf
+
+from qrobust.shared.files import PARTIAL_SUFFIX
 from qrobust.shared.errors import QrobustError
 
 STATE_DIR = ".qrobust"
@@ -60,8 +61,8 @@ def remove_partials(out: Path, names: list[str] | None = None) -> None:
     """Remove half-written files left by killed runs: all of them (hold the exclusive lock), or only
     those of the shards ``names`` (a --part run must not touch the files other parts are writing)."""
     if names is None:
-        found = list(out.rglob(f"*{mf.PARTIAL_SUFFIX}-*"))
+        found = list(out.rglob(f"*{PARTIAL_SUFFIX}-*"))
     else:
-        found = [p for name in names for p in (out / name).parent.glob(f"{Path(name).name}{mf.PARTIAL_SUFFIX}-*")]
+        found = [p for name in names for p in (out / name).parent.glob(f"{Path(name).name}{PARTIAL_SUFFIX}-*")]
     for p in found:
         p.unlink(missing_ok=True)

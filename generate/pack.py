@@ -43,6 +43,8 @@ from pathlib import Path
 from qrobust.generate import outdir
 from qrobust.generate.writer import ShardFile
 from qrobust.shared import manifest as mf
+from qrobust.shared.files import file_sha256, partial_path, write_atomic
+from qrobust.shared.verify import local_shard_problem
 from qrobust.shared.errors import QrobustError
 from qrobust.shared.shards import LABEL_EXT, ShardError, keys_digest, scan_shard
 
@@ -91,7 +93,7 @@ def pack(corpus: str, out: str, *, only: list[str] | None = None, exclude: list[
         problems = mf.manifest_problems(result)
         if problems:  # a bug of pack's, never the user's: keep nothing that claims to be valid
             raise RuntimeError(f"packed manifest is inconsistent: {problems[0][1]}")
-        mf.write_atomic(target / mf.MANIFEST_NAME, mf.dumps(result))
+        write_atomic(target / mf.MANIFEST_NAME, mf.dumps(result))
     except BaseException:
         _remove(target, written)
         raise
@@ -120,7 +122,7 @@ def _check_source(root: Path, manifest: dict, kept: list[str]) -> None:
     problems = [msg for vid, msg in mf.manifest_problems(manifest) if vid is None or vid in kept]
     for vid in kept:
         problems += [p for s in manifest["variants"][vid]["shards"]
-                     if (p := mf.local_shard_problem(root, s["name"], s["bytes"]))]
+                     if (p := local_shard_problem(root, s["name"], s["bytes"]))]
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise PackError(f"{root} is damaged: {problems[0]}{more}; `qrobust verify {root}` lists every problem "
@@ -282,7 +284,7 @@ def _link_or_copy(root: Path, target: Path, shard: dict, written: list[Path]) ->
     checking that its sha256 is the manifest's."""
     source, dest = root / shard["name"], target / shard["name"]
     dest.parent.mkdir(parents=True, exist_ok=True)
-    partial = mf.partial_path(dest)
+    partial = partial_path(dest)
     written += [partial, dest]
     try:
         os.link(source, partial)
@@ -290,7 +292,7 @@ def _link_or_copy(root: Path, target: Path, shard: dict, written: list[Path]) ->
         shutil.copyfile(source, partial)
         with open(partial, "rb+") as f:
             os.fsync(f.fileno())
-    if mf.file_sha256(partial) != shard["sha256"]:
+    if file_sha256(partial) != shard["sha256"]:
         partial.unlink(missing_ok=True)
         raise PackError(f"{root}: {shard['name']}: sha256 differs from the manifest (content changed); "
                         f"`qrobust verify {root}` lists every problem")

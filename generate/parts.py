@@ -19,6 +19,7 @@ from pathlib import Path
 
 from qrobust.generate.jobs import Job
 from qrobust.shared import manifest as mf
+from qrobust.shared.files import write_atomic
 from qrobust.shared.errors import QrobustError
 from qrobust.shared.shards import keys_digest, shard_summary
 
@@ -63,7 +64,7 @@ def write_record(state: Path, i: int, n: int, plan_sha256: str, samples_sha256: 
     shards = sorted([vid, index, summary] for job in results for vid, index, summary in job)
     path = record_path(state, i, n)
     path.parent.mkdir(parents=True, exist_ok=True)
-    mf.write_atomic(path, json.dumps({"plan_sha256": plan_sha256, "samples_sha256": samples_sha256,
+    write_atomic(path, json.dumps({"plan_sha256": plan_sha256, "samples_sha256": samples_sha256,
                                       "part": f"{i}/{n}", "shards": shards}, sort_keys=True))
 
 

@@ -50,6 +50,8 @@ from qrobust.generate.release_tree import (KINDS, MEMBER, SAMPLES_PER_SHARD, Lis
 from qrobust.generate.release_tree import fingerprint as release_fingerprint
 from qrobust.generate.writer import ShardFile
 from qrobust.shared import manifest as mf
+from qrobust.shared.files import write_atomic
+from qrobust.shared.versions import library_versions, pixel_libraries
 from qrobust.shared.noises import is_noise_sequence
 from qrobust.shared.shards import keys_digest, shard_summary
 from qrobust.shared.sources import Rejected, read_class_list
@@ -98,12 +100,12 @@ def import_release(kind: str, root: str, out: str, *, classes: str | None = None
         raise ReleaseError(f"no usable samples in {root} (see the rejected files above)")
     per = samples_per_shard or SAMPLES_PER_SHARD[kind]
     fingerprint = release_fingerprint(listing, keys, labels)
-    versions = mf.library_versions()
+    versions = library_versions()
     spec = {"name": kind, "seed": 0, "shards": {"samples": per},
             "description": f"the released {kind} files, imported as released"}
     plan = {"suite": spec, "source": fingerprint, "classes": class_list,
             "selection": {"limit": limit, "per_class": per_class},
-            "versions": {lib: versions.get(lib) for lib in mf.pixel_libraries(spec)}}
+            "versions": {lib: versions.get(lib) for lib in pixel_libraries(spec)}}
     target = outdir.create(out, ReleaseError)
     with outdir.locked(target, error=ReleaseError):
         old = _check_plan(target, plan)
@@ -124,7 +126,7 @@ def import_release(kind: str, root: str, out: str, *, classes: str | None = None
         spec = dict(spec, geometry={"crop": crop})
         summaries = _write_all(kind, top, target, listing, keys, labels, per, old, workers, progress)
         manifest = _manifest(kind, top, spec, class_list, keys, listing, frames, summaries, plan, versions, classes)
-        mf.write_atomic(target / mf.MANIFEST_NAME, mf.dumps(manifest))
+        write_atomic(target / mf.MANIFEST_NAME, mf.dumps(manifest))
     return manifest
 
 
@@ -171,7 +173,7 @@ def _check_plan(target: Path, plan: dict) -> dict | None:
         raise ReleaseError(f"{target} already holds a corpus made with other settings ({', '.join(differ)} differ); "
                            "use a new --out, or delete that folder to import again")
     if not path.is_file():
-        mf.write_atomic(path, json.dumps(plan, indent=1, sort_keys=True))
+        write_atomic(path, json.dumps(plan, indent=1, sort_keys=True))
     return old_manifest
 
 
@@ -229,7 +231,7 @@ def _probe_all(kind: str, root: Path, listing: Listing, keys: list[str], target:
             if reason:
                 bad.setdefault(key, []).append(Rejected(str(path), f"{reason}; the sample is left out of every "
                                                                    "variant"))
-    mf.write_atomic(cache, json.dumps({"source": fingerprint, "crop": width, "frames": frames,
+    write_atomic(cache, json.dumps({"source": fingerprint, "crop": width, "frames": frames,
                                        "bad": {k: [[r.path, r.reason] for r in v] for k, v in bad.items()}},
                                       indent=1, sort_keys=True))
     return width, frames, bad
@@ -341,19 +343,14 @@ def _manifest(kind: str, root: Path, spec: dict, classes: list[str], keys: list[
         variants[vid] = {"family": family, "name": vid.split("/", 1)[1], "params": params,
                          "encoding": {"format": MEMBER[kind], "as_released": True},
                          "count": sum(s["count"] for s in shards), "shards": shards}
-    manifest = {
-        "schema": mf.SCHEMA,
-        "suite": {"name": kind, "description": spec["description"], "spec": spec},
-        "geometry": {"resize": None, "crop": spec["geometry"]["crop"]},
-        "seed": 0,
-        "source": {"root": str(root), "layout": kind, "label_file": None, "fingerprint": plan["source"],
-                   "selection": plan["selection"], "label_entries_without_file": 0},
-        "imported_from": {"kind": kind, "root": str(root), "classes": class_file},
-        "classes": classes,
-        "samples": {"count": len(keys), "keys_sha256": keys_digest(keys)},
-        "rejected": [{"path": r.path, "reason": r.reason} for r in sorted(listing.rejected, key=lambda r: r.path)],
-        "versions": versions,
-        "variants": variants,
-    }
+    manifest = mf.new_manifest(
+        suite={"name": kind, "description": spec["description"], "spec": spec},
+        geometry={"resize": None, "crop": spec["geometry"]["crop"]}, seed=0,
+        source={"root": str(root), "layout": kind, "label_file": None, "fingerprint": plan["source"],
+                "selection": plan["selection"], "label_entries_without_file": 0},
+        classes=classes, keys=keys,
+        rejected=[{"path": r.path, "reason": r.reason} for r in sorted(listing.rejected, key=lambda r: r.path)],
+        versions=versions, variants=variants, plan_sha256="",
+        imported_from={"kind": kind, "root": str(root), "classes": class_file})
     manifest["plan_sha256"] = mf.plan_digest(mf.plan_of(manifest))
     return manifest

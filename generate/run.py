@@ -20,6 +20,9 @@ from pathlib import Path
 from qrobust.generate import executors, jobs, outdir, parts
 from qrobust.generate.writer import encoding_record
 from qrobust.shared import manifest as mf
+from qrobust.shared.files import partial_path, write_atomic
+from qrobust.shared.verify import local_shard_problem
+from qrobust.shared.versions import library_versions, pixel_libraries
 from qrobust.shared.errors import QrobustError
 from qrobust.shared.shards import keys_digest
 from qrobust.shared.sources import SourceDataset, SourceSample, one_line, open_source
@@ -138,7 +141,7 @@ def _check_plan(out: Path, plan: dict, old_manifest: dict | None) -> None:
             "use a new --out, or delete that folder to rebuild it")
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        mf.write_atomic(path, json.dumps(plan, indent=1, sort_keys=True))
+        write_atomic(path, json.dumps(plan, indent=1, sort_keys=True))
 
 
 def generate(suite: str, source: str, out: str, *, labels: str | None = None, classes: str | None = None,
@@ -181,10 +184,10 @@ def generate(suite: str, source: str, out: str, *, labels: str | None = None, cl
         r = listed.rejected[0]
         raise GenerateError(f"--strict: {r.path}: {r.reason}")
     out_path = outdir.create(out, GenerateError)
-    versions = mf.library_versions()
+    versions = library_versions()
     plan = {"suite": the_suite.spec, "source": listed.fingerprint(), "classes": listed.classes,
             "selection": {"limit": limit, "per_class": per_class},
-            "versions": {lib: versions.get(lib) for lib in mf.pixel_libraries(the_suite.spec)}}
+            "versions": {lib: versions.get(lib) for lib in pixel_libraries(the_suite.spec)}}
     old_manifest = _old_manifest(out_path)
     _check_plan(out_path, plan, old_manifest)
     if not workers:
@@ -270,12 +273,12 @@ def _write_manifest(out: Path, manifest: dict) -> dict:
         raise GenerateError(f"the corpus is inconsistent, no manifest written: {problems[0][1]} "
                             f"(and {len(problems) - 1} more); rerun without --part to rebuild what is wrong")
     absent = [p for v in manifest["variants"].values() for s in v["shards"]
-              if (p := mf.local_shard_problem(out, s["name"], s["bytes"]))]
+              if (p := local_shard_problem(out, s["name"], s["bytes"]))]
     if absent:  # e.g. Dask workers that do not share this file system wrote them elsewhere
         raise GenerateError(f"{len(absent)} shard(s) the workers reported are not in {out} as reported "
                             f"(first: {absent[0]}), no manifest written: do all workers see {out.resolve()} "
                             "at that same path? Rerun to resume")
-    mf.write_atomic(out / mf.MANIFEST_NAME, mf.dumps(manifest))
+    write_atomic(out / mf.MANIFEST_NAME, mf.dumps(manifest))
     return manifest
 
 
@@ -319,9 +322,9 @@ def _record_scan(cache: Path, fingerprint: dict, bad: dict[str, str], binding: b
     scan differs stops, since its shards would be cut from another sample list."""
     text = json.dumps({"source": fingerprint, "bad": bad}, indent=1, sort_keys=True)
     if not binding:
-        mf.write_atomic(cache, text)
+        write_atomic(cache, text)
         return
-    tmp = mf.partial_path(cache)
+    tmp = partial_path(cache)
     tmp.write_text(text)
     try:
         os.link(tmp, cache)  # create only if absent, atomically, also on NFS
@@ -377,18 +380,12 @@ def build_manifest(suite: Suite, variants: list[Variant], listed: SourceDataset,
     for v in variants:
         shards = [dict(summary, name=mf.shard_name(v.id, i)) for i, summary in sorted(by_variant.get(v.id, []))]
         entries[v.id] = dict(v.as_record(), encoding=encoding_record(v), count=sum(s["count"] for s in shards), shards=shards)
-    return {
-        "schema": mf.SCHEMA,
-        "suite": {"name": suite.name, "description": suite.description, "spec": suite.spec},
-        "geometry": {"resize": suite.resize, "crop": suite.crop},
-        "seed": suite.seed,
-        "source": {"root": listed.root, "layout": listed.layout, "label_file": listed.label_file,
-                   "fingerprint": plan["source"], "selection": plan["selection"],
-                   "label_entries_without_file": listed.label_entries_without_file},
-        "classes": listed.classes,
-        "samples": {"count": len(dataset.samples), "keys_sha256": keys_digest([s.key for s in dataset.samples])},
-        "rejected": [{"path": r.path, "reason": r.reason} for r in dataset.rejected],
-        "versions": versions,
-        "plan_sha256": mf.plan_digest(plan),
-        "variants": dict(sorted(entries.items())),
-    }
+    return mf.new_manifest(
+        suite={"name": suite.name, "description": suite.description, "spec": suite.spec},
+        geometry={"resize": suite.resize, "crop": suite.crop}, seed=suite.seed,
+        source={"root": listed.root, "layout": listed.layout, "label_file": listed.label_file,
+                "fingerprint": plan["source"], "selection": plan["selection"],
+                "label_entries_without_file": listed.label_entries_without_file},
+        classes=listed.classes, keys=[s.key for s in dataset.samples],
+        rejected=[{"path": r.path, "reason": r.reason} for r in dataset.rejected], versions=versions,
+        variants=entries, plan_sha256=mf.plan_digest(plan))

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from qrobust.shared.manifest import fsync_dir, partial_path
+from qrobust.shared.files import fsync_dir, partial_path
 from qrobust.shared.shards import shard_summary
 from qrobust.shared.suites import Variant
 from qrobust.shared.video import encode_frames, recipe_for

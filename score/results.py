@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from qrobust.shared.errors import QrobustError
-from qrobust.shared.manifest import remove_dead_partials, write_atomic
+from qrobust.shared.files import remove_dead_partials, write_atomic
 
 RESULTS_SCHEMA = "qrobust.results/1"
 TOPK = 5

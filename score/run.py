@@ -23,7 +23,7 @@ from qrobust.score import adversarial, summary as summaries
 from qrobust.score import logits
 from qrobust.score.results import PartStore, ResultsStore
 from qrobust.score.stream import Corpus, CorpusError, Failure, Unit, UnitStream
-from qrobust.shared.manifest import write_atomic
+from qrobust.shared.files import write_atomic
 
 log = logging.getLogger("qrobust.score")
 

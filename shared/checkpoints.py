@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from qrobust.shared.errors import QrobustError
-from qrobust.shared.manifest import fsync_dir, partial_path
+from qrobust.shared.files import fsync_dir, partial_path
 
 
 class ModelError(QrobustError, ValueError):

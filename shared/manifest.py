@@ -21,67 +21,17 @@ import hashlib
 import json
 import os
 import re
-import socket
 import stat
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from qrobust.shared.errors import QrobustError
-from qrobust.shared.shards import ShardError, keys_digest, scan_shard
+from qrobust.shared.shards import keys_digest
+from qrobust.shared.versions import pixel_libraries
 
 SCHEMA = "qrobust.manifest/1"
 MANIFEST_NAME = "manifest.json"
-PARTIAL_SUFFIX = ".partial"
 MAX_MANIFEST_BYTES = 64 << 20  # the paper's 101-variant ImageNet corpus has a manifest of about 1 MiB
-
-
-# host and pid: parts of one corpus may run on many machines sharing its folder
-_HOST = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())[:64] or "host"
-
-
-def partial_path(path: Path) -> Path:
-    """Where ``path`` is written before it is renamed into place: unique to this
-    process, so a run that resumes while an old one still writes never shares a file."""
-    return path.with_name(f"{path.name}{PARTIAL_SUFFIX}-{_HOST}-{os.getpid()}")
-
-
-def remove_dead_partials(folder: Path) -> int:
-    """Remove the partial files in ``folder`` (not below it) of processes of this host that no longer run.
-
-    A process killed between writing a partial file and renaming it leaves
-    the partial behind; one still running (a second run on the same folder)
-    keeps its own. Partials of other hosts are left alone: their processes
-    cannot be asked. Returns how many were removed.
-    """
-    removed = 0
-    prefix = f"{PARTIAL_SUFFIX}-{_HOST}-"
-    for p in folder.glob(f"*{prefix}*"):
-        pid = p.name.rpartition(prefix)[2]
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)
-            continue  # still running
-        except ProcessLookupError:
-            pass
-        except (PermissionError, OverflowError):
-            continue  # running under another user, or not a pid at all
-        p.unlink(missing_ok=True)  # a link is removed itself, never what it points to
-        removed += 1
-    return removed
-
-
-def fsync_dir(folder: Path) -> None:
-    """Make a rename in ``folder`` durable (no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class ManifestError(QrobustError, ValueError):
@@ -108,79 +58,26 @@ def plan_digest(plan: dict) -> str:
     return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
 
 
-# the libraries whose versions decide pixels: a corpus rebuilt with others may differ by a few levels
-PIXEL_LIBRARIES = ("numpy", "Pillow", "libjpeg_turbo", "scipy", "scikit-image", "imagecorruptions", "opencv")
-FFMPEG_LIBRARIES = ("av", "libavcodec", "libavformat", "libswscale", "x264")  # sequences, decode-ffmpeg
+def new_manifest(*, suite: dict, geometry: dict, seed: int, source: dict, classes: list, keys: list[str],
+                 rejected: list[dict], versions: dict, variants: dict, plan_sha256: str,
+                 imported_from: dict | None = None) -> dict:
+    """A manifest document (schema :data:`SCHEMA`): the one constructor of ``generate`` and ``import``.
 
-
-def pixel_libraries(spec: dict) -> tuple[str, ...]:
-    """The libraries that decide the pixels of a suite (FFmpeg's only if it has sequences or systematic noise).
-
-    Their versions are part of a corpus's settings: a run does not resume a
-    corpus that other versions started, since the shards would mix outputs."""
-    uses_ffmpeg = "sequence" in spec or "systematic" in spec
-    return PIXEL_LIBRARIES + (FFMPEG_LIBRARIES if uses_ffmpeg else ())
-
-
-def library_versions() -> dict:
-    """Versions of Python, qrobust and every library that touches pixels or shards."""
-    import importlib.metadata as md
-    import sys
-
-    import numpy
-    import PIL
-    from PIL import features
-
-    import qrobust
-    from qrobust.shared.video import ffmpeg_versions
-
-    out = {"python": sys.version.split()[0], "qrobust": qrobust.__version__, "numpy": numpy.__version__,
-           "Pillow": PIL.__version__, "libjpeg_turbo": features.version("libjpeg_turbo")}
-    for dist in ("scipy", "scikit-image", "imagecorruptions", "webdataset", "opencv-python",
-                 "opencv-python-headless"):
-        try:
-            out[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            pass
-    try:
-        import cv2
-
-        out["opencv"] = cv2.__version__
-    except ImportError:
-        pass
-    out.update(ffmpeg_versions())
-    return out
-
-
-def environment_differences(manifest: dict) -> list[str]:
-    """Pixel-deciding libraries (recorded in the manifest) whose installed version differs."""
-    built, here = manifest.get("versions") or {}, library_versions()
-    libs = pixel_libraries(manifest.get("suite", {}).get("spec") or {})
-    return [f"{lib}: corpus built with {built[lib]}, installed {here.get(lib)}"
-            for lib in libs if built.get(lib) is not None and built[lib] != here.get(lib)]
+    ``keys`` are the samples' keys in order (their count and digest are recorded), ``variants`` maps a
+    variant id to its record (family, name, params, encoding, count, shards); ``imported_from`` marks a
+    corpus made of released files.
+    """
+    manifest = {"schema": SCHEMA, "suite": suite, "geometry": geometry, "seed": seed, "source": source,
+                "classes": classes, "samples": {"count": len(keys), "keys_sha256": keys_digest(keys)},
+                "rejected": rejected, "versions": versions, "plan_sha256": plan_sha256,
+                "variants": dict(sorted(variants.items()))}
+    if imported_from is not None:
+        manifest["imported_from"] = imported_from
+    return manifest
 
 
 def dumps(manifest: dict) -> str:
     return json.dumps(manifest, indent=1, sort_keys=True) + "\n"
-
-
-def write_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write a text file under a temporary name, fsync, then rename over the target."""
-    path = Path(path)
-    tmp = partial_path(path)
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        if e.filename is None:  # a failed write names no file: say which one (disk full, quota)
-            raise OSError(e.errno, e.strerror, str(path)) from e
-        raise
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
 
 
 def safe_relative(corpus: Path, name: str) -> Path:
@@ -370,116 +267,3 @@ def manifest_problems(manifest: dict) -> list[tuple[str | None, str]]:
     return out
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def local_shard_problem(corpus: Path, name: str, size: int) -> str | None:
-    """Why the shard file ``name`` of a local corpus cannot be used as is, or None: missing, not a
-    regular file (a FIFO or device would block or never end), resolving outside the corpus (a
-    symbolic link), or of another size than the manifest's. Reads nothing."""
-    path = corpus / name
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return f"{name}: missing"
-    except OSError as e:
-        return f"{name}: cannot read: {e.strerror or e}"
-    if not stat.S_ISREG(st.st_mode):
-        return f"{name}: not a regular file"
-    if not inside(corpus, path):
-        return f"{name}: resolves outside the corpus ({path.resolve()}); shards must be files inside it"
-    if st.st_size != size:
-        return f"{name}: {st.st_size} bytes, manifest says {size}"
-    return None
-
-
-def inside(corpus: Path, path: Path) -> bool:
-    """Whether ``path``, all links followed, lies inside ``corpus`` (itself resolved)."""
-    try:
-        return path.resolve().is_relative_to(corpus.resolve())
-    except (OSError, RuntimeError):  # a link loop
-        return False
-
-
-def _check_shard(corpus: Path, shard: dict, rehash: bool) -> tuple[list[str], list[str] | None]:
-    """(problems, keys read or None) for one shard."""
-    name = shard["name"]
-    problem = local_shard_problem(corpus, name, shard["bytes"])
-    if problem:
-        return [problem], None
-    if not rehash:
-        return [], None
-    try:
-        data = (corpus / name).read_bytes()
-    except OSError as e:
-        return [f"{name}: cannot read: {e.strerror or e}"], None
-    problems = []
-    if hashlib.sha256(data).hexdigest() != shard["sha256"]:
-        problems.append(f"{name}: sha256 mismatch (content changed)")
-    try:
-        keys = [s.key for s in scan_shard(data)]
-    except ShardError as e:
-        return problems + [f"{name}: {e}"], None
-    if len(keys) != shard["count"]:
-        problems.append(f"{name}: {len(keys)} samples, manifest says {shard['count']}")
-    elif "keys_sha256" in shard and keys_digest(keys) != shard["keys_sha256"]:
-        problems.append(f"{name}: sample keys differ from the manifest's")
-    return problems, keys
-
-
-def extra_files(corpus: Path, manifest: dict, variants: list[str] | None = None) -> list[str]:
-    """Files of a local corpus that its manifest does not list (relative paths): in the folders of
-    ``variants`` only, or anywhere but ``manifest.json`` and hidden entries (``.qrobust/``) if None."""
-    listed = {s["name"] for entry in manifest["variants"].values() for s in entry["shards"]}
-    if variants is None:
-        roots = sorted(p for p in corpus.iterdir() if not p.name.startswith(".") and p.name != MANIFEST_NAME)
-    else:
-        roots = [corpus / v for v in variants if (corpus / v).is_dir()]
-    found = []
-    for root in roots:
-        paths = [root] if not root.is_dir() or root.is_symlink() else sorted(root.rglob("*"))
-        for path in paths:
-            if path.is_dir() and not path.is_symlink():
-                continue
-            rel = path.relative_to(corpus).as_posix()
-            if rel not in listed:
-                found.append(rel)
-    return found
-
-
-def verify_corpus(corpus: str | os.PathLike, *, rehash: bool = True, workers: int | None = None,
-                  progress=None) -> list[str]:
-    """Check every shard of a corpus against its manifest; return the problems found.
-
-    Each problem is one line naming the file: missing, extra, wrong size,
-    wrong sha256, wrong sample count, keys out of order or duplicated, unsafe
-    or unexpected members (see :func:`scan_shard`), shards that are links out
-    of the corpus, a manifest edited by hand (see :func:`manifest_problems`),
-    and variants whose counts disagree with the manifest. An empty list means
-    the corpus is intact. Raises :class:`ManifestError` if the manifest itself is unusable.
-    """
-    corpus = Path(corpus)
-    manifest = load_manifest(corpus)
-    problems = [message for _, message in manifest_problems(manifest)]
-    samples = manifest["samples"]
-    shards = [s for entry in manifest["variants"].values() for s in entry["shards"]]
-    keys_by_shard: dict[str, list[str] | None] = {}
-    with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
-        for shard, (found, keys) in zip(shards, pool.map(lambda s: _check_shard(corpus, s, rehash), shards)):
-            problems.extend(found)
-            keys_by_shard[shard["name"]] = keys
-            if progress is not None:
-                progress(1)
-    if rehash:  # every variant must hold exactly the corpus's samples, in order
-        for vid, entry in sorted(manifest["variants"].items()):
-            parts = [keys_by_shard[s["name"]] for s in entry["shards"]]
-            if all(p is not None for p in parts) and keys_digest([k for p in parts for k in p]) != \
-                    samples.get("keys_sha256"):
-                problems.append(f"{vid}: its samples differ from the corpus's sample list")
-    problems += [f"{rel}: extra file not in the manifest" for rel in extra_files(corpus, manifest)]
-    return problems

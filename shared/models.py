@@ -44,7 +44,7 @@ from qrobust.shared.architectures import ARCHITECTURES, Normalized, regnet_from_
 from qrobust.shared.checkpoints import (ModelError, one_line, read_checkpoint_metadata, read_state_dict,
                                         write_safetensors)
 from qrobust.shared.errors import QrobustError
-from qrobust.shared.manifest import file_sha256
+from qrobust.shared.files import file_sha256
 
 log = logging.getLogger("qrobust.models")
 

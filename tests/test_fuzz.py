@@ -336,7 +336,7 @@ def test_mutated_manifest_bytes_are_refused_or_parsed_and_verified(manifest, cor
     """Byte mutations of the real manifest, then `verify_corpus` on a copy of the corpus holding it."""
     import shutil
 
-    from qrobust.shared.manifest import verify_corpus
+    from qrobust.shared.verify import verify_corpus
 
     copy_ = tmp_path / "corpus"
     shutil.copytree(corpus, copy_)

@@ -18,7 +18,8 @@ from PIL import Image
 from helpers import make_class_folder, save_jpeg, write_suite
 from qrobust.generate.natural import corrupt
 from qrobust.cli import main
-from qrobust.shared.manifest import load_manifest, verify_corpus
+from qrobust.shared.manifest import load_manifest
+from qrobust.shared.verify import verify_corpus
 from qrobust.shared.preprocess import onecrop
 from qrobust.shared.seeding import sample_seed
 from qrobust.shared.sources import load_rgb
@@ -318,10 +319,13 @@ def test_sequences_and_systematic_in_the_corpus(tmp_path, class_folder, small_su
     # verify --check-env flags an installation whose pixel-deciding libraries differ from the corpus's
     capsys.readouterr()
     assert run("verify", out, "--check-env") == 0
-    from qrobust.shared import manifest as manifest_module
+    from qrobust.generate import run as generate_run
+    from qrobust.shared import versions
 
-    installed = manifest_module.library_versions()
-    monkeypatch.setattr(manifest_module, "library_versions", lambda: dict(installed, libswscale="99.0.0"))
+    installed = versions.library_versions()
+    other = lambda: dict(installed, libswscale="99.0.0")  # noqa: E731
+    monkeypatch.setattr(versions, "library_versions", other)  # what verify --check-env asks
+    monkeypatch.setattr(generate_run, "library_versions", other)  # what generate asks before resuming
     assert run("verify", out) == 0
     assert run("verify", out, "--check-env") == 1
     assert f"environment: libswscale: corpus built with {installed['libswscale']}, installed 99.0.0" in \

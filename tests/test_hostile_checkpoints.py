@@ -316,7 +316,7 @@ def test_quantize_refuses_a_broken_float_checkpoint(tmp_path, name):
 # --------------------------------------------------------------------------- the training state train resumes from
 
 def _state(path: Path, meta) -> Path:
-    from qrobust.train.loop import META_STATE
+    from qrobust.train.state import META_STATE
 
     save_file({"model/w": torch.zeros(2)}, str(path), metadata={META_STATE: meta if isinstance(meta, str)
                                                                  else json.dumps(meta)})
@@ -333,7 +333,8 @@ def _state(path: Path, meta) -> Path:
     lambda p, m: _state(p, {"schema": "qrobust.train_state/999"}),
 ], ids=["pickle-zip", "pickle-legacy", "truncated", "huge-header", "bad-json", "no-metadata", "other-schema"])
 def test_training_state_is_read_without_unpickling(tmp_path, make):
-    from qrobust.train.loop import STATE_NAME, TrainError, read_state
+    from qrobust.train.recipes import TrainError
+    from qrobust.train.state import STATE_NAME, read_state
 
     marker = tmp_path / "pwned"
     path = make(tmp_path / STATE_NAME, marker)
@@ -344,7 +345,8 @@ def test_training_state_is_read_without_unpickling(tmp_path, make):
 
 
 def test_training_state_whose_metadata_is_not_an_object(tmp_path):
-    from qrobust.train.loop import STATE_NAME, TrainError, read_state
+    from qrobust.train.recipes import TrainError
+    from qrobust.train.state import STATE_NAME, read_state
 
     path = _state(tmp_path / STATE_NAME, [1, 2, 3])
     with pytest.raises(TrainError) as e:

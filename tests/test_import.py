@@ -14,7 +14,8 @@ from PIL import Image
 from helpers import tar_members
 from qrobust.generate.release_import import ReleaseError, import_release
 from qrobust.cli import main
-from qrobust.shared.manifest import load_manifest, manifest_problems, verify_corpus
+from qrobust.shared.manifest import load_manifest, manifest_problems
+from qrobust.shared.verify import verify_corpus
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

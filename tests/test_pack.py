@@ -13,7 +13,8 @@ import pytest
 from helpers import small_corpus, tar_members
 from qrobust.generate.pack import PackError, pack
 from qrobust.cli import main
-from qrobust.shared.manifest import load_manifest, manifest_problems, verify_corpus
+from qrobust.shared.manifest import load_manifest, manifest_problems
+from qrobust.shared.verify import verify_corpus
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

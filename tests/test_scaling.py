@@ -13,7 +13,7 @@ import pytest
 
 from helpers import make_class_folder, write_suite
 from qrobust.cli import main
-from qrobust.shared.manifest import verify_corpus
+from qrobust.shared.verify import verify_corpus
 
 ONLY = "clean/*,natural/gaussian_noise-*,natural/fog-*,sequence/rotate,systematic/*"
 

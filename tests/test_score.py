@@ -338,7 +338,7 @@ def test_model_and_corpus_classes_must_agree(corpus, tmp_path, capsys):
 def test_partial_files_of_killed_runs_are_removed_when_the_folder_is_reopened(corpus, checkpoint, tmp_path):
     """A run killed between writing progress.json's partial file and renaming it leaves the partial; the next
     run removes it (and only it: a live process's partial, or another host's, stays)."""
-    from qrobust.shared.manifest import partial_path
+    from qrobust.shared.files import partial_path
 
     out = tmp_path / "r"
     assert run("score", "--corpus", corpus, "--model", checkpoint, "--out", out, "--workers", 0,

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from qrobust.shared.demo_data import build_demo_dataset
-from qrobust.shared.manifest import file_sha256
+from qrobust.shared.files import file_sha256
 from qrobust.shared.checkpoints import read_checkpoint_metadata
 from qrobust.shared.models import ModelSpec, build_model, load_model, save_checkpoint
 from qrobust.train.data import Loader, open_data, open_splits

@@ -40,16 +40,15 @@ from typing import Callable
 import torch
 from torch import nn
 
-from qrobust.shared.manifest import write_atomic
-from qrobust.shared.checkpoints import write_safetensors
+from qrobust.shared.files import write_atomic
 from qrobust.shared.seeding import sample_seed
 from qrobust.train.recipes import Recipe, TrainError, lr_at
+from qrobust.train.state import (STATE_NAME, STATE_SCHEMA, first_difference, jsonable, optimizer_state, read_state,
+                                 save_state)
 
 log = logging.getLogger("qrobust.train")
 
-STATE_NAME, LOG_NAME = "state.safetensors", "log.jsonl"
-STATE_SCHEMA = "qrobust.train_state/1"
-META_STATE = "qrobust.train_state"
+LOG_NAME = "log.jsonl"
 # recipe fields that may change between a run and its resumption (they do not change the result)
 RESUME_FREE = ("workers",)
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
@@ -179,72 +178,6 @@ def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
                            nesterov=recipe.nesterov and recipe.momentum > 0)
 
 
-# --------------------------------------------------------------------------- state file
-
-def _jsonable(x):
-    return json.loads(json.dumps(x, sort_keys=True, default=str))
-
-
-def save_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict) -> None:
-    """Write the training state atomically (safetensors; optimizer tensors flattened, the rest JSON)."""
-
-    tensors = {f"model/{k}": v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    osd = optimizer.state_dict()
-    index = {}
-    for pid, state in osd["state"].items():
-        entry = {}
-        for name, value in state.items():
-            if torch.is_tensor(value):
-                key = f"optim/{pid}/{name}"
-                tensors[key] = value.detach().cpu().clone()
-                entry[name] = {"tensor": key}
-            else:
-                entry[name] = {"value": value}
-        index[str(pid)] = entry
-    meta = dict(meta, optimizer={"state": index, "param_groups": osd["param_groups"]})
-    write_safetensors(tensors, path, {META_STATE: json.dumps(_jsonable(meta), sort_keys=True)})
-
-
-def read_state(path: Path) -> tuple[dict, dict]:
-    """``(metadata, tensors)`` of a state file; :class:`TrainError` if it is not one."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {})[META_STATE])
-        tensors = load_file(str(path))
-    except Exception as e:  # malformed header, missing key, bad JSON
-        raise TrainError(f"{path}: not a readable qrobust training state ({type(e).__name__}: {e}); "
-                         "delete it or pass resume=False") from None
-    if not isinstance(meta, dict):
-        raise TrainError(f"{path}: not a qrobust training state ({META_STATE} holds {type(meta).__name__}); "
-                         "delete it or pass resume=False")
-    if meta.get("schema") != STATE_SCHEMA:
-        raise TrainError(f"{path}: training state schema {meta.get('schema')!r}, expected {STATE_SCHEMA!r}")
-    return meta, tensors
-
-
-def _optimizer_state(meta: dict, tensors: dict) -> dict:
-    state = {}
-    for pid, entry in meta["optimizer"]["state"].items():
-        state[int(pid)] = {name: tensors[v["tensor"]] if "tensor" in v else v["value"] for name, v in entry.items()}
-    return {"state": state, "param_groups": meta["optimizer"]["param_groups"]}
-
-
-def _first_difference(a, b, path: str = "") -> str | None:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in sorted(set(a) | set(b)):
-            d = _first_difference(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))
-            if d:
-                return d
-        return None
-    if a != b:
-        show = lambda v: json.dumps(v)[:80]  # noqa: E731
-        return f"{path}: state has {show(a)}, this run {show(b)}"
-    return None
-
-
 # --------------------------------------------------------------------------- training
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -303,7 +236,7 @@ def _train(model, train_data, val_data, recipe: Recipe, out_dir: Path, *, spec, 
     warmup_steps = int(round(recipe.warmup_epochs * steps_per_epoch))
 
     fingerprint = lambda d: d.fingerprint() if hasattr(d, "fingerprint") else {"samples": len(d)}  # noqa: E731
-    identity = _jsonable({
+    identity = jsonable({
         "recipe": {k: v for k, v in recipe.to_dict().items() if k not in RESUME_FREE},
         "spec": spec.to_dict() if hasattr(spec, "to_dict") else spec,
         "data": {"train": fingerprint(train_data), "val": fingerprint(val_data)},
@@ -315,14 +248,14 @@ def _train(model, train_data, val_data, recipe: Recipe, out_dir: Path, *, spec, 
     start_epoch, history = 0, []
     if state_path.is_file() and resume:
         meta, tensors = read_state(state_path)
-        diff = _first_difference(meta.get("identity"), identity)
+        diff = first_difference(meta.get("identity"), identity)
         if diff:
             raise TrainError(f"{state_path} is from a different training run ({diff}); "
                              f"delete {out_dir} or start over with resume=False")
         model_sd = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
         try:
             net.load_state_dict(model_sd, strict=True)
-            optimizer.load_state_dict(_optimizer_state(meta, tensors))
+            optimizer.load_state_dict(optimizer_state(meta, tensors))
             start_epoch, history = int(meta["epoch"]), list(meta.get("history", []))
         except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]

@@ -226,7 +226,7 @@ def _read_training_meta(path) -> dict:
 
 def _fp_identity(fp_model: str, weights) -> tuple[str, int | None, str]:
     """The float model's architecture, classes (None: not recorded) and weights sha256, without building it."""
-    from qrobust.shared.manifest import file_sha256
+    from qrobust.shared.files import file_sha256
 
     path = Path(str(fp_model))
     if path.is_file() or path.suffix == ".safetensors":
