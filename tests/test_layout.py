@@ -11,7 +11,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # documents and folders that exist beside the repository for the people building it, never for its users
-OUTSIDE = re.compile(r"SETTINGS\.md|DESIGN\.md|STYLE\.md|\.\./shared\b|issue notes|its own issue|\bsee the issue\b")
+# (spelled in pieces, so this file does not match itself)
+_DOCS = ("SETT" "INGS", "DES" "IGN", "STY" "LE")
+OUTSIDE = re.compile("|".join([*(rf"{d}\.md" for d in _DOCS), r"\.\./sha" r"red\b", "issue " "notes",
+                               "its own " "issue", r"\bsee the " r"issue\b"]))
 PROGRAMS = ("generate", "score", "train", "shared")
 
 
