@@ -107,7 +107,8 @@ def _cmd_verify(args) -> int:
 def add_pack(sub) -> None:
     p = subparser(sub, "pack", "Make a smaller corpus to share: a subset of the variants and/or samples of a "
                   "corpus, shard bytes kept (samples re-sharded when subset), with its own valid manifest.",
-                  "qrobust pack corpora/robustmq --only 'natural/*-3' --only 'clean/*' --per-class 5 --out corpora/small")
+                  "qrobust pack corpora/robustmq --only 'natural/*-3' --only 'clean/*' --per-class 5 "
+                  "--out corpora/small")
     p.add_argument("corpus", help="corpus folder (made by `qrobust generate` or `qrobust import`)")
     p.add_argument("--out", required=True, help="new corpus folder (created; must be new or empty)")
     p.add_argument("--only", action="append", metavar="GLOB", help="keep these variant ids (repeatable)")

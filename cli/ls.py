@@ -1,4 +1,5 @@
-"""``qrobust ls``: what is registered (corruptions, suites, variants, architectures, attacks, quantizers) and the checkpoints in a folder."""
+"""``qrobust ls``: what is registered (corruptions, suites, variants, architectures, attacks, quantizers),
+and the checkpoints in a folder."""
 from __future__ import annotations
 
 from qrobust.cli.common import EXIT_PROBLEMS, resolve, subparser
@@ -6,7 +7,8 @@ from qrobust.cli.common import EXIT_PROBLEMS, resolve, subparser
 
 def add_ls(sub) -> None:
     p = subparser(sub, "ls", "List registered things: corruptions, suites, model architectures, or the variants "
-                  "of a suite, or the checkpoints in a folder.", "qrobust ls variants 'natural/glass*' --suite robustmq")
+                  "of a suite, or the checkpoints in a folder.",
+                  "qrobust ls variants 'natural/glass*' --suite robustmq")
     p.add_argument("what", choices=("corruptions", "suites", "variants", "models", "attacks", "quantizers",
                                      "checkpoints"))
     p.add_argument("pattern", nargs="?", default="*", help="glob filter (for checkpoints: the folder)")
@@ -23,7 +25,8 @@ def _cmd_ls(args) -> int:
         names = resolve("qrobust.shared.architectures:ARCHITECTURES").names(args.pattern)
     elif args.what == "attacks":
         attacks = resolve("qrobust.score.attacks:ATTACKS")
-        names = [f"{n:16} {attacks.get(n).norm:5} budgets {attacks.get(n).budgets}" for n in attacks.names(args.pattern)]
+        names = [f"{n:16} {attacks.get(n).norm:5} budgets {attacks.get(n).budgets}"
+                 for n in attacks.names(args.pattern)]
     elif args.what == "quantizers":
         names = resolve("qrobust.shared.quant:METHODS").names(args.pattern)
     elif args.what == "checkpoints":

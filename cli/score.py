@@ -85,16 +85,29 @@ def _cmd_score(args) -> int:
 
 def add_report(sub) -> None:
     p = subparser(sub, "report", "Turn the results of many models into the paper's tables (Markdown, CSV, LaTeX), "
-                  "figures and one index.html.",
-                  "qrobust report results/* --out report")
+                  "figures and one index.html, with 95% intervals, paired comparisons between models (each "
+                  "quantized model against its FP model, methods at equal bits) and findings that claim only "
+                  "significant differences.",
+                  "qrobust report results/* --out report --power 0.005   # images needed to tell 0.5 points apart")
     p.add_argument("results", nargs="+", help="results folders made by `qrobust score`")
     p.add_argument("--out", required=True, help="report folder")
     p.add_argument("--nc-threshold", type=float, default=0.1,
                    help="clean accuracy below which a model is reported as NC (not converged); default 0.1")
+    p.add_argument("--power", type=float, default=0.005, metavar="DELTA",
+                   help="the difference (a fraction: 0.005 = 0.5 points of WCAR, or of ACC without attacks) the "
+                        "sample-size line is about: how many images a corpus needs to detect it; default 0.005")
     p.set_defaults(run=_cmd_report)
 
 
 def _cmd_report(args) -> int:
-    index = resolve("qrobust.score.report:build_report")(args.results, args.out, nc_threshold=args.nc_threshold)
+    if not 0 < args.power < 1:
+        from qrobust.shared.errors import QrobustError
+
+        raise QrobustError(f"--power {args.power}: give a difference between 0 and 1 (0.005 = half a point)")
+    index = resolve("qrobust.score.report:build_report")(args.results, args.out, nc_threshold=args.nc_threshold,
+                                                        power=args.power)
     print(f"report: {index}")
+    for line in (index.parent / "findings.txt").read_text(encoding="utf-8").splitlines():
+        if line.startswith("To tell two models apart"):
+            print(line)
     return 0

@@ -379,7 +379,8 @@ def build_manifest(suite: Suite, variants: list[Variant], listed: SourceDataset,
     entries = dict(old_manifest["variants"]) if old_manifest else {}  # same plan (checked): still valid
     for v in variants:
         shards = [dict(summary, name=mf.shard_name(v.id, i)) for i, summary in sorted(by_variant.get(v.id, []))]
-        entries[v.id] = dict(v.as_record(), encoding=encoding_record(v), count=sum(s["count"] for s in shards), shards=shards)
+        entries[v.id] = dict(v.as_record(), encoding=encoding_record(v), count=sum(s["count"] for s in shards),
+                             shards=shards)
     return mf.new_manifest(
         suite={"name": suite.name, "description": suite.description, "spec": suite.spec},
         geometry={"resize": suite.resize, "crop": suite.crop}, seed=suite.seed,

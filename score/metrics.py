@@ -147,27 +147,38 @@ def _frame_pairs(frames: int, noise: bool, difficulty: int):
 
 
 def flip_probability(preds, noise: bool, difficulty: int = 1) -> float:
-    """Flip Probability (eq. 9; ImageNet-P ``test.py``): how often top-1 changes.
+    """Flip Probability (eq. 9; ImageNet-P ``test.py``): the mean over videos of :func:`flips_per_video`."""
+    return float(np.mean(flips_per_video(preds, noise, difficulty)))
+
+
+def flips_per_video(preds, noise: bool, difficulty: int = 1) -> np.ndarray:
+    """Per video, the fraction of its frame pairs whose top-1 differs (the terms of FP, eq. 9).
 
     ``preds`` is an int array (videos, frames) of top-1 class ids; pairs as in
-    ``_frame_pairs``. FP = mean over videos of the per-video fraction of pairs
-    whose predictions differ. Raises MetricError for bad shapes or difficulty.
+    ``_frame_pairs``. Returns (videos,) floats. Raises MetricError for bad
+    shapes or difficulty.
     """
     preds = np.asarray(preds)
     if preds.ndim != 2 or preds.shape[0] == 0:
         raise MetricError(f"flip_probability needs predictions shaped (videos, frames), got {preds.shape}")
     earlier, later = _frame_pairs(preds.shape[1], noise, difficulty)
-    return float(np.mean(np.mean(preds[:, earlier] != preds[:, later], axis=1)))
+    return np.mean(preds[:, earlier] != preds[:, later], axis=1)
 
 
 def top5_distance(top5, noise: bool, difficulty: int = 1) -> float:
-    """Mean top-5 distance (ImageNet-P ``test.py``, mode 'top5').
+    """Mean top-5 distance (ImageNet-P ``test.py``, mode 'top5'): the mean over videos of
+    :func:`top5_distance_per_video`."""
+    return float(np.mean(top5_distance_per_video(top5, noise, difficulty)))
+
+
+def top5_distance_per_video(top5, noise: bool, difficulty: int = 1) -> np.ndarray:
+    """Per video, the mean top-5 distance of its frame pairs (ImageNet-P ``test.py``, mode 'top5').
 
     ``top5`` is an int array (videos, frames, 5) of class ids, best first. For a
     pair (earlier, later): T5D = sum_{i=1..5} |i - min(sigma(i), 6)|, sigma(i)
     the 1-based rank in the later top-5 of the earlier frame's i-th class (6 if
-    absent). Same pairs as ``flip_probability``; mean per video, then over
-    videos. Negative ids mean "no class" (a model with fewer than 5 classes) and
+    absent). Same pairs as ``flip_probability``; returns (videos,) means.
+    Negative ids mean "no class" (a model with fewer than 5 classes) and
     never match. Raises MetricError for bad shapes, repeated ids or difficulty.
     """
     top5 = np.asarray(top5)
@@ -181,7 +192,7 @@ def top5_distance(top5, noise: bool, difficulty: int = 1) -> float:
     match = (a[..., :, None] == b[..., None, :]) & (a[..., :, None] >= 0)  # [.., i, j]: a's i-th is b's j-th
     sigma = np.where(match.any(axis=-1), match.argmax(axis=-1) + 1, 6)
     dist = np.abs(np.arange(1, 6) - sigma).sum(axis=-1)    # (videos, pairs)
-    return float(np.mean(np.mean(dist, axis=1)))
+    return np.mean(dist, axis=1)
 
 
 def _corruption_errors(err, baseline, clean_err, baseline_clean_err) -> float:

@@ -16,6 +16,7 @@ import io
 from pathlib import Path
 
 import qrobust
+from qrobust.score import comparisons
 from qrobust.score.tables import (ARCHS, HUES, METHODS, TABLES, WRITERS, Col, Model, ReportError, Table,  # noqa: F401
                                   cell_grid, comparability_lines, groups_of, html_table, load_all)
 
@@ -36,8 +37,9 @@ def _bits_figure(col: Col, groups):
             pts = [m for m in ms if m.method == method and not m.nc and col.value(m) is not None]
             pts = sorted(pts + (fp if method != "fp" else []), key=lambda m: m.bits)
             color = _color(method, 6)
-            ax.plot([xs.index(m.bits) for m in pts], [col.value(m) * col.scale for m in pts], "o-",
-                    color=color, label=METHODS.get(method, method))
+            ys = [col.value(m) * col.scale for m in pts]
+            ax.errorbar([xs.index(m.bits) for m in pts], ys, yerr=_error_bars(col, pts, ys), fmt="o-",
+                        color=color, label=METHODS.get(method, method), capsize=3)
             nc = [xs.index(m.bits) for m in ms if m.method == method and m.nc]
             ax.plot(nc, [0.03] * len(nc), "x", color=color, ms=9, mew=2, transform=ax.get_xaxis_transform())
         ax.set_xticks(range(len(xs)), [f"{b} (FP)" if b == 32 else str(b) for b in xs])
@@ -46,6 +48,17 @@ def _bits_figure(col: Col, groups):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     return fig
+
+
+def _error_bars(col: Col, models: list[Model], ys: list[float]):
+    """(2, n) distances from each value to its 95% interval's bounds (0 where a summary has no interval)."""
+    path = ".".join(col.path)
+    out = [[0.0] * len(ys), [0.0] * len(ys)]
+    for i, (m, y) in enumerate(zip(models, ys)):
+        bounds = ((m.get("intervals") or {}).get("values") or {}).get(path)
+        if isinstance(bounds, list) and len(bounds) == 2 and all(isinstance(b, (int, float)) for b in bounds):
+            out[0][i], out[1][i] = max(0.0, y - bounds[0] * col.scale), max(0.0, bounds[1] * col.scale - y)
+    return out
 
 
 def _variant_figure(cols: list[Col], groups, style: str):
@@ -102,7 +115,8 @@ def _save(fig, folder: Path, name: str) -> bytes:
 
 # --- findings and page --------------------------------------------------------
 
-def _findings(models: list[Model], done: list[tuple[Table, list[Col]]], threshold: float) -> list[str]:
+def _findings(models: list[Model], done: list[tuple[Table, list[Col]]], threshold: float,
+              significant: dict | None = None) -> list[str]:
     ok = [m for m in models if not m.nc]
     out = []
     if len(ok) < len(models):
@@ -119,23 +133,38 @@ def _findings(models: list[Model], done: list[tuple[Table, list[Col]]], threshol
             (worst, w), (least, x) = ((k, variants[0].text(means[k]) + unit) for k in (order[0], order[-1]))
             out.append(f"Most harmful {table.noun} on average: {worst} ({w}); least harmful: {least} ({x}).")
         if table.trend:
-            out += _trend(cols[0], ok)
+            out += _trend(cols[0], ok, significant)
     for m in models:
         for kind in ("gradient_masking", "warnings"):
             out += [f"{m.name}: {kind.replace('_', ' ')}: {w}" for w in (m.get("checks", kind) or [])]
     return out
 
 
-def _trend(col: Col, models: list[Model]) -> list[str]:
-    """How a metric moves with bit width per architecture and method, and how quantized models compare to FP."""
-    moves, worse, total = {"rises": [], "falls": [], "is mixed": []}, 0, 0
+def _trend(col: Col, models: list[Model], significant: dict | None = None) -> list[str]:
+    """How a metric moves with bit width per architecture and method, and how quantized models compare to FP:
+    more or less robust only where the paired interval excludes 0 (``significant``: see
+    :func:`qrobust.score.comparisons.significance`)."""
+    moves = {"rises": [], "falls": [], "is mixed": []}
+    worse = better = unclear = raw_worse = untested = total = 0
+    path = ".".join(col.path)
     for arch, ms in groups_of([m for m in models if col.value(m) is not None]):
         fp = next((col.value(m) for m in ms if m.method == "fp"), None)
         for method in dict.fromkeys(m.method for m in ms if m.method != "fp"):
-            pts = sorted((m.bits, col.value(m)) for m in ms if m.method == method)
+            pts = sorted((m.bits, col.value(m), m) for m in ms if m.method == method)
             if fp is not None:
-                total += len(pts)
-                worse += sum(v != fp and (v < fp) == (col.better == "high") for _, v in pts)
+                for _, v, m in pts:
+                    total += 1
+                    down = v != fp and (v < fp) == (col.better == "high")
+                    row = (significant or {}).get((id(m), path))
+                    if row is None:
+                        untested += 1
+                        raw_worse += down
+                    elif not row["significant"]:
+                        unclear += 1
+                    elif (row["difference"] < 0) == (col.better == "high"):
+                        worse += 1
+                    else:
+                        better += 1
             if len(pts) >= 2:
                 steps = [b[1] - a[1] for a, b in zip(pts, pts[1:])]
                 move = "rises" if all(s > 0 for s in steps) else "falls" if all(s < 0 for s in steps) else "is mixed"
@@ -144,7 +173,12 @@ def _trend(col: Col, models: list[Model]) -> list[str]:
     said = [f"{move} in {len(names)} of {series} series" + (f" ({', '.join(names)})" if len(names) <= 4 else "")
             for move, names in moves.items() if names]
     said = [", ".join(said)] if said else []
-    said += [f"{worse} of {total} quantized models are less robust than their FP model"] if total else []
+    if total and untested < total:
+        said.append(f"of {total - untested} quantized models compared with their FP model (paired 95% intervals), "
+                    f"{worse} are less robust, {better} more robust, and {unclear} differences are not significant")
+    if untested:
+        said.append(f"{raw_worse} of {untested} quantized models are less robust than their FP model (raw "
+                    "differences, untested: no per-sample data)")
     return [f"{col.label} as bits grow: " + "; ".join(said) + "."] if said else []
 
 
@@ -177,7 +211,8 @@ def _page(models: list[Model], findings: list[str], sections: list[tuple[Table, 
             "Values": f"percentages with two decimals (flip probabilities: fractions); NC: clean accuracy below "
                       f"{threshold * 100:g}%; best per architecture, or most harmful variant per model, in bold",
             "Report": f"qrobust {html.escape(qrobust.__version__)}"}
-    nav = "".join(f'<a href="#{t.name}">{html.escape(t.title)}</a> ' for t, _ in sections)
+    nav = "".join(f'<a href="#{t.name}">{html.escape(t.title)}</a> ' if t is not None
+                  else '<a href="#comparisons">Paired comparisons</a> ' for t, _ in sections)
     return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>qrobust report</title>'
             f"<style>{CSS}</style></head><body><h1>qrobust robustness report</h1><dl>"
             + "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in info.items()) + f"</dl><nav>{nav}</nav>"
@@ -216,15 +251,27 @@ def corpus_basis(models: list[Model]) -> str:
     return "no number of this corpus is comparable with the paper's: " + "; ".join(map(str, entry.get("reasons") or []))
 
 
-def build_report(results: list[str | Path], out: str | Path, nc_threshold: float = 0.1) -> Path:
+def build_report(results: list[str | Path], out: str | Path, nc_threshold: float = 0.1,
+                 power: float = 0.005) -> Path:
     """Write the tables, figures and index.html for ``results`` (folders holding summary.json) into ``out``.
 
+    Models are compared in pairs (:mod:`qrobust.score.comparisons`: each quantized model with its FP model,
+    methods at equal bits); ``power`` is the difference (a fraction) the sample-size line is about.
     Returns the path of index.html. Raises ReportError (a ValueError) for a folder without a readable
     summary.json (schema 2, or schema 1 of qrobust 0.1, upgraded), or for results scored on different corpora."""
     models = load_all(results, nc_threshold)
     out = Path(out)
     for sub in ("tables", "figures"):
         (out / sub).mkdir(parents=True, exist_ok=True)
+    paired = {id(m): m for a, b, _ in comparisons.pairs(groups_of(models)) for m in (a, b)}
+    sampled, notes = comparisons.load(list(paired.values()))  # only the models some comparison needs
+    compared = comparisons.compare_all(groups_of(models), sampled, notes)
+    significant = comparisons.significance(compared)
+
+    def marked(m, path) -> bool:
+        row = significant.get((id(m), path))
+        return row is not None and row["significant"]
+
     sections, done = [], []
     for table in (t for entry in TABLES for t in (entry(models) if callable(entry) else [entry])):
         rows = [m for m in models if m.nc or m.get(*table.family)]
@@ -235,7 +282,9 @@ def build_report(results: list[str | Path], out: str | Path, nc_threshold: float
         basis = comparability_lines(table, rows)
         if basis:  # what the numbers can be put next to, one line per note, in every format
             caption += " Comparability: " + "; ".join(basis) + "."
-        cells = cell_grid(cols, groups)
+        cells = cell_grid(cols, groups, marked)
+        if any(mark for row in cells.values() for *_, mark, _ in row):
+            caption += " †: differs from its architecture's FP model (paired 95% interval excludes 0)."
         for ext, write in WRITERS.items():
             (out / "tables" / f"{table.name}{ext}").write_text(write(table, caption, cols, groups, cells), "utf-8")
         section = html_table(cols, groups, cells)
@@ -246,8 +295,49 @@ def build_report(results: list[str | Path], out: str | Path, nc_threshold: float
         sections.append((table, f'<h2 id="{table.name}">{html.escape(table.title)}</h2><p class="cap">'
                                 f'{html.escape(caption)}</p><div class="row">{section}</div>'))
         done.append((table, cols))
+    if compared or notes:
+        sections.append((None, _comparisons_section(out, compared, notes)))
     index = out / "index.html"
-    findings = _findings(models, done, nc_threshold)
+    findings = _findings(models, done, nc_threshold, significant if compared else None)
+    line = comparisons.required_samples_line(sampled, compared, power)
+    findings += [line] if line else []
+    findings += notes
     index.write_text(_page(models, findings, sections, nc_threshold), "utf-8")
     (out / "findings.txt").write_text("".join(f"{f}\n" for f in findings), "utf-8")  # for terminals and scripts
     return index
+
+
+def _comparisons_section(out: Path, rows: list[dict], notes: list[str]) -> str:
+    """The paired comparisons as tables/comparisons.{csv,md} and an HTML section."""
+    import csv as csv_module
+
+    head = ["Model", "Compared with", "Kind", "Metric", "Difference", "95% low", "95% high", "Significant",
+            "McNemar p"]
+
+    def fmt(v, digits=4):
+        return "" if v is None else f"{v:.{digits}f}"
+
+    table = [[r["a"].name, r["b"].name, r["kind"], r["path"], fmt(r["difference"]), fmt(r["low"]), fmt(r["high"]),
+              "yes" if r["significant"] else "no", fmt(r["mcnemar_p"], 3)] for r in rows]
+    if not rows:  # nothing could be compared: the notes say why
+        return ('<h2 id="comparisons">Paired comparisons</h2><ul>'
+                + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>")
+    buf = io.StringIO()
+    writer = csv_module.writer(buf, lineterminator="\n")
+    writer.writerow(head)
+    writer.writerows(table)
+    (out / "tables" / "comparisons.csv").write_text(buf.getvalue(), "utf-8")
+    md = ["**Paired comparisons.** Differences (model minus the one it is compared with, fractions) with paired "
+          "bootstrap 95% intervals; McNemar: exact test of the per-image outcomes.", "",
+          "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    md += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in table]
+    (out / "tables" / "comparisons.md").write_text("\n".join(md) + "\n", "utf-8")
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in table)
+    note = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
+    return ('<h2 id="comparisons">Paired comparisons</h2><p class="cap">Each quantized model against its '
+            "architecture's FP model, and the methods against each other at equal bits: the difference of each "
+            "headline number with its paired bootstrap 95% interval (the same resampled images for both), and "
+            "an exact McNemar test where the number is one right/wrong outcome per image.</p>"
+            + (f"<ul>{note}</ul>" if note else "")
+            + (f'<div class="scroll"><table><thead><tr>{"".join(f"<th>{h}</th>" for h in head)}</tr></thead>'
+               f"<tbody>{body}</tbody></table></div>" if rows else ""))

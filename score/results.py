@@ -38,6 +38,7 @@ from qrobust.shared.files import remove_dead_partials, write_atomic
 RESULTS_SCHEMA = "qrobust.results/1"
 TOPK = 5
 PARTS = "parts"  # RESULTS/parts/rank-R-of-W: the stores of the ranks of a distributed run
+SAMPLES = "samples"  # predictions.zarr/samples: the per-sample columns of the summary's intervals
 
 log = logging.getLogger("qrobust.score")
 
@@ -236,6 +237,14 @@ class ResultsStore:
         group[f"{job_id}/outcome"][start:start + len(outcome)] = outcome
         group[f"{job_id}/pred"][start:start + len(pred)] = pred
 
+    def write_samples(self, names: list[str], values: np.ndarray) -> None:
+        """The per-sample columns behind the summary's intervals (:mod:`qrobust.score.uncertainty`), replaced
+        whenever the summary is: derived from the stored predictions, kept so ``report`` can pair models."""
+        array = self.root.create_array(SAMPLES, shape=values.shape, dtype="float32", overwrite=True,
+                                       chunks=(max(1, values.shape[0]), max(1, values.shape[1])))
+        array[...] = values
+        array.attrs["columns"] = list(names)
+
     def attack_outcome(self, job_id: str) -> np.ndarray | None:
         group = self.root.get("attacks")
         return None if group is None or f"{job_id}/outcome" not in group else group[f"{job_id}/outcome"][...]
@@ -280,6 +289,28 @@ class PartStore(ResultsStore):
 
     def fooled_by_others(self, job_id: str, start: int, count: int) -> np.ndarray:
         return super().fooled_by_others(job_id, start, count) | self.main.fooled_by_others(job_id, start, count)
+
+
+def read_samples(folder: str | Path) -> tuple[list[str], np.ndarray] | None:
+    """``(column names, (N, columns) values)`` of a results folder, read only; None if it has none (a folder
+    written before intervals were computed)."""
+    import zarr
+
+    path = Path(folder) / "predictions.zarr"
+    if not path.is_dir():
+        return None
+    try:
+        root = zarr.open_group(str(path), mode="r")
+        if SAMPLES not in root:
+            return None
+        array = root[SAMPLES]
+        names = array.attrs.get("columns")
+        values = np.asarray(array[...], dtype=np.float32)
+    except Exception as e:  # a damaged store: the caller reports it cannot pair this model
+        raise ResultsError(f"{path}: cannot read its per-sample columns ({type(e).__name__}: {e})") from None
+    if not isinstance(names, list) or values.ndim != 2 or values.shape[1] != len(names):
+        raise ResultsError(f"{path}: malformed per-sample columns")
+    return [str(n) for n in names], values
 
 
 def _recorded_normalize(identity):

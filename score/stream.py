@@ -35,7 +35,8 @@ import numpy as np
 import torch.utils.data
 
 from qrobust.shared.errors import QrobustError
-from qrobust.shared.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, ManifestError, manifest_problems, parse_manifest, safe_relative
+from qrobust.shared.manifest import (MANIFEST_NAME, MAX_MANIFEST_BYTES, ManifestError, manifest_problems,
+                                     parse_manifest, safe_relative)
 from qrobust.shared.verify import extra_files, inside, local_shard_problem
 from qrobust.shared.shards import ShardError, keys_digest, scan_shard
 from qrobust.shared.video import rgb_frames

@@ -21,7 +21,7 @@ import re
 
 import numpy as np
 
-from qrobust.score import comparability, metrics
+from qrobust.score import comparability, metrics, uncertainty
 from qrobust.score.adversarial import FOOLED, NOT_RUN, ROBUST, SKIPPED
 from qrobust.score.comparability import PAPER_ATTACKS
 from qrobust.shared.noises import BENCHMARK_CORRUPTIONS, SEQUENCE_PERTURBATIONS, is_noise_sequence
@@ -80,9 +80,28 @@ def summarize(store, predictions: dict[str, np.ndarray], manifest: dict, *, mode
     extra = dict(checks or {})
     warnings = extra.pop("warnings", [])
     adversarial["checks"] = {**adversarial.get("checks", {}), **extra}
-    summary = compute_summary(predictions, store.labels[...], manifest, model, corpus, env, adversarial)
+    labels = store.labels[...]
+    summary = compute_summary(predictions, labels, manifest, model, corpus, env, adversarial)
     summary["checks"]["warnings"] += warnings
+    # every headline number's interval, from per-sample columns kept in the store (report pairs models on them)
+    names, x = uncertainty.sample_columns(predictions, labels, manifest["variants"], summary,
+                                          _attack_samples(store, summary))
+    store.write_samples(names, x)
+    summary["intervals"] = uncertainty.intervals(summary, names, x)
     return summary
+
+
+def _attack_samples(store, summary: dict) -> dict | None:
+    """The attack outcomes :func:`~qrobust.score.uncertainty.sample_columns` needs, from the store."""
+    jobs = store.attack_jobs()
+    if not jobs:
+        return None
+    outcomes = {j: o for j in jobs if not jobs[j].get("transfer") and (o := store.attack_outcome(j)) is not None
+                and not (o < 0).any()}
+    worst_cases = {key: {b: [f"{a}/{b}" for a in basis["attacks"]]
+                         for b, basis in (summary.get(f"{key}_basis") or {}).items()}
+                   for key in ("wcar", "wcar_extra")}
+    return {"rows": store.root["attacks"]["rows"][...], "outcomes": outcomes, **worst_cases}
 
 
 def finished_predictions(store, units: list, manifest: dict) -> dict[str, np.ndarray]:

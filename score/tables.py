@@ -159,7 +159,8 @@ TABLES = [
     Table("wcar", "Worst-case adversarial robustness (paper Table 2)",
           "WCAR per budget over the paper's five attacks (FGSM-Linf, PGD-L1, PGD-L2, PGD-Linf, AutoAttack-Linf); "
           "'incl. extras': the worst case over every attack run.",
-          ("attacks",), (Col("WCAR {key}", ("wcar", "*")), Col("WCAR incl. extras {key}", ("wcar_extra", "*"), mark=None)),
+          ("attacks",),
+          (Col("WCAR {key}", ("wcar", "*")), Col("WCAR incl. extras {key}", ("wcar_extra", "*"), mark=None)),
           "bits", trend=True, basis=("wcar",)),
     _attack_tables,
     Table("natural", "Natural robustness (paper Table 5)",
@@ -304,9 +305,19 @@ def _bold(cells: list[list], high: bool) -> None:
             c[1] = c[0] not in (None, "NC") and float(c[0]) == best
 
 
-def cell_grid(cols: list[Col], groups) -> dict[int, list[list]]:
-    """Per model (by id) its cells [text, bold]: "NC" for NC models, None where a value is missing."""
-    grid = {id(m): [["NC" if m.nc else c.text(c.value(m)), False] for c in cols] for _, ms in groups for m in ms}
+def cell_grid(cols: list[Col], groups, significant=None) -> dict[int, list[list]]:
+    """Per model (by id) its cells [text, bold, mark, interval]: "NC" for NC models, None where a value is
+    missing; mark "†" where ``significant(model, path)`` (a paired difference from the FP model whose
+    interval excludes 0); interval the value's 95% interval as text (for the HTML cell's title)."""
+    def cell(m, c):
+        text = "NC" if m.nc else c.text(c.value(m))
+        path = ".".join(c.path)
+        mark = "†" if text not in (None, "NC") and significant is not None and significant(m, path) else ""
+        bounds = ((m.get("intervals") or {}).get("values") or {}).get(path)
+        ok = isinstance(bounds, list) and len(bounds) == 2 and all(isinstance(b, (int, float)) for b in bounds)
+        return [text, False, mark, f"95% interval {c.text(bounds[0])}–{c.text(bounds[1])}" if ok else ""]
+
+    grid = {id(m): [cell(m, c) for c in cols] for _, ms in groups for m in ms}
     for _, ms in groups:
         for j, c in enumerate(cols):
             if c.mark == "best":
@@ -331,7 +342,7 @@ def _markdown(table: Table, caption: str, cols, groups, grid) -> str:
     lines = [f"**{table.title}.** {caption}", "", "| " + " | ".join(head) + " |",
              "|---|---|---:|" + "---:|" * len(cols)]
     for arch, method, bits, cells, _ in _rows(groups, grid):
-        text = [f"**{t}**" if bold else (t or "–") for t, bold in cells]
+        text = [(f"**{t}**" if bold else (t or "–")) + mark for t, bold, mark, _ in cells]
         lines.append("| " + " | ".join([arch, method, bits, *text]) + " |")
     return "\n".join(lines) + "\n"
 
@@ -343,7 +354,7 @@ def _csv(table: Table, caption: str, cols, groups, grid) -> str:
     for arch, ms in groups:
         for m in ms:
             w.writerow([ARCHS.get(arch, arch), METHODS.get(m.method, m.method), m.bits_label,
-                        *(t or "" for t, _ in grid[id(m)])])
+                        *(t or "" for t, *_ in grid[id(m)])])
     return buf.getvalue()
 
 
@@ -356,7 +367,8 @@ def _latex(table: Table, caption: str, cols, groups, grid) -> str:
     body = []
     for arch, method, bits, cells, first in _rows(groups, grid):
         body += [r"\midrule"] if first else []
-        text = [f"\\textbf{{{t}}}" if bold else (t or "--") for t, bold in cells]
+        text = [(f"\\textbf{{{t}}}" if bold else (t or "--")) + ("$^\\dagger$" if mark else "")
+                for t, bold, mark, _ in cells]
         body.append(" & ".join([_tex(arch), _tex(method), bits, *text]) + r" \\")
     tabular = [rf"\begin{{tabular}}{{lll{'r' * len(cols)}}}", r"\toprule", " & ".join(head) + r" \\",
                *body, r"\bottomrule", r"\end{tabular}"]
@@ -373,7 +385,8 @@ def html_table(cols, groups, grid) -> str:
     body = []
     for arch, method, bits, cells, first in _rows(groups, grid):
         lead = f'</tbody><tbody><tr><th class="arch" rowspan="{first}">{html.escape(arch)}</th>' if first else "<tr>"
-        tds = "".join(f"<td><strong>{t}</strong></td>" if bold else f"<td>{t or '–'}</td>" for t, bold in cells)
+        tds = "".join(f'<td title="{html.escape(ci)}">' + (f"<strong>{t}</strong>" if bold else (t or "–")) + mark
+                      + "</td>" for t, bold, mark, ci in cells)
         body.append(f'{lead}<td class="m">{html.escape(method)}</td><td>{bits}</td>{tds}</tr>')
     return (f'<div class="scroll"><table><thead><tr>{head}</tr></thead>'
             f'{"".join(body).removeprefix("</tbody>")}</tbody></table></div>')

@@ -131,7 +131,8 @@ def test_imagenet_p_keeps_the_released_videos(tree_p, tmp_path):
     assert_valid(out)
     assert manifest["variants"]["sequence/gaussian_noise_2"]["params"] == \
         {"perturbation": "gaussian_noise", "difficulty": 2, "frames": 4, "noise": True}
-    assert manifest["variants"]["sequence/rotate"]["params"] == {"perturbation": "rotate", "difficulty": 1, "frames": 4, "noise": False}
+    assert manifest["variants"]["sequence/rotate"]["params"] == \
+        {"perturbation": "rotate", "difficulty": 1, "frames": 4, "noise": False}
     assert manifest["suite"]["spec"]["geometry"]["crop"] == 64
     for key, label, ext, data in samples(out, "sequence/rotate"):
         wnid = WNIDS[int(key[-8:]) // 2]

@@ -154,8 +154,8 @@ def test_checkpoint_of_a_callable_model_round_trips(tmp_path):
         loaded, loaded_spec, _ = load_model("test_models:make_net", weights=path)  # the user names it
         assert same_outputs(model, loaded) and loaded_spec.arch == "test_models:make_net"
         assert loaded_spec.source == "checkpoint" and loaded_spec.normalize == normalize  # recorded, not guessed
-        again, _, _ = load_model("test_models:make_net",
-                                 weights=save_checkpoint(loaded, loaded_spec, tmp_path / f"again-{normalize}.safetensors"))
+        again_path = save_checkpoint(loaded, loaded_spec, tmp_path / f"again-{normalize}.safetensors")
+        again, _, _ = load_model("test_models:make_net", weights=again_path)
         assert same_outputs(model, again)
         other = "imagenet" if normalize == "none" else "none"
         with pytest.raises(ModelError, match="contradicts it"):

@@ -24,7 +24,7 @@ from helpers import make_class_folder, write_suite
 from qrobust.cli import main
 
 SUMMARY_KEYS = {"schema", "model", "corpus", "env", "clean", "natural", "sequence", "systematic", "attacks", "wcar",
-                "comparability", "checks"}
+                "comparability", "intervals", "checks"}
 
 
 def run(*args) -> int:
@@ -145,6 +145,16 @@ def test_score_stores_what_the_model_predicts(corpus, checkpoint, tmp_path):
     assert set(summary["sequence"]) == {"fp", "mfp", "t5d", "mt5d", "extra", "difficulty"}
     assert set(summary["systematic"]) == {"acc", "mean", "sni", "sni_square", "sr"}
     assert set(summary["comparability"]) == {"corpus", "clean", "natural", "mce", "sequence", "systematic"}
+    # every headline number has its interval, and the interval holds the number
+    intervals = summary["intervals"]
+    assert intervals["resamples"] == 1000 and intervals["level"] == 0.95 and intervals["samples"] == 6
+    for path in ("clean.acc", "natural.mnr", "natural.nci", "sequence.mfp", "sequence.fp.rotate", "systematic.mean",
+                 "systematic.sr", "systematic.sni", "natural.acc.fog-3"):
+        low, high = intervals["values"][path]
+        value = summary
+        for key in path.split(".", 2) if path.startswith("natural.acc.") else path.split("."):
+            value = value[key]
+        assert low <= value + 1e-9 and value - 1e-9 <= high, path
     assert summary["attacks"] == {} and summary["wcar"] == {}
     assert set(summary["checks"]) == {"gradient_masking", "warnings"}
     from qrobust.score import metrics
