@@ -8,4 +8,16 @@ quantizers) and ``qrobust.cli`` (the ``qrobust`` command, the only layer that
 reaches all of them). See README.md and docs/design.md.
 """
 
-__version__ = "0.1.0"
+from qrobust._version import __version__
+
+__all__ = ["evaluate", "__version__"]
+
+
+def __getattr__(name: str):
+    """``qrobust.evaluate`` (:func:`qrobust.score.api.evaluate`), imported on first use so that
+    ``import qrobust`` stays light."""
+    if name == "evaluate":
+        from qrobust.score.api import evaluate
+
+        return evaluate
+    raise AttributeError(f"module 'qrobust' has no attribute {name!r}")

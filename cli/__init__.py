@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example:\n  qrobust demo --out demo-out\n\n`qrobust COMMAND --help` shows each command's options.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
-    from qrobust import __version__
+    from qrobust._version import __version__
 
     parser.add_argument("--version", action="version", version=f"qrobust {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

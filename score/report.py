@@ -15,7 +15,7 @@ import importlib.util
 import io
 from pathlib import Path
 
-import qrobust
+from qrobust._version import __version__
 from qrobust.score import comparisons
 from qrobust.score.tables import (ARCHS, HUES, METHODS, TABLES, WRITERS, Col, Model, ReportError, Table,  # noqa: F401
                                   cell_grid, comparability_lines, groups_of, html_table, load_all)
@@ -210,7 +210,7 @@ def _page(models: list[Model], findings: list[str], sections: list[tuple[Table, 
             "Scored with": html.escape(f"qrobust {env('qrobust')}; torch {env('torch')}; device {env('device')}"),
             "Values": f"percentages with two decimals (flip probabilities: fractions); NC: clean accuracy below "
                       f"{threshold * 100:g}%; best per architecture, or most harmful variant per model, in bold",
-            "Report": f"qrobust {html.escape(qrobust.__version__)}"}
+            "Report": f"qrobust {html.escape(__version__)}"}
     nav = "".join(f'<a href="#{t.name}">{html.escape(t.title)}</a> ' if t is not None
                   else '<a href="#comparisons">Paired comparisons</a> ' for t, _ in sections)
     return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>qrobust report</title>'

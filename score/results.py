@@ -69,7 +69,7 @@ class ResultsStore:
         ident_path = self.path / "results.json"
         identity = {"schema": RESULTS_SCHEMA, **identity}
         if ident_path.is_file():
-            old = _recorded_normalize(_read_json(ident_path))
+            old = _upgraded(_read_json(ident_path), identity)
             if old != identity:
                 differ = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
                 raise ResultsError(f"{self.path} holds results of another {', '.join(differ)}; "
@@ -150,7 +150,7 @@ class ResultsStore:
         ident = part / "results.json"
         if not ident.is_file():  # a rank stopped before writing anything: nothing to keep
             return 0
-        if _recorded_normalize(_read_json(ident)) != self.identity:
+        if _upgraded(_read_json(ident), self.identity) != self.identity:
             raise ResultsError(f"{part} holds results of another model, corpus or setting than {self.path}; "
                                "delete it (or the whole --out) to score again")
         progress = part / "progress.json"
@@ -313,14 +313,20 @@ def read_samples(folder: str | Path) -> tuple[list[str], np.ndarray] | None:
     return [str(n) for n in names], values
 
 
-def _recorded_normalize(identity):
-    """A results folder written before the input convention was part of its identity, read with it.
+def _upgraded(identity, current: dict):
+    """A results folder's identity written by an earlier qrobust, read with what it did not record yet.
 
     A registered architecture has always been given ImageNet-normalized inputs,
-    so its folder is upgraded in place of a refusal; a ``module:callable``
-    model's convention was not recorded, and its folder stays refused.
+    and its weights file's sha256 pinned what it computes; such a folder is
+    read with today's ``normalize`` and state digest instead of refused. A
+    ``module:callable`` model's convention and weights were not pinned (its
+    code could change under the same name), so its old folder stays refused.
     """
     model = identity.get("model") if isinstance(identity, dict) else None
-    if isinstance(model, dict) and "normalize" not in model and ":" not in str(model.get("arch", ":")):
+    if not isinstance(model, dict) or ":" in str(model.get("arch", ":")):
+        return identity
+    if "normalize" not in model:
         identity = {**identity, "model": {**model, "normalize": "imagenet"}}
+    if "model_state_sha256" not in identity and identity.get("model_sha256") is not None:
+        identity = {**identity, "model_state_sha256": current.get("model_state_sha256")}
     return identity

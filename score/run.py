@@ -73,7 +73,7 @@ def fp32_kernels(device: str) -> None:
         torch.backends.cuda.matmul.allow_tf32 = False
 
 
-def score(corpus: str, model: str, out: str, *, weights: str | None = None, only: list[str] | None = None,
+def score(corpus: str, model, out: str, *, weights: str | None = None, only: list[str] | None = None,
           exclude: list[str] | None = None, device: str = "cpu", batch_size: int = 64, workers: int | None = None,
           limit: int | None = None, verify: bool = True, progress: bool = True, attacks: list[str] | None = None,
           budgets: list[str] | None = None, attack_limit: int | None = None, attack_config: dict | None = None,
@@ -127,8 +127,8 @@ def _score(corpus, model, out, ctx, *, weights, only, exclude, device, batch_siz
            normalize):
     import torch
 
-    from qrobust import __version__
-    from qrobust.shared.models import load_model
+    from qrobust._version import __version__
+    from qrobust.shared.models import from_module, load_model, state_digest
 
     run_device = ctx.device if ctx is not None else device  # the summary records the device as given
     if ctx is not None and ctx.rank:
@@ -159,8 +159,14 @@ def _score(corpus, model, out, ctx, *, weights, only, exclude, device, batch_siz
         raise CorpusError(_refusal(problems, str(corpus)))
     n_classes = len(manifest.get("classes") or []) or None
     fp32_kernels(run_device)
-    net, spec, sha = load_model(model, weights=weights, num_classes=n_classes, device=run_device,
-                                normalize=normalize)
+    if isinstance(model, (str, os.PathLike)):
+        net, spec, sha = load_model(model, weights=weights, num_classes=n_classes, device=run_device,
+                                    normalize=normalize)
+    else:  # an nn.Module built in this process (the Python API)
+        if weights is not None:
+            raise CorpusError("weights go with a model named by a string; load them into the module instead")
+        (net, spec), sha = from_module(model, num_classes=n_classes, normalize=normalize, device=run_device), None
+    state_sha = state_digest(net)  # what the model computes with, whatever file or code it came from
     if n_classes and spec.num_classes != n_classes:
         raise CorpusError(f"the model has {spec.num_classes} outputs but the corpus {n_classes} classes; labels would "
                           "not line up (for an ImageNet subset, generate with --classes LOC_synset_mapping.txt)")
@@ -174,7 +180,8 @@ def _score(corpus, model, out, ctx, *, weights, only, exclude, device, batch_siz
     # what must not change within one results folder; the batch size too, since it can flip near-ties
     identity = {"model": {"arch": spec.arch, "num_classes": spec.num_classes, "quant": spec.quant,
                           "source": spec.source, "normalize": spec.normalize},
-                "model_sha256": sha, "manifest_sha256": source.manifest_sha256, "rows": rows,
+                "model_sha256": sha, "model_state_sha256": state_sha,
+                "manifest_sha256": source.manifest_sha256, "rows": rows,
                 "batch_size": batch_size}
     chunk = manifest.get("suite", {}).get("spec", {}).get("shards", {}).get("samples", 1000)
     layout = _layout(manifest, variants, rows)
@@ -197,7 +204,8 @@ def _score(corpus, model, out, ctx, *, weights, only, exclude, device, batch_siz
     if workers is None:  # the cores are shared by the ranks of a node
         per_rank = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world if ctx else 1))
         workers = min(4, max(0, per_rank - 1))
-    named = spec.name if spec.name == str(model) else f"{spec.name} ({model})"
+    named = spec.name if spec.name == str(model) or not isinstance(model, (str, os.PathLike)) \
+        else f"{spec.name} ({model})"
 
     def score_units() -> None:
         if mine:
@@ -226,7 +234,7 @@ def _score(corpus, model, out, ctx, *, weights, only, exclude, device, batch_siz
     summary = summaries.summarize(
         store, predictions, manifest,
         model={"name": spec.name, "arch": spec.arch, "quant": spec.quant, "sha256": sha,
-               "normalize": spec.normalize, "spec": spec.to_dict()},
+               "state_sha256": state_sha, "normalize": spec.normalize, "spec": _public_spec(spec)},
         corpus={"suite": manifest["suite"]["name"], "manifest_sha256": source.manifest_sha256, "samples": rows,
                 "location": _public_location(str(corpus))},
         env={"qrobust": __version__, "torch": torch.__version__, "device": device, "batch_size": batch_size,
@@ -248,12 +256,20 @@ def _refusal(problems: list[tuple[str | None, str]], corpus: str) -> str:
     return f"corpus refused: {problems[0][1]}{more}; `qrobust verify {corpus}` lists every problem; {how}"
 
 
+def _public_spec(spec) -> dict:
+    """The spec for a shared summary: a weights file by its name only (its sha256 pins it), no local path."""
+    d = spec.to_dict()
+    if d.get("weights") and spec.source in ("checkpoint", "state_dict", "callable"):
+        d["weights"] = os.path.basename(str(d["weights"]))
+    return d
+
+
 def _public_location(location: str) -> str:
     """A corpus location fit for a shared summary: no credentials or signed query strings."""
     from urllib.parse import urlsplit, urlunsplit
 
     if "://" not in location:
-        return location
+        return os.path.basename(os.path.normpath(location))  # the folder's name: no local path leaves the machine
     parts = urlsplit(location)
     return urlunsplit((parts.scheme, parts.hostname or "", parts.path, "", ""))
 

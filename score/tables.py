@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable
 
-import qrobust
+from qrobust._version import __version__
 from qrobust.score.comparability import PAPER_ATTACKS
 from qrobust.score.summary import OLD_SCHEMAS, SUMMARY_SCHEMA, upgrade
 from qrobust.shared import noises
@@ -374,7 +374,7 @@ def _latex(table: Table, caption: str, cols, groups, grid) -> str:
                *body, r"\bottomrule", r"\end{tabular}"]
     if len(cols) > 8:  # wide per-variant tables: scale to the text width (graphicx)
         tabular = [r"\resizebox{\linewidth}{!}{%", *tabular, "}"]
-    return "\n".join([f"% qrobust {qrobust.__version__}; needs \\usepackage{{booktabs}} (and graphicx)",
+    return "\n".join([f"% qrobust {__version__}; needs \\usepackage{{booktabs}} (and graphicx)",
                       r"\begin{table}[t]", r"\centering", rf"\caption{{{_tex(table.title + '. ' + caption)}}}",
                       rf"\label{{tab:qrobust-{table.name}}}", *tabular, r"\end{table}"]) + "\n"
 

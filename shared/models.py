@@ -48,7 +48,7 @@ from qrobust.shared.files import file_sha256
 
 log = logging.getLogger("qrobust.models")
 
-SOURCES = ("init", "checkpoint", "state_dict", "torchvision", "callable")
+SOURCES = ("init", "checkpoint", "state_dict", "torchvision", "callable", "memory")
 # what qrobust applies to [0, 1] RGB before a model's own forward: ImageNet mean/std, or nothing
 NORMALIZATIONS = ("imagenet", "none")
 META_MODEL, META_VERSION = "qrobust.model", "qrobust.version"
@@ -250,6 +250,39 @@ def _load_into(model: nn.Module, sd: dict, what: str) -> None:
         raise ModelError(f"state dict does not match {what}: {'; '.join(parts)}{hint}")
 
 
+def state_digest(model: nn.Module) -> str:
+    """sha256 over a built model's state dict (names, dtypes, shapes and bytes, in order): what the model
+    computes with, whatever file or code it came from."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def from_module(module: nn.Module, *, num_classes: int | None = None, normalize: str | None = None,
+                device: str | torch.device = "cpu") -> tuple[nn.Module, ModelSpec]:
+    """An ``nn.Module`` built in this process (say, just trained in a notebook) as a scorable model.
+
+    Like a ``module:callable`` model it gets RGB in [0, 1] unless ``normalize="imagenet"``; ``num_classes``
+    defaults to its last Linear's outputs. It is moved to ``device`` and put in eval mode (in place).
+    """
+    if not isinstance(module, nn.Module):
+        raise ModelError(f"expected a torch.nn.Module, got {type(module).__name__}")
+    if normalize is not None and normalize not in NORMALIZATIONS:
+        raise ModelError(f"normalize must be one of {', '.join(NORMALIZATIONS)}, not {normalize!r}")
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    n = num_classes or (linears[-1].out_features if linears else 1000)
+    kind = type(module)
+    spec = ModelSpec(f"memory:{kind.__module__}.{kind.__qualname__}", n, source="memory",
+                     normalize=normalize or "none")
+    net = Normalized(module) if spec.normalize == "imagenet" else module
+    return net.to(device).eval(), spec
+
+
 def load_model(spec_string: str, weights: str | os.PathLike | None = None, num_classes: int | None = None,
                device: str | torch.device = "cpu", normalize: str | None = None
                ) -> tuple[nn.Module, ModelSpec, str | None]:
@@ -375,13 +408,13 @@ def save_checkpoint(model: nn.Module, spec: ModelSpec, path: str | os.PathLike,
     >>> model, spec, _ = load_model("tiny_cnn", num_classes=10)
     >>> save_checkpoint(model, spec, "/tmp/tiny.safetensors")  # doctest: +SKIP
     """
-    import qrobust
+    from qrobust._version import __version__
 
     path = Path(path)
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (extra_metadata or {}).items()}
     if META_MODEL in meta or META_VERSION in meta:
         raise ValueError(f"extra_metadata may not set {META_MODEL!r} or {META_VERSION!r}")
-    meta.update({META_MODEL: json.dumps(spec.to_dict(), sort_keys=True), META_VERSION: qrobust.__version__})
+    meta.update({META_MODEL: json.dumps(spec.to_dict(), sort_keys=True), META_VERSION: __version__})
     tensors = {k: v.detach().cpu().contiguous() for k, v in _inner(model).state_dict().items()}
     return write_safetensors(tensors, path, meta)
 

@@ -29,10 +29,10 @@ def library_versions() -> dict:
     import PIL
     from PIL import features
 
-    import qrobust
+    from qrobust._version import __version__
     from qrobust.shared.video import ffmpeg_versions
 
-    out = {"python": sys.version.split()[0], "qrobust": qrobust.__version__, "numpy": numpy.__version__,
+    out = {"python": sys.version.split()[0], "qrobust": __version__, "numpy": numpy.__version__,
            "Pillow": PIL.__version__, "libjpeg_turbo": features.version("libjpeg_turbo")}
     for dist in ("scipy", "scikit-image", "imagecorruptions", "webdataset", "opencv-python",
                  "opencv-python-headless"):

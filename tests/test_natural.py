@@ -104,3 +104,36 @@ def test_bad_inputs_are_clear_errors(images):
 def test_registry_lists_the_15_and_the_held_out_4_by_glob():
     assert len(CORRUPTIONS) == 19 and len(noises.BENCHMARK_CORRUPTIONS) == 15
     assert CORRUPTIONS.names("*_blur") == ["defocus_blur", "gaussian_blur", "glass_blur", "motion_blur", "zoom_blur"]
+
+
+@pytest.mark.parametrize("name", ["fog", "glass_blur", "impulse_noise", "zoom_blur", "spatter"])
+def test_corrupt_is_a_drop_in_for_imagecorruptions(images, name):
+    """Existing code switches by changing its import: the same calls, the same images, the same global RNG state
+    afterwards (no seed: the global legacy generator is drawn from, as imagecorruptions does)."""
+    image = images["coffee"]
+    np.random.seed(5)
+    theirs = imagecorruptions.corrupt(image, corruption_name=name, severity=3)
+    after_theirs = np.random.rand()
+    np.random.seed(5)
+    ours = corrupt(image, corruption_name=name, severity=3)
+    assert np.array_equal(ours, theirs) and np.random.rand() == after_theirs
+    np.random.seed(9)
+    theirs = imagecorruptions.corrupt(image, 2, name)  # its positional order: severity, corruption_name
+    np.random.seed(9)
+    assert np.array_equal(corrupt(image, 2, name), theirs)
+    number = list(noises.CORRUPTIONS.in_order()).index(name)
+    gray = image[..., 1]
+    np.random.seed(4)
+    theirs = imagecorruptions.corrupt(gray, corruption_number=number, severity=1)
+    np.random.seed(4)
+    assert np.array_equal(corrupt(gray, corruption_number=number, severity=1), theirs)
+
+
+def test_corrupt_refuses_what_it_cannot_do(images):
+    image = images["coffee"]
+    with pytest.raises(ValueError, match="either a corruption name or corruption_number"):
+        corrupt(image, severity=1)
+    with pytest.raises(ValueError, match="two corruption names"):
+        corrupt(image, "fog", 1, corruption_name="snow")
+    with pytest.raises(ValueError, match="corruption_number must be in 0..18"):
+        corrupt(image, corruption_number=19)

@@ -135,9 +135,11 @@ def test_score_stores_what_the_model_predicts(corpus, checkpoint, tmp_path):
     assert 0 <= summary["sequence"]["mfp"] <= 1
     assert set(summary["systematic"]["acc"]) == {"decode-ffmpeg", "resize-opencv-area"}
     # the schema, pinned (README "summary.json")
-    assert set(summary["model"]) == {"name", "arch", "quant", "sha256", "normalize", "spec"}
+    assert set(summary["model"]) == {"name", "arch", "quant", "sha256", "state_sha256", "normalize", "spec"}
     assert summary["model"]["normalize"] == "imagenet"  # a registered architecture
     assert set(summary["corpus"]) == {"suite", "manifest_sha256", "samples", "location", "provenance"}
+    assert summary["corpus"]["location"] == corpus.name  # a shared summary names no local path
+    assert summary["model"]["spec"]["weights"] == checkpoint.name
     assert set(summary["env"]) == {"qrobust", "torch", "python", "device", "batch_size", "seed"}
     assert set(summary["clean"]) == {"acc", "acc_square"}
     assert set(natural) == {"acc", "acc_by_corruption", "mnr", "nci", "extra", "mce", "relative_mce", "mce_basis"}
