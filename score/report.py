@@ -16,7 +16,7 @@ import io
 from pathlib import Path
 
 from qrobust._version import __version__
-from qrobust.score import comparisons
+from qrobust.score import comparisons, tidy
 from qrobust.score.tables import (ARCHS, HUES, METHODS, TABLES, WRITERS, Col, Model, ReportError, Table,  # noqa: F401
                                   cell_grid, comparability_lines, groups_of, html_table, load_all)
 
@@ -33,15 +33,20 @@ def _bits_figure(col: Col, groups):
     for ax, (arch, ms) in zip(axes, groups):
         xs = sorted({m.bits for m in ms})
         fp = [m for m in ms if m.method == "fp" and not m.nc and col.value(m) is not None]
-        for method in dict.fromkeys(m.method for m in ms if m.method != "fp") or ["fp"]:
-            pts = [m for m in ms if m.method == method and not m.nc and col.value(m) is not None]
+        # a line per method (and per results folder, where two models of a method share their bits)
+        series = dict.fromkeys((m.method, m.tag) for m in ms if m.method != "fp") or {("fp", ""): None}
+        for method, tag in series:
+            pts = [m for m in ms if (m.method, m.tag) == (method, tag) and not m.nc and col.value(m) is not None]
             pts = sorted(pts + (fp if method != "fp" else []), key=lambda m: m.bits)
             color = _color(method, 6)
             ys = [col.value(m) * col.scale for m in pts]
+            label = METHODS.get(method, method) + (f" [{tag}]" if tag else "")
             ax.errorbar([xs.index(m.bits) for m in pts], ys, yerr=_error_bars(col, pts, ys), fmt="o-",
-                        color=color, label=METHODS.get(method, method), capsize=3)
-            nc = [xs.index(m.bits) for m in ms if m.method == method and m.nc]
+                        color=color, label=label, capsize=3)
+            nc = [xs.index(m.bits) for m in ms if (m.method, m.tag) == (method, tag) and m.nc]
             ax.plot(nc, [0.03] * len(nc), "x", color=color, ms=9, mew=2, transform=ax.get_xaxis_transform())
+        if not any(not m.nc and col.value(m) is not None for m in ms):
+            ax.text(0.5, 0.5, "no converged model", ha="center", va="center", transform=ax.transAxes)
         ax.set_xticks(range(len(xs)), [f"{b} (FP)" if b == 32 else str(b) for b in xs])
         ax.set(title=ARCHS.get(arch, arch), xlabel="bits (x: not converged)",
                ylabel=col.label + (" (%)" if col.scale == 100 else ""))
@@ -98,7 +103,9 @@ def _figure(table: Table, cols: list[Col], groups):
         raise ReportError("the report's figures need matplotlib: pip install matplotlib")
     if table.figure == "bits":
         col = next((c for c in cols if c.mark == "best"), None)
-        return col and _bits_figure(col, groups)
+        if col is None or not any(not m.nc and col.value(m) is not None for _, ms in groups for m in ms):
+            return None  # nothing to plot (every model not converged): no empty figure
+        return _bits_figure(col, groups)
     return _variant_figure([c for c in cols if c.mark == "worst"], groups, table.figure)
 
 
@@ -297,6 +304,8 @@ def build_report(results: list[str | Path], out: str | Path, nc_threshold: float
         done.append((table, cols))
     if compared or notes:
         sections.append((None, _comparisons_section(out, compared, notes)))
+    long_rows = [row for m in models for row in tidy.rows(m.s, m.folder.name, m.nc)]
+    (out / "results.csv").write_text(tidy.to_csv(long_rows), "utf-8")  # every number, for pandas
     index = out / "index.html"
     findings = _findings(models, done, nc_threshold, significant if compared else None)
     line = comparisons.required_samples_line(sampled, compared, power)

@@ -4,7 +4,10 @@
 
     RESULTS/results.json          what was scored: model spec and sha256, corpus manifest sha256, settings
     RESULTS/predictions.zarr/     one int32 array per variant: top-5 class ids, (N, 5) or (N, T, 5)
-                                  for sequences; -1 where not scored yet; plus `labels` (N,)
+                                  for sequences; -1 where not scored yet; plus `labels` (N,), the sample
+                                  keys `sample` (N,) and `columns` (N, C); dimension names sample, frame,
+                                  rank, attacked_row, column, so xarray opens it (``open_datatree``); the
+                                  root attributes hold the class names and what each code means
     RESULTS/predictions.zarr/attacks/<attack>/<budget>/{outcome,pred}
                                   per attacked row: int8 outcome (1 fooled, 0 robust, 2 skipped by a
                                   cascade, -1 not yet) and the int32 final prediction; `attacks/rows`
@@ -38,7 +41,17 @@ from qrobust.shared.files import remove_dead_partials, write_atomic
 RESULTS_SCHEMA = "qrobust.results/1"
 TOPK = 5
 PARTS = "parts"  # RESULTS/parts/rank-R-of-W: the stores of the ranks of a distributed run
-SAMPLES = "samples"  # predictions.zarr/samples: the per-sample columns of the summary's intervals
+SAMPLES = "columns"  # predictions.zarr/columns: the per-sample columns of the summary's intervals
+KEYS = "sample"  # predictions.zarr/sample: the sample keys, the coordinate of every array's first dimension
+# what the stored numbers mean, for anyone opening the store without qrobust (xarray, zarr)
+CODES = {"top5": "class ids (indices into the root attribute 'classes'), best first: rank 0 is the top-1; "
+                 "-1 where not scored yet, or no class (a model with fewer than 5 classes)",
+         "labels": "the corpus label of each sample (an index into 'classes'); -1 where not scored yet",
+         "outcome": "per attacked row: 0 robust, 1 fooled, 2 skipped by a cascade (an earlier attack fooled it), "
+                    "3 not among this attack's rows, -1 not yet",
+         "pred": "per attacked row: the final top-1 class id (the clean one where the sample was not attacked)",
+         "columns": "per sample, the summary's base quantities (names in the 'columns' attribute); NaN where "
+                    "undefined"}
 
 log = logging.getLogger("qrobust.score")
 
@@ -83,7 +96,11 @@ class ResultsStore:
         if dict(self.root.attrs) != identity:  # the store describes itself too, if copied without results.json
             self.root.attrs.update(identity)
         n = next(iter(layout.values()))[0] if layout else 0
+        if self.root.attrs.get("codes") != CODES:
+            self.root.attrs["codes"] = CODES
         self.labels = self._array("labels", (n,), chunk_rows)
+        self.keys = self.root[KEYS] if KEYS in self.root else self.root.create_array(
+            KEYS, shape=(n,), chunks=(min(chunk_rows, max(n, 1)),), dtype=str, dimension_names=("sample",))
         self.arrays = {vid: self._array(vid, shape, chunk_rows) for vid, shape in layout.items()}
         progress = self.path / "progress.json"
         done = _read_json(progress) if progress.is_file() else []
@@ -98,14 +115,23 @@ class ResultsStore:
                 raise ResultsError(f"{self.path}: stored {name} has shape {array.shape}, expected {shape}")
             return array
         chunks = (min(chunk_rows, max(shape[0], 1)),) + tuple(shape[1:])
-        return self.root.create_array(name, shape=shape, chunks=chunks, dtype="int32", fill_value=-1)
+        dims = {1: ("sample",), 2: ("sample", "rank"), 3: ("sample", "frame", "rank")}[len(shape)]
+        return self.root.create_array(name, shape=shape, chunks=chunks, dtype="int32", fill_value=-1,
+                                      dimension_names=dims)
 
     @staticmethod
     def unit_id(variant: str, index: int) -> str:
         return f"{variant}#{index}"
 
-    def write(self, variant: str, start: int, top5: np.ndarray, labels: np.ndarray) -> None:
+    def describe(self, classes: list[str]) -> None:
+        """Record the corpus's class names (what the class ids index) in the store's attributes."""
+        if self.root.attrs.get("classes") != list(classes):
+            self.root.attrs["classes"] = list(classes)
+
+    def write(self, variant: str, start: int, top5: np.ndarray, labels: np.ndarray, keys=None) -> None:
         self.arrays[variant][start:start + len(top5)] = top5
+        if keys is not None:
+            self.keys[start:start + len(keys)] = np.array([str(k) for k in keys], dtype=str)
         stored = self.labels[start:start + len(labels)]
         if (stored >= 0).any() and not np.array_equal(stored[stored >= 0], labels[stored >= 0]):
             raise ResultsError(f"{variant}: labels of rows {start}.. differ from other variants' (corpus damaged?)")
@@ -168,7 +194,8 @@ class ResultsStore:
             if unit.variant not in self.arrays:  # scored by an interrupted run with another --only
                 self.arrays[unit.variant] = self._array(unit.variant, tuple(src.shape), src.chunks[0])
             rows = slice(unit.start, unit.start + unit.count)
-            self.write(unit.variant, unit.start, src[rows], root["labels"][rows])
+            self.write(unit.variant, unit.start, src[rows], root["labels"][rows],
+                       root[KEYS][rows] if KEYS in root else None)
             merged.append(uid)
         attack_units = [u for u in done if u.startswith("attack/")]
         if "attacks" in root:
@@ -209,7 +236,8 @@ class ResultsStore:
                 raise ResultsError(f"{self.path} holds attacks on other rows or with another batch size; "
                                    "use the --attack-limit and --batch-size of the first run, or a new --out")
         else:
-            group.create_array("rows", shape=rows.shape, chunks=(max(len(rows), 1),), dtype="int32")[...] = rows
+            group.create_array("rows", shape=rows.shape, chunks=(max(len(rows), 1),), dtype="int32",
+                               dimension_names=("attacked_row",))[...] = rows
             group.attrs["batch_size"] = batch_size
         stored = dict(group.attrs.get("jobs", {}))
         for job_id, settings in jobs.items():
@@ -221,7 +249,7 @@ class ResultsStore:
             for name, dtype in (("outcome", "int8"), ("pred", "int32")):
                 if f"{job_id}/{name}" not in group:
                     group.create_array(f"{job_id}/{name}", shape=rows.shape, chunks=(max(batch_size, 1),),
-                                       dtype=dtype, fill_value=-1)
+                                       dtype=dtype, fill_value=-1, dimension_names=("attacked_row",))
         group.attrs["jobs"] = stored
 
     @staticmethod
@@ -241,7 +269,8 @@ class ResultsStore:
         """The per-sample columns behind the summary's intervals (:mod:`qrobust.score.uncertainty`), replaced
         whenever the summary is: derived from the stored predictions, kept so ``report`` can pair models."""
         array = self.root.create_array(SAMPLES, shape=values.shape, dtype="float32", overwrite=True,
-                                       chunks=(max(1, values.shape[0]), max(1, values.shape[1])))
+                                       chunks=(max(1, values.shape[0]), max(1, values.shape[1])),
+                                       dimension_names=("sample", "column"))
         array[...] = values
         array.attrs["columns"] = list(names)
 

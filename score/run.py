@@ -18,7 +18,7 @@ import sys
 
 
 from qrobust.score import distributed as dist
-from qrobust.score import input_check
+from qrobust.score import input_check, tidy
 from qrobust.score import adversarial, summary as summaries
 from qrobust.score import logits
 from qrobust.score.results import PartStore, ResultsStore
@@ -189,6 +189,7 @@ def _score(corpus, model, out, ctx, *, weights, only, exclude, device, batch_siz
 
     def open_store() -> ResultsStore:  # and keep what an interrupted distributed run left in its parts
         store = ResultsStore(out, identity, layout, chunk)
+        store.describe(manifest.get("classes") or [])
         if store.absorb_parts(by_id):
             log.info("merged the parts of an interrupted distributed run")
         return store
@@ -243,6 +244,7 @@ def _score(corpus, model, out, ctx, *, weights, only, exclude, device, batch_siz
     if jobs_run is not None:
         summary["env"]["attacks"] = jobs_run
     write_atomic(store.path / "summary.json", json.dumps(summary, indent=1, sort_keys=True))
+    write_atomic(store.path / "results.csv", tidy.to_csv(tidy.rows(summary, store.path.name)))  # for pandas
     return summary
 
 
@@ -305,7 +307,7 @@ def _run_units(net, store, source, todo, batch_size, workers, device, verify, pr
                 else:
                     top5 = logits.top5(net, pixels, batch_size, device, num_classes,
                                  lambda i, part=part: _where(part, i))
-                store.write(part.unit.variant, part.start, top5, part.labels)
+                store.write(part.unit.variant, part.start, top5, part.labels, part.keys)
                 uid = store.unit_id(part.unit.variant, part.unit.index)
                 remaining[uid] -= len(part.keys)
                 if remaining[uid] == 0:

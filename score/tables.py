@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Iterable
 
 from qrobust._version import __version__
+from qrobust.score import tidy
 from qrobust.score.comparability import PAPER_ATTACKS
 from qrobust.score.summary import OLD_SCHEMAS, SUMMARY_SCHEMA, upgrade
 from qrobust.shared import noises
@@ -53,6 +54,7 @@ class Model:
     bits: int        # weight bits, 32 for floating point
     bits_label: str  # "4", or "4/8" when weight and activation bits differ
     nc: bool
+    tag: str = ""    # the results folder's name, where two models would otherwise look the same
 
     def get(self, *path):
         """The value at ``path`` in the summary; None where a step is missing or null."""
@@ -65,11 +67,19 @@ class Model:
 
     @property
     def short(self) -> str:
-        return "FP" if self.method == "fp" else f"{METHODS.get(self.method, self.method)} {self.bits_label}-bit"
+        label = "FP" if self.method == "fp" else f"{METHODS.get(self.method, self.method)} {self.bits_label}-bit"
+        return f"{label} [{self.tag}]" if self.tag else label
+
+    @property
+    def method_label(self) -> str:
+        """The method column of a table: DoReFa, ..., and the results folder where needed to tell models apart."""
+        label = METHODS.get(self.method, self.method)
+        return f"{label} [{self.tag}]" if self.tag else label
 
     @property
     def name(self) -> str:
-        return self.get("model", "name") or f"{self.arch} {self.short}"
+        name = self.get("model", "name") or f"{self.arch} {self.short}"
+        return f"{name} [{self.tag}]" if self.tag and self.tag not in name else name
 
 
 @dataclass(frozen=True)
@@ -272,6 +282,13 @@ def load_all(results, nc_threshold: float) -> list[Model]:
     models = [_load(r, nc_threshold) for r in results]
     if not models:
         raise ReportError("no results folders given")
+    same = {}
+    for m in models:  # two models of one architecture, method and bits: told apart by their folders' names
+        same.setdefault((m.arch, m.method, m.bits_label), []).append(m)
+    for group in same.values():
+        if len(group) > 1:
+            for m in group:
+                m.tag = m.folder.name
     corpora = {}
     for m in models:
         corpora.setdefault(m.s["corpus"]["manifest_sha256"], m.folder)
@@ -333,7 +350,7 @@ def _rows(groups, grid):
     """(architecture on a group's first row, else ""; method; bits; cells; group size on its first row, else 0)."""
     for arch, ms in groups:
         for i, m in enumerate(ms):
-            yield ("" if i else ARCHS.get(arch, arch)), METHODS.get(m.method, m.method), m.bits_label, \
+            yield ("" if i else ARCHS.get(arch, arch)), m.method_label, m.bits_label, \
                 grid[id(m)], (0 if i else len(ms))
 
 
@@ -350,11 +367,11 @@ def _markdown(table: Table, caption: str, cols, groups, grid) -> str:
 def _csv(table: Table, caption: str, cols, groups, grid) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["Model", "Method", "Bits", *(c.label for c in cols)])
+    w.writerow(["Model", "Method", "Bits", *(c.label for c in cols), "NC"])
     for arch, ms in groups:
-        for m in ms:
-            w.writerow([ARCHS.get(arch, arch), METHODS.get(m.method, m.method), m.bits_label,
-                        *(t or "" for t, *_ in grid[id(m)])])
+        for m in ms:  # numbers, also for a not-converged model (its mark is the NC column); formula-safe text
+            w.writerow([tidy.cell(x) for x in (ARCHS.get(arch, arch), m.method_label, m.bits_label,
+                                               *(c.text(c.value(m)) or "" for c in cols), "yes" if m.nc else "")])
     return buf.getvalue()
 
 

@@ -167,9 +167,9 @@ def _rank(rank: int, world: int, port: int, argv: list[str], stop_rank: int, log
 
     real_write = ResultsStore.write
 
-    def write(self, variant, start, top5, labels):
+    def write(self, variant, start, top5, labels, keys=None):
         written.append((variant, int(start), len(top5)))
-        return real_write(self, variant, start, top5, labels)
+        return real_write(self, variant, start, top5, labels, keys)
 
     attack_pkg.run_attack = stopping
     ResultsStore.write = write

@@ -173,8 +173,10 @@ def write_model(folder, name: str, quant, preds: dict, manifest_sha: str = "ab" 
     s["corpus"].update(suite="test", manifest_sha256=manifest_sha)
     folder.mkdir(parents=True)
     (folder / "summary.json").write_text(json.dumps(s))
+    from qrobust.score.results import SAMPLES
+
     array = zarr.open_group(str(folder / "predictions.zarr"), mode="w").create_array(
-        "samples", shape=x.shape, dtype="float32")
+        SAMPLES, shape=x.shape, dtype="float32")
     array[...] = x
     array.attrs["columns"] = names
 
