@@ -25,12 +25,13 @@ the original corpus:
 
 The packed manifest records where it came from under ``packed_from`` (the
 source manifest's sha256 and the selection) and is written last; it passes
-``qrobust verify``. The output folder must be new or empty; after a failure
-the files this run wrote are removed again.
+``qrobust verify``. It holds no
+local path, even when the source corpus (written before) recorded some. The
+output folder must be new or empty; after a failure the files this run wrote
+are removed again.
 """
 from __future__ import annotations
 
-import copy
 import fnmatch
 import hashlib
 import logging
@@ -157,7 +158,7 @@ def _bar(total: int, enabled: bool):
 
 def _pack(root: Path, manifest: dict, kept: list[str], target: Path, written: list[Path], *, limit, per_class,
           progress) -> dict:
-    result = copy.deepcopy(manifest)
+    result = mf.portable(manifest)  # a copy; the local paths a corpus written before recorded, made relative
     result["variants"] = {vid: result["variants"][vid] for vid in kept}
     result.pop("packed_from", None)
     n_shards = sum(len(manifest["variants"][vid]["shards"]) for vid in kept)

@@ -30,8 +30,10 @@ another frame count than the other videos of its perturbation.
 ``--limit`` / ``--per-class`` select by key before probing, as ``generate``
 does. Shards are written atomically and skipped when present (an interrupted
 import resumes; a rerun gives identical bytes); probe results are cached in
-``OUT/.qrobust``; the manifest is written last. Listing keeps about 200 bytes
-per file in memory (some 1 GB for the 3.75 million files of ImageNet-C).
+``OUT/.qrobust``; the manifest is written last.
+The manifest holds no local path (see :func:`_manifest`). Listing keeps about
+200 bytes per file in memory (some 1 GB for the 3.75 million files of
+ImageNet-C).
 """
 from __future__ import annotations
 
@@ -333,7 +335,8 @@ def _write_all(kind: str, root: Path, target: Path, listing: Listing, keys: list
 def _manifest(kind: str, root: Path, spec: dict, classes: list[str], keys: list[str], listing: Listing,
               frames: dict[str, int], summaries: dict[str, list[dict]], plan: dict, versions: dict,
               class_file: str | None) -> dict:
-    """The corpus manifest; ``plan_sha256`` over the same settings ``manifest_problems`` checks."""
+    """The corpus manifest; ``plan_sha256`` over the same settings ``manifest_problems`` checks. It holds no
+    local path: the release folder by its name, the rejected files relative to it, the class file by name."""
     family = "natural" if kind == "imagenet-c" else "sequence"
     variants = {}
     for vid, shards in sorted(summaries.items()):
@@ -346,11 +349,11 @@ def _manifest(kind: str, root: Path, spec: dict, classes: list[str], keys: list[
     manifest = mf.new_manifest(
         suite={"name": kind, "description": spec["description"], "spec": spec},
         geometry={"resize": None, "crop": spec["geometry"]["crop"]}, seed=0,
-        source={"root": str(root), "layout": kind, "label_file": None, "fingerprint": plan["source"],
+        source={"root": root.name, "layout": kind, "label_file": None, "fingerprint": plan["source"],
                 "selection": plan["selection"], "label_entries_without_file": 0},
         classes=classes, keys=keys,
-        rejected=[{"path": r.path, "reason": r.reason} for r in sorted(listing.rejected, key=lambda r: r.path)],
+        rejected=mf.portable_rejected([(r.path, r.reason) for r in listing.rejected], str(root)),
         versions=versions, variants=variants, plan_sha256="",
-        imported_from={"kind": kind, "root": str(root), "classes": class_file})
+        imported_from={"kind": kind, "root": root.name, "classes": Path(class_file).name if class_file else None})
     manifest["plan_sha256"] = mf.plan_digest(mf.plan_of(manifest))
     return manifest

@@ -8,7 +8,9 @@ job per variant (:func:`plan_jobs`), so the workers finish together. Every
 written by one job from its samples in key order, shards are published
 atomically and skipped when present, and the manifest is written last, so the
 corpus is byte-identical whatever the worker count, however the jobs were cut,
-and however often a run was interrupted and resumed.
+and however often a run was interrupted and resumed. The
+manifest holds no local path: the source folder by its name, the label file and
+rejected inputs relative to it.
 """
 from __future__ import annotations
 
@@ -381,12 +383,14 @@ def build_manifest(suite: Suite, variants: list[Variant], listed: SourceDataset,
         shards = [dict(summary, name=mf.shard_name(v.id, i)) for i, summary in sorted(by_variant.get(v.id, []))]
         entries[v.id] = dict(v.as_record(), encoding=encoding_record(v), count=sum(s["count"] for s in shards),
                              shards=shards)
+    root = listed.root  # no local path goes into the manifest: the folder's name, the rest relative to it
     return mf.new_manifest(
         suite={"name": suite.name, "description": suite.description, "spec": suite.spec},
         geometry={"resize": suite.resize, "crop": suite.crop}, seed=suite.seed,
-        source={"root": listed.root, "layout": listed.layout, "label_file": listed.label_file,
+        source={"root": Path(root).name, "layout": listed.layout,
+                "label_file": mf.portable_path(listed.label_file, root) if listed.label_file else None,
                 "fingerprint": plan["source"], "selection": plan["selection"],
                 "label_entries_without_file": listed.label_entries_without_file},
         classes=listed.classes, keys=[s.key for s in dataset.samples],
-        rejected=[{"path": r.path, "reason": r.reason} for r in dataset.rejected], versions=versions,
+        rejected=mf.portable_rejected([(r.path, r.reason) for r in dataset.rejected], root), versions=versions,
         variants=entries, plan_sha256=mf.plan_digest(plan))

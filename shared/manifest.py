@@ -17,6 +17,7 @@ checked by :mod:`qrobust.shared.shards` before ``verify`` or ``score`` trust it.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -74,6 +75,57 @@ def new_manifest(*, suite: dict, geometry: dict, seed: int, source: dict, classe
     if imported_from is not None:
         manifest["imported_from"] = imported_from
     return manifest
+
+
+def portable_path(path: str, root: str) -> str:
+    """A local path as a manifest records it: relative to the source folder ``root`` (POSIX separators),
+    or the file name alone for a path outside it. A manifest is shared with collaborators, so it never
+    holds an absolute path (log lines and error messages, which stay on the machine, do)."""
+    p = Path(path)
+    if not p.is_absolute():
+        return path
+    try:
+        return p.relative_to(root).as_posix()
+    except ValueError:
+        return p.name
+
+
+def portable_text(text: str, root: str) -> str:
+    """``text`` (a rejected input's reason) with the paths under the absolute folder ``root`` written
+    relative to it."""
+    prefix = root.rstrip("/") + "/"
+    return text.replace(prefix, "") if os.path.isabs(root) and prefix != "/" else text
+
+
+def portable_rejected(rejected, root: str) -> list[dict]:
+    """The manifest's ``rejected`` list from ``(path, reason)`` pairs of a source under ``root``: paths and
+    reasons relative to ``root``, sorted by path."""
+    return sorted(({"path": portable_path(path, root), "reason": portable_text(reason, root)}
+                   for path, reason in rejected), key=lambda r: (r["path"], r["reason"]))
+
+
+def portable(manifest: dict) -> dict:
+    """A copy of ``manifest`` without the local paths that corpora written before recorded: the source
+    and release folders as their names, the label and class files and the rejected inputs (and their
+    reasons) relative to the source folder. The plan digest does not change (no path is in the plan);
+    a manifest already without them is returned unchanged."""
+    out = copy.deepcopy(manifest)
+    source = out.get("source")
+    root = source.get("root") if isinstance(source, dict) else None
+    if isinstance(root, str) and os.path.isabs(root):
+        source["root"] = Path(root).name
+        if isinstance(source.get("label_file"), str):
+            source["label_file"] = portable_path(source["label_file"], root)
+        if isinstance(out.get("rejected"), list):
+            out["rejected"] = [dict(r, path=portable_path(r["path"], root), reason=portable_text(r["reason"], root))
+                               if isinstance(r, dict) and isinstance(r.get("path"), str)
+                               and isinstance(r.get("reason"), str) else r for r in out["rejected"]]
+    imported = out.get("imported_from")
+    if isinstance(imported, dict):
+        for key in ("root", "classes"):
+            if isinstance(imported.get(key), str) and os.path.isabs(imported[key]):
+                imported[key] = Path(imported[key]).name
+    return out
 
 
 def dumps(manifest: dict) -> str:

@@ -80,7 +80,7 @@ class BadImage(ValueError):
 @dataclass(frozen=True)
 class SourceSample:
     key: str
-    path: str  # absolute
+    path: str  # absolute (a manifest records it relative to the source folder)
     label: int
     bytes: int
 
@@ -242,7 +242,7 @@ def _finish(root: Path, layout: str, classes: list[str], entries: list[tuple[Pat
 def _walk(folder: Path, rejected: list[Rejected]):
     """Every non-hidden file under ``folder`` (links followed, each real folder once); unlistable
     folders and link cycles are recorded as rejected."""
-    seen: set[str] = set()
+    seen: dict[str, str] = {}  # real path -> the path under ``folder`` it was listed as
 
     def unlistable(e: OSError) -> None:
         rejected.append(Rejected(str(e.filename or folder), f"cannot list folder: {e.strerror or e}"))
@@ -250,10 +250,11 @@ def _walk(folder: Path, rejected: list[Rejected]):
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True, onerror=unlistable):
         real = os.path.realpath(dirpath)
         if real in seen:  # a link back to a folder already listed: its files are there already
-            rejected.append(Rejected(dirpath, f"folder link loop (already listed as {real})"))
+            # named as listed, inside the source folder (the real path may lie outside it)
+            rejected.append(Rejected(dirpath, f"folder link loop (already listed as {seen[real]})"))
             dirnames[:] = []
             continue
-        seen.add(real)
+        seen[real] = dirpath
         dirnames[:] = sorted(n for n in dirnames if not n.startswith("."))
         for name in filenames:
             if not name.startswith("."):

@@ -155,6 +155,92 @@ def test_bad_inputs_are_converted_or_rejected(tmp_path, small_suite, capsys):
     assert "--strict" in capsys.readouterr().err
 
 
+def local_paths(manifest: dict, *folders: Path) -> list[str]:
+    """The strings of a manifest (keys too) that are absolute paths or hold one of ``folders``: a corpus is
+    shared, and what it records of the machine that made it is nobody else's business."""
+    import tempfile
+
+    names = {str(f) for f in (*folders, Path.home(), Path(tempfile.gettempdir())) if str(f) != "/"}
+    found: list[str] = []
+
+    def walk(value) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(k)
+                walk(v)
+        elif isinstance(value, list):
+            for v in value:
+                walk(v)
+        elif isinstance(value, str) and (os.path.isabs(value) or any(n in value for n in names)):
+            found.append(value)
+
+    walk(manifest)
+    return found
+
+
+def test_manifest_holds_no_local_path(tmp_path, small_suite, monkeypatch, caplog):
+    """The source folder by its name, the label file and every rejected input (and the paths in its reason)
+    relative to it; the log lines, which stay on the machine, keep full paths."""
+    import logging
+
+    real_home = Path.home()
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    root = make_class_folder(home / "data" / "val", per_class=1, names=("astronaut", "coffee"))
+    (root / "coffee" / "astronaut_0.png").write_bytes((root / "astronaut" / "astronaut_0.jpg").read_bytes())
+    (root / "stray.jpg").write_bytes(b"")  # an image outside any class folder
+    (root / "astronaut" / "empty.jpg").write_bytes(b"")  # rejected when decoding
+    elsewhere = make_class_folder(tmp_path / "elsewhere", per_class=1, names=("chelsea",)) / "chelsea"
+    (root / "coffee" / "a").symlink_to(elsewhere)  # listed once, through the first link
+    (root / "coffee" / "b").symlink_to(elsewhere)  # a link loop whose real path lies outside the source
+    with caplog.at_level(logging.WARNING, logger="qrobust"):
+        assert run("generate", "--suite", small_suite, "--source", "~/data/val", "--out", tmp_path / "c",
+                   "--only", "clean/onecrop", "--workers", 1) == 0
+    manifest = load_manifest(tmp_path / "c")
+    assert local_paths(manifest, tmp_path, home, real_home) == []
+    assert manifest["source"]["root"] == "val" and manifest["source"]["label_file"] is None
+    assert {r["path"]: r["reason"] for r in manifest["rejected"]} == {
+        "astronaut/empty.jpg": "empty file",
+        "coffee/astronaut_0.png": "duplicate key 'astronaut_0' (also astronaut/astronaut_0.jpg)",
+        "coffee/b": "folder link loop (already listed as coffee/a)",
+        "stray.jpg": "image outside any class folder"}
+    assert manifest["samples"]["count"] == 3 and verify_corpus(tmp_path / "c") == []
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("rejected ")]
+    assert f"rejected {root.resolve() / 'coffee' / 'astronaut_0.png'}: duplicate key 'astronaut_0' (also " \
+           f"{root.resolve() / 'astronaut' / 'astronaut_0.jpg'})" in logged
+    # a flat folder with a label file elsewhere: the file by its name
+    flat = home / "flat"
+    flat.mkdir()
+    for name in ("a.jpg", "b.jpg", "unlisted.jpg"):
+        (flat / name).write_bytes((root / "astronaut" / "astronaut_0.jpg").read_bytes())
+    (home / "lists").mkdir()
+    (home / "lists" / "val.txt").write_text("a.jpg n01\nb.jpg n02\n")
+    assert run("generate", "--suite", small_suite, "--source", "~/flat", "--labels", "~/lists/val.txt",
+               "--out", tmp_path / "f", "--only", "clean/onecrop", "--workers", 1) == 0
+    manifest = load_manifest(tmp_path / "f")
+    assert local_paths(manifest, tmp_path, home, real_home) == []
+    assert manifest["source"]["label_file"] == "val.txt" and manifest["source"]["root"] == "flat"
+    assert manifest["rejected"] == [{"path": "unlisted.jpg", "reason": "missing label: not listed in val.txt"}]
+
+
+def test_rerun_into_a_corpus_with_local_paths_resumes(tmp_path, class_folder, small_suite):
+    """A corpus written before manifests left out local paths: same plan, so a rerun resumes (building
+    nothing) and rewrites its manifest without them."""
+    out = tmp_path / "c"
+    args = ("generate", "--suite", small_suite, "--source", class_folder, "--out", out, "--only", "clean/*")
+    assert run(*args) == 0
+    manifest = load_manifest(out)
+    old = dict(manifest, source=dict(manifest["source"], root=str(class_folder.resolve())),
+               rejected=[{"path": str(class_folder.resolve() / "x" / "y.jpg"), "reason": "empty file"}])
+    (out / "manifest.json").write_text(json.dumps(old, indent=1, sort_keys=True) + "\n")
+    assert verify_corpus(out) == []
+    tars = {p: p.stat().st_mtime_ns for p in out.rglob("*.tar")}
+    assert run(*args) == 0
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.tar")} == tars
+    assert load_manifest(out) == manifest and local_paths(manifest, tmp_path) == []
+    assert verify_corpus(out) == []
+
+
 def test_verify_names_every_mismatch(tmp_path, class_folder, small_suite, capsys):
     out = tmp_path / "c"
     assert run("generate", "--suite", small_suite, "--source", class_folder, "--out", out, "--workers", 2) == 0

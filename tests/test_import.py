@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from helpers import tar_members
+from test_generate import local_paths
 from qrobust.generate.release_import import ReleaseError, import_release
 from qrobust.cli import main
 from qrobust.shared.manifest import load_manifest, manifest_problems
@@ -113,7 +114,9 @@ def test_imagenet_c_keeps_the_released_bytes(tree_c, tmp_path):
     assert [s["count"] for s in entry["shards"]] == [4, 2]  # 6 samples, 4 per shard
     assert manifest["classes"] == sorted(WNIDS) and manifest["rejected"] == []
     assert manifest["suite"]["spec"]["geometry"]["crop"] == 32 and manifest["samples"]["count"] == 6
-    assert manifest["imported_from"] == {"kind": "imagenet-c", "root": str(tree_c.resolve()), "classes": None}
+    # no local path: the release folder by its name
+    assert manifest["imported_from"] == {"kind": "imagenet-c", "root": tree_c.resolve().name, "classes": None}
+    assert manifest["source"]["root"] == tree_c.resolve().name
     assert manifest["versions"]["Pillow"]
     for vid in manifest["variants"]:
         corruption, severity = vid.split("/")[1].rsplit("-", 1)
@@ -153,7 +156,7 @@ def test_bad_files_are_rejected_from_every_variant(tree_c, tmp_path):
     out = tmp_path / "c"
     manifest = import_release("imagenet-c", str(tree), str(out), workers=1, progress=False)
     assert_valid(out)
-    reasons = {Path(r["path"]).relative_to(tree.resolve()).as_posix(): r["reason"] for r in manifest["rejected"]}
+    reasons = {r["path"]: r["reason"] for r in manifest["rejected"]}  # relative to the release folder
     assert set(reasons) == {f"gaussian_noise/2/{WNIDS[0]}/{stem(0)}.JPEG", f"fog/1/{WNIDS[0]}/{stem(1)}.JPEG",
                             f"fog/1/{WNIDS[1]}/{stem(2)}.JPEG", f"fog/1/{WNIDS[2]}/{stem(4)}.JPEG",
                             f"fog/1/{WNIDS[2]}/notes.txt", "README"}
@@ -162,6 +165,7 @@ def test_bad_files_are_rejected_from_every_variant(tree_c, tmp_path):
     assert "not a JPEG" in reasons[f"fog/1/{WNIDS[1]}/{stem(2)}.JPEG"]
     assert "32x30 pixels" in reasons[f"fog/1/{WNIDS[2]}/{stem(4)}.JPEG"]
     assert all("\n" not in r for r in reasons.values())
+    assert local_paths(manifest, tmp_path, tree, tree.resolve()) == [] and manifest["source"]["root"] == "tree"
     kept = [stem(3), stem(5)]
     assert manifest["samples"]["count"] == 2
     for vid in manifest["variants"]:
@@ -239,6 +243,29 @@ def test_resume_and_rerun_give_identical_bytes(tree_c, tmp_path):
     assert run("import", "imagenet-c", tree_c, "--out", tmp_path / "full") == 2
 
 
+def test_rerun_into_an_import_with_local_paths_resumes(tree_c, tmp_path):
+    """An import written before manifests left out local paths: a rerun resumes (every shard kept) and
+    rewrites its manifest without them; packing it keeps none either."""
+    out = tmp_path / "c"
+    manifest = import_release("imagenet-c", str(tree_c), str(out), only=["natural/fog-1"], workers=1,
+                              progress=False)
+    old = dict(manifest, source=dict(manifest["source"], root=str(tree_c.resolve())),
+               imported_from=dict(manifest["imported_from"], root=str(tree_c.resolve())),
+               rejected=[{"path": str(tree_c.resolve() / "fog" / "1" / "x.JPEG"), "reason": "empty file"}])
+    (out / "manifest.json").write_text(json.dumps(old, indent=1, sort_keys=True) + "\n")
+    assert verify_corpus(out) == []
+    assert run("pack", out, "--out", tmp_path / "small", "--limit", 2) == 0
+    packed = assert_valid(tmp_path / "small")
+    assert local_paths(packed, tmp_path, tree_c.parent) == []
+    assert packed["rejected"] == [{"path": "fog/1/x.JPEG", "reason": "empty file"}]
+    assert packed["imported_from"]["root"] == packed["source"]["root"] == "ImageNet-C"
+    tars = {p: p.stat().st_mtime_ns for p in out.rglob("*.tar")}
+    assert import_release("imagenet-c", str(tree_c), str(out), only=["natural/fog-1"], workers=1,
+                          progress=False) == manifest
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.tar")} == tars
+    assert assert_valid(out) == manifest
+
+
 def test_selection_and_class_list(tree_c, tmp_path, capsys):
     classes = tmp_path / "LOC_synset_mapping.txt"
     classes.write_text("\n".join(f"{w} name of {w}" for w in sorted([*WNIDS, "n00000001", "n09999999"])) + "\n")
@@ -247,6 +274,8 @@ def test_selection_and_class_list(tree_c, tmp_path, capsys):
     assert_valid(tmp_path / "c")
     assert sorted(manifest["variants"]) == ["natural/fog-1", "natural/fog-2"]
     assert manifest["classes"] == ["n00000001", *sorted(WNIDS), "n09999999"]
+    assert manifest["imported_from"]["classes"] == "LOC_synset_mapping.txt"  # by its name: no local path
+    assert local_paths(manifest, tmp_path, tree_c.parent) == []
     got = samples(tmp_path / "c", "natural/fog-1")
     assert [(k, label) for k, label, *_ in got] == [(stem(0), 2), (stem(2), 1), (stem(4), 3)]
     manifest = import_release("imagenet-c", str(tree_c), str(tmp_path / "l"), limit=3, workers=1, progress=False)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from helpers import small_corpus, tar_members
+from test_generate import local_paths
 from qrobust.generate.pack import PackError, pack
 from qrobust.cli import main
 from qrobust.shared.manifest import load_manifest, manifest_problems
@@ -63,6 +64,27 @@ def test_variant_subset_keeps_the_shards(corpus, tmp_path):
     assert manifest["packed_from"]["only"] == ["clean/*", "sequence/*"]
     assert len(manifest["packed_from"]["manifest_sha256"]) == 64
     assert not [p for p in out.rglob("*") if p.is_file() and "partial" in p.name]
+
+
+def test_packed_manifest_holds_no_local_path(corpus, tmp_path):
+    """Also when the source corpus was written before manifests left out local paths."""
+    old = tmp_path / "old"
+    shutil.copytree(corpus, old)
+    source = manifest_of(old)
+    root = str(corpus.parent.resolve() / "src")
+    source["source"] = dict(source["source"], root=root, label_file=f"{root}/val.txt")
+    source["rejected"] = [{"path": f"{root}/n1/a.b.jpg", "reason": f"duplicate key 'a_b' (also {root}/n1/a_b.jpg)"},
+                          {"path": "/elsewhere/x.jpg", "reason": "empty file"}]
+    (old / "manifest.json").write_text(json.dumps(source, indent=1, sort_keys=True) + "\n")
+    assert verify_corpus(old) == []
+    for name, selection in (("variants", {"only": ["clean/*"]}), ("samples", {"per_class": 1})):
+        packed = pack(str(old), str(tmp_path / name), progress=False, **selection)
+        assert assert_valid(tmp_path / name) == packed
+        assert local_paths(packed, tmp_path, corpus.parent) == []
+        assert packed["source"]["root"] == "src" and packed["source"]["label_file"] == "val.txt"
+        assert packed["rejected"] == [{"path": "n1/a.b.jpg", "reason": "duplicate key 'a_b' (also n1/a_b.jpg)"},
+                                      {"path": "x.jpg", "reason": "empty file"}]
+        assert packed["plan_sha256"] == source["plan_sha256"] or name == "samples"  # the plan holds no path
 
 
 def test_shards_are_copied_across_file_systems(corpus, tmp_path, monkeypatch):
