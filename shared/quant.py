@@ -1,9 +1,11 @@
-"""Fake quantization as in the papers (DoReFa, PACT, LSQ) and swapping it into a model.
+"""Fake quantization as in the papers (DoReFa, PACT, LSQ) and applying it to a model's layers.
 
 A quantizer maps a tensor to its fake-quantized tensor (same shape) with
-straight-through rounding. :func:`quantize_model` swaps every Conv2d/Linear for
-:class:`QuantConv2d`/:class:`QuantLinear` (weight and input quantized);
-:func:`calibrate` then sets the data-dependent state (input signs, LSQ steps).
+straight-through rounding. :func:`quantize_model` quantizes every Conv2d/Linear in
+place (weight and input): its class becomes :class:`QuantConv2d`/:class:`QuantLinear`,
+or for a subclass such as timm's ``Conv2dSame`` a quantized subclass of it that runs
+its own forward; :func:`calibrate` then sets the data-dependent state (input signs,
+LSQ steps).
 Quantizer state changes only in calibrate(), ``load_state_dict`` or an optimizer
 step: no observers, running statistics or lazy init, so evaluation and attacks
 cannot change the model (torch's ``FakeQuantize`` does).
@@ -16,7 +18,6 @@ from typing import Callable, Iterable
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from qrobust.shared.errors import QrobustError
 from qrobust.shared.registry import Registry
@@ -201,55 +202,134 @@ class LSQ(_Quantizer):
 
 
 class _QuantLayer:
-    """What QuantConv2d and QuantLinear share: construction from a float layer and the w_q cache."""
+    """What quantization adds to a Conv2d/Linear, whatever its class: ``weight_quant`` and ``input_quant``
+    submodules, the input quantized before the class's own forward, ``self.weight`` read as w_q inside
+    that forward (the float Parameter everywhere else: state dict, optimizer, ``layer.weight``), and
+    the w_q cache. A quantized layer's class is :func:`quantized_class` of its float class."""
 
+    _float_class: type = nn.Module  # set on each quantized class: the float class it extends
     _wq_cache = None  # plain attributes, never in the state dict
     _calibrating = False
 
     @classmethod
     def from_float(cls, module: nn.Module, weight_quant: nn.Module, input_quant: nn.Module | None = None):
-        """A quantized layer sharing ``module``'s weight and bias Parameters (state dict keys unchanged)."""
-        kw = dict(bias=module.bias is not None, device="meta", dtype=module.weight.dtype)  # meta: no init cost
-        if isinstance(module, nn.Conv2d):
-            q = cls(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
-                    module.dilation, module.groups, padding_mode=module.padding_mode, **kw)
-        else:
-            q = cls(module.in_features, module.out_features, **kw)
-        q.weight, q.bias = module.weight, module.bias  # the same tensors, not copies
-        q.weight_quant, q.input_quant = weight_quant, nn.Identity() if input_quant is None else input_quant
-        return q.train(module.training)
+        """Quantize ``module`` in place and return it: its class becomes :func:`quantized_class` of its
+        own, its weight and bias stay the same Parameters (state dict keys unchanged), and it gains the
+        ``weight_quant`` and ``input_quant`` submodules (``nn.Identity()`` for None)."""
+        quant_class = quantized_class(type(module))
+        if not issubclass(quant_class, cls):
+            raise QuantError(f"{cls.__name__}.from_float got a {type(module).__name__}")
+        module.__class__ = quant_class
+        module.weight_quant = weight_quant
+        module.input_quant = nn.Identity() if input_quant is None else input_quant
+        return module
+
+    def _float_weight(self) -> torch.Tensor:
+        state = self.__dict__
+        params = state["_parameters"]
+        if "weight" in params:
+            return params["weight"]
+        if "weight" in state:  # a plain attribute, as nn.DataParallel's replicas hold their weights
+            return state["weight"]
+        raise AttributeError(f"{type(self).__name__} has no weight")
+
+    @property
+    def weight(self) -> torch.Tensor:
+        # w_q while the class's own forward runs (computed at its first read there), else the float weight
+        active = self.__dict__.get("_in_forward")
+        if active is None:
+            return self._float_weight()
+        if active is True:
+            active = self.__dict__["_in_forward"] = self.quantized_weight()
+        return active
+
+    @weight.setter
+    def weight(self, value) -> None:  # nn.Module.__setattr__ registers Parameters; other tensors land here
+        self.__dict__["weight"] = value
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The float class's own forward on ``input_quant(x)``, with ``self.weight`` reading as w_q."""
+        x = self.input_quant(x)
+        state = self.__dict__  # plain attribute writes, not through nn.Module.__setattr__
+        outer, state["_in_forward"] = state.get("_in_forward"), True
+        try:
+            out = super().forward(x, *args, **kwargs)
+            unread = state["_in_forward"] is True
+        finally:
+            state["_in_forward"] = outer
+        if unread:  # it would have computed with nothing quantized but its input
+            raise QuantError(f"{type(self).__name__}: the forward of {self._float_class.__qualname__} never "
+                             f"reads self.weight, so its weight cannot be quantized")
+        return out
 
     def quantized_weight(self) -> torch.Tensor:
         """w_q; reused while not training, nothing needs its gradient and nothing it depends on changed."""
+        weight = self._float_weight()
         if self._calibrating:  # calibration sees the float model (as MQBench's calibration does)
-            return self.weight
+            return weight
         wq = self.weight_quant
-        if self.training or _needs_grad(self.weight, *wq.parameters()):
+        if self.training or _needs_grad(weight, *wq.parameters()):
             self._wq_cache = None
-            return wq(self.weight)
+            return wq(weight)
         # _version counts in-place changes (optimizer steps, load_state_dict, edits under no_grad, but
         # not through .data); data_ptr/device/dtype catch .to() and replaced tensors
         key = (id(wq), getattr(wq, "bits", 0), *((t._version, t.data_ptr(), t.device, t.dtype)
-                                  for t in (self.weight, *wq.parameters(), *wq.buffers())))
+                                  for t in (weight, *wq.parameters(), *wq.buffers())))
         if self._wq_cache is None or self._wq_cache[0] != key:
             # a normal tensor even under inference_mode, so a later attack (grad on) can use it
             with torch.inference_mode(False), torch.no_grad():
-                self._wq_cache = (key, wq(self.weight))
+                self._wq_cache = (key, wq(weight))
         return self._wq_cache[1]
+
+    def __reduce_ex__(self, protocol):
+        # a quantized class made for a foreign layer class is not importable by name: rebuild it from that
+        state = self.__getstate__()
+        state.pop("_wq_cache", None)
+        return _new_quantized, (self._float_class,), state
 
 
 class QuantConv2d(_QuantLayer, nn.Conv2d):
-    """``conv(input_quant(x), weight_quant(weight), bias)``; build with :meth:`from_float`."""
+    """A quantized ``nn.Conv2d``: ``conv(input_quant(x), weight_quant(weight), bias)``. A Conv2d subclass
+    gets its own quantized class, a subclass of both (see :func:`quantized_class`)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self.input_quant(x), self.quantized_weight(), self.bias)
+    _float_class = nn.Conv2d
 
 
 class QuantLinear(_QuantLayer, nn.Linear):
-    """``linear(input_quant(x), weight_quant(weight), bias)``; build with :meth:`from_float`."""
+    """A quantized ``nn.Linear``: ``linear(input_quant(x), weight_quant(weight), bias)``. A Linear subclass
+    gets its own quantized class, a subclass of both (see :func:`quantized_class`)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.input_quant(x), self.quantized_weight(), self.bias)
+    _float_class = nn.Linear
+
+
+_QUANTIZED_CLASSES: dict[type, type] = {nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}
+
+
+def quantized_class(float_class: type) -> type:
+    """The class a layer of ``float_class`` (nn.Conv2d, nn.Linear or a subclass) takes when quantized:
+    QuantConv2d / QuantLinear for the plain ones; for a subclass ``C`` (timm's ``Conv2dSame``, ...) a
+    class ``Quant<C>(QuantConv2d or QuantLinear, C)``, made once, whose forward runs C's own forward, so
+    the layer stays an instance of C and computes what C computes, with w_q and the quantized input."""
+    made = _QUANTIZED_CLASSES.get(float_class)
+    if made is None:
+        if not issubclass(float_class, (nn.Conv2d, nn.Linear)) or issubclass(float_class, _QuantLayer):
+            raise QuantError(f"quantized_class: {float_class.__qualname__} is not a float Conv2d or Linear class")
+        base = QuantConv2d if issubclass(float_class, nn.Conv2d) else QuantLinear
+        name = f"Quant{float_class.__name__}"
+        try:
+            made = type(name, (base, float_class), {"__module__": __name__, "__qualname__": name,
+                                                    "_float_class": float_class, "__doc__": base.__doc__})
+        except TypeError as e:  # a metaclass or layout conflict
+            raise QuantError(f"cannot make a quantized class of {float_class.__qualname__}: "
+                             f"{str(e).splitlines()[0]}") from None
+        _QUANTIZED_CLASSES[float_class] = made
+    return made
+
+
+def _new_quantized(float_class: type) -> nn.Module:
+    """An empty quantized layer of ``float_class`` (unpickling and deepcopy fill in its state)."""
+    cls = quantized_class(float_class)
+    return cls.__new__(cls)
 
 
 @dataclass(frozen=True)
@@ -283,8 +363,10 @@ def quantizers(model: nn.Module) -> list[nn.Module]:
 
 def quantize_model(model: nn.Module, method: str, w_bits: int, a_bits: int, *, first_last_bits: int | None = 8,
                    first_input: str = "float", per_channel: bool = False) -> dict:
-    """Swap every nn.Conv2d / nn.Linear of `model` (in place, by walking named_modules and setattr on
-    parents; no graph tracing) for its Quant version; return the policy dict.
+    """Quantize every nn.Conv2d / nn.Linear of `model`, subclasses included, in place (found by
+    named_modules, no graph tracing; see :meth:`_QuantLayer.from_float`); return the policy dict.
+    Each layer keeps its own forward: a Conv2dSame still pads like TensorFlow, on the quantized input
+    with the quantized weight.
 
     The first layer (first Conv2d/Linear) and the last (last Linear) get ``first_last_bits`` for
     their weights, and the last for its input too (None: w_bits/a_bits like the rest). The first
@@ -303,27 +385,27 @@ def quantize_model(model: nn.Module, method: str, w_bits: int, a_bits: int, *, f
     if per_channel and method != "lsq":
         raise QuantError(f"per_channel applies to lsq only ({method} quantizes weights per tensor)")
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    custom = [n for n, m in layers if type(m).forward not in (nn.Conv2d.forward, nn.Linear.forward)]
-    if custom:  # a subclass with its own forward would silently lose it when swapped
-        raise QuantError(f"cannot quantize {custom[0]}: its class has its own forward (already quantized?)")
+    for name, m in layers:  # every refusal before any layer changes
+        where = name or type(m).__name__
+        if isinstance(m, _QuantLayer) or hasattr(m, "weight_fake_quant"):  # ours, or torch.ao's QAT layers
+            raise QuantError(f"cannot quantize {where}: already quantized")
+        weight = m._parameters.get("weight")
+        if not isinstance(weight, nn.Parameter) or isinstance(weight, nn.parameter.UninitializedParameter):
+            raise QuantError(f"cannot quantize {where}: its weight is not an initialized Parameter "
+                             f"(parametrized, or a lazy layer before its first forward?)")
+        quantized_class(type(m))
     if not layers:
         raise QuantError("model has no nn.Conv2d or nn.Linear layer to quantize")
     first = layers[0][0]
     last = ([n for n, m in layers if isinstance(m, nn.Linear)] or [layers[-1][0]])[-1]
     edge_w, edge_a = first_last_bits or w_bits, first_last_bits or a_bits
-    swapped = {}
-    for name, m in layers:
+    for name, m in layers:  # named_modules() lists a layer shared under two names once
         wq = make_w(edge_w if name in (first, last) else w_bits, per_channel).to(m.weight.device).init_from(m.weight)
         if name == first:
             iq = None if first_input == "float" else make_a(edge_a, signed=True)
         else:
             iq = make_a(edge_a if name == last else a_bits)
-        cls = QuantConv2d if isinstance(m, nn.Conv2d) else QuantLinear
-        swapped[id(m)] = cls.from_float(m, wq, None if iq is None else iq.to(m.weight.device))
-    for parent in list(model.modules()):  # every parent: a layer shared under two names is swapped in both
-        for child_name, child in list(parent.named_children()):
-            if id(child) in swapped:
-                setattr(parent, child_name, swapped[id(child)])
+        _QuantLayer.from_float(m, wq, None if iq is None else iq.to(m.weight.device))
     return {"method": method, "w_bits": w_bits, "a_bits": a_bits, "first_last_bits": first_last_bits,
             "first_input": first_input, "per_channel": bool(per_channel),
             "granularity": "per-channel" if per_channel else "per-tensor",

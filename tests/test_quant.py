@@ -9,12 +9,14 @@ import math
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from qrobust.shared.errors import QrobustError
 from qrobust.shared.architectures import ARCHITECTURES
 from qrobust.shared.models import build_model
 from qrobust.shared.quant import (BITS, LSQ, METHODS, QUANT_ARGS, DoReFaAct, DoReFaWeight, PACTAct, QuantConv2d,
-                                  QuantError, QuantLinear, calibrate, quantize_model, quantizers)
+                                  QuantError, QuantLinear, _needs_grad, _Quantizer, calibrate, quantize_model,
+                                  quantizers)
 from qrobust.shared.registry import UnknownNameError
 
 SMALL = ("tiny_cnn", "tiny_resnet")
@@ -268,11 +270,15 @@ def test_quant_layers_share_the_float_parameters_and_keep_the_keys():
     assert keys <= set(float_model.state_dict())
     assert all(".weight_quant." in k or ".input_quant." in k for k in set(float_model.state_dict()) - keys)
     conv, lin = nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), nn.Linear(4, 2)
-    x = images()
-    with torch.no_grad():  # with identity quantizers, the layers compute exactly the float ones
-        assert torch.equal(QuantConv2d.from_float(conv, nn.Identity(), None).eval()(x), conv(x))
-        v = x[:, 0, 0, :4]
-        assert torch.equal(QuantLinear.from_float(lin, nn.Identity(), nn.Identity())(v), lin(v))
+    float_conv, float_lin = copy.deepcopy(conv), copy.deepcopy(lin)
+    x, v = images(), images()[:, 0, 0, :4]
+    with torch.no_grad():  # in place; with identity quantizers, the layers compute exactly the float ones
+        assert QuantConv2d.from_float(conv, nn.Identity(), None) is conv and type(conv) is QuantConv2d
+        assert QuantLinear.from_float(lin, nn.Identity(), nn.Identity()) is lin and type(lin) is QuantLinear
+        assert torch.equal(conv.eval()(x), float_conv(x)) and torch.equal(lin(v), float_lin(v))
+    assert isinstance(conv.weight, nn.Parameter) and torch.equal(conv.weight, float_conv.weight)  # float outside
+    with pytest.raises(QuantError, match="QuantConv2d.from_float got a Linear"):
+        QuantConv2d.from_float(nn.Linear(2, 2), nn.Identity())
 
 
 # state never changes outside calibrate() or an optimizer step
@@ -424,3 +430,192 @@ def test_cuda_matches_cpu(method, monkeypatch):
     assert torch.allclose(on_gpu, on_cpu, atol=1e-2) and torch.equal(on_gpu.argmax(1), on_cpu.argmax(1))
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):
         assert torch.isfinite(gpu(x.cuda())).all()
+
+
+# the implementation before layers kept their own class (a swap for QuantConv2d / QuantLinear modules whose
+# forward replaced the layer's), kept here only, as the oracle of the tests below: its code unchanged
+
+class OldQuantLayer:
+    _wq_cache = None
+    _calibrating = False
+
+    @classmethod
+    def from_float(cls, module: nn.Module, weight_quant: nn.Module, input_quant: nn.Module | None = None):
+        kw = dict(bias=module.bias is not None, device="meta", dtype=module.weight.dtype)
+        if isinstance(module, nn.Conv2d):
+            q = cls(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
+                    module.dilation, module.groups, padding_mode=module.padding_mode, **kw)
+        else:
+            q = cls(module.in_features, module.out_features, **kw)
+        q.weight, q.bias = module.weight, module.bias
+        q.weight_quant, q.input_quant = weight_quant, nn.Identity() if input_quant is None else input_quant
+        return q.train(module.training)
+
+    def quantized_weight(self) -> torch.Tensor:
+        if self._calibrating:
+            return self.weight
+        wq = self.weight_quant
+        if self.training or _needs_grad(self.weight, *wq.parameters()):
+            self._wq_cache = None
+            return wq(self.weight)
+        key = (id(wq), getattr(wq, "bits", 0), *((t._version, t.data_ptr(), t.device, t.dtype)
+                                  for t in (self.weight, *wq.parameters(), *wq.buffers())))
+        if self._wq_cache is None or self._wq_cache[0] != key:
+            with torch.inference_mode(False), torch.no_grad():
+                self._wq_cache = (key, wq(self.weight))
+        return self._wq_cache[1]
+
+
+class OldQuantConv2d(OldQuantLayer, nn.Conv2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self.input_quant(x), self.quantized_weight(), self.bias)
+
+
+class OldQuantLinear(OldQuantLayer, nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.input_quant(x), self.quantized_weight(), self.bias)
+
+
+def old_quantize_model(model: nn.Module, method: str, w_bits: int, a_bits: int, *, first_last_bits: int | None = 8,
+                       first_input: str = "float", per_channel: bool = False) -> dict:
+    definition = METHODS.get(method)
+    make_w, make_a = definition.weight, definition.activation
+    w_name, a_name = definition.weight_name, definition.activation_name
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    first = layers[0][0]
+    last = ([n for n, m in layers if isinstance(m, nn.Linear)] or [layers[-1][0]])[-1]
+    edge_w, edge_a = first_last_bits or w_bits, first_last_bits or a_bits
+    swapped = {}
+    for name, m in layers:
+        wq = make_w(edge_w if name in (first, last) else w_bits, per_channel).to(m.weight.device).init_from(m.weight)
+        if name == first:
+            iq = None if first_input == "float" else make_a(edge_a, signed=True)
+        else:
+            iq = make_a(edge_a if name == last else a_bits)
+        cls = OldQuantConv2d if isinstance(m, nn.Conv2d) else OldQuantLinear
+        swapped[id(m)] = cls.from_float(m, wq, None if iq is None else iq.to(m.weight.device))
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if id(child) in swapped:
+                setattr(parent, child_name, swapped[id(child)])
+    return {"method": method, "w_bits": w_bits, "a_bits": a_bits, "first_last_bits": first_last_bits,
+            "first_input": first_input, "per_channel": bool(per_channel),
+            "granularity": "per-channel" if per_channel else "per-tensor",
+            "weight_quantizer": w_name, "act_quantizer": a_name,
+            "first_layer": first, "last_layer": last, "quantized_layers": len(layers)}
+
+
+def old_calibrate(model: nn.Module, batches) -> dict:
+    acts = [(n, m) for n, m in model.named_modules() if isinstance(m, _Quantizer) and m.role == "act"]
+    layers = [m for m in model.modules() if isinstance(m, OldQuantLayer)]
+    modes = [(m, m.training) for m in model.modules()]
+    device = next(model.parameters()).device
+    count, commit = 0, False
+    for m in [q for _, q in acts] + layers:
+        m._calibrating = True
+    try:
+        model.eval()
+        with torch.no_grad():
+            for batch in batches:
+                model(batch.to(device))
+                count += 1
+        commit = count > 0
+    finally:
+        for layer in layers:
+            layer._calibrating = False
+        reached = {name: q._calib_end(commit) for name, q in acts}
+        for m, training in modes:
+            m.training = training
+    return {"batches": count, "calibrated": sum(reached.values()),
+            "signed_inputs": [n for n, q in acts if reached[n] and q._signed],
+            "uncalibrated": [n for n, ok in reached.items() if not ok]}
+
+
+# the oracle against today's layers
+
+def depthwise_net(num_classes: int = 10) -> nn.Module:
+    """Plain, depthwise (groups == channels) and reflect-padded convolutions, BatchNorm without ReLU before
+    a layer (signed inputs), a Linear: what the oracle tests run besides the registered tiny architectures."""
+    return nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, padding=1, groups=8, padding_mode="reflect"), nn.BatchNorm2d(8),
+                         nn.Conv2d(8, 12, 1, bias=False), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(12, num_classes))
+
+
+def twin_models(arch: str, quantize_args: dict, size: int = 32):
+    """The same float model quantized and calibrated by the old code and by today's, and their policies."""
+    base = build_model(arch, 10) if arch != "depthwise_net" else depthwise_net()
+    old, new = copy.deepcopy(base), copy.deepcopy(base)
+    batches = [images(4, size, seed=1) - 0.25, images(4, size, seed=2)]
+    old_policy, new_policy = old_quantize_model(old, **quantize_args), quantize_model(new, **quantize_args)
+    assert old_calibrate(old, batches) == calibrate(new, batches)
+    return old, new, old_policy, new_policy
+
+
+def train_step(model: nn.Module, seed: int) -> None:
+    """One SGD step in train mode: every weight, BatchNorm statistic, PACT alpha and LSQ step moves."""
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    loss = nn.functional.cross_entropy(model(images(4, seed=seed)), torch.arange(4) % 10)
+    loss.backward()
+    optimizer.step()
+    model.eval()
+
+
+ORACLE_CASES = [("tiny_resnet", {}), ("tiny_cnn", dict(first_input="quantize")),
+                ("depthwise_net", dict(first_last_bits=None))]
+
+
+@pytest.mark.parametrize("method", ["dorefa", "pact", "lsq"])
+def test_checkpoints_of_the_old_layers_load_with_the_same_keys_and_give_bit_identical_logits(method, tmp_path):
+    from qrobust.shared.models import ModelSpec, load_model, save_checkpoint, state_digest
+
+    for arch, extra in [("tiny_resnet", dict(per_channel=method == "lsq")), ("tiny_cnn", dict(first_input="quantize"))]:
+        model = build_model(arch, 10)
+        policy = old_quantize_model(model, method, 4, 2, **extra)
+        old_calibrate(model, [images(4, seed=1), images(4, seed=2)])
+        train_step(model, seed=3)  # quantizer state off its calibrated values, as after fine-tuning
+        assert any(isinstance(m, OldQuantConv2d) for m in model.modules())
+        path = save_checkpoint(model, ModelSpec(arch, 10, quant=policy), tmp_path / f"{arch}-{method}.safetensors")
+        loaded, spec, _ = load_model(str(path))
+        assert spec.quant == policy and any(type(m) is QuantConv2d for m in loaded.modules())
+        assert list(loaded.state_dict()) == list(model.state_dict())  # the same keys, in the same order
+        assert state_digest(loaded) == state_digest(model)
+        x = images(5, seed=4)
+        with torch.no_grad():
+            assert torch.equal(loaded(x), model(x))
+        # and the other way: today's checkpoint loads into the old layers
+        again = build_model(arch, 10)
+        old_quantize_model(again, **{k: policy[k] for k in QUANT_ARGS})
+        again.net.load_state_dict(loaded.net.state_dict())
+        with torch.no_grad():
+            assert torch.equal(again.eval()(x), loaded(x))
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("method", ["dorefa", "pact", "lsq"])
+def test_plain_layers_compute_what_the_old_layers_computed_bit_for_bit(method, bits):
+    from qrobust.score.attacks import frozen
+
+    for arch, extra in ORACLE_CASES + [("tiny_resnet", dict(per_channel=True))] * (method == "lsq"):
+        old, new, old_policy, new_policy = twin_models(arch, dict(method=method, w_bits=bits, a_bits=bits, **extra))
+        assert old_policy == new_policy and same_state(snapshot(old), snapshot(new))
+        assert not any(isinstance(m, OldQuantLayer) for m in new.modules())
+        x = images(3, seed=5)
+        with torch.no_grad():  # eval: the cached w_q
+            assert torch.equal(new.eval()(x), old.eval()(x)), (arch, extra)
+        with torch.inference_mode():
+            assert torch.equal(new(x), old(x))
+        grads = []
+        for model in (old, new):  # an attack step: parameters frozen, gradient wrt the input
+            with frozen(model), torch.enable_grad():
+                adv = x.clone().requires_grad_(True)
+                out = model(adv)
+                grads.append((out.detach(), torch.autograd.grad(out.logsumexp(1).sum(), adv)[0]))
+        assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+        assert grads[1][1].abs().sum() > 0
+        for model in (old, new):  # training: gradients of the weights and of the quantizer parameters
+            train_step(model, seed=6)
+        assert same_state(snapshot(old), snapshot(new)), (arch, extra)
+        with torch.no_grad():
+            assert torch.equal(new(x), old(x))
