@@ -13,7 +13,7 @@ import logging
 import sys
 
 from qrobust.cli import demo, generate, ls, score, train
-from qrobust.cli.common import EXIT_NO_SPACE, EXIT_PROBLEMS, EXIT_USAGE  # noqa: F401  (the exit statuses)
+from qrobust.cli.common import EXIT_NO_SPACE, EXIT_PROBLEMS, EXIT_USAGE, verbosity  # noqa: F401  (the statuses)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="qrobust", description="How robust is this (quantized) model? The RobustMQ benchmark.",
         epilog="example:\n  qrobust demo --out demo-out\n\n`qrobust COMMAND --help` shows each command's options.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    verbosity(parser)
     from qrobust._version import __version__
 
     parser.add_argument("--version", action="version", version=f"qrobust {__version__}")
@@ -38,15 +38,28 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "run", None):
         parser.print_help()
         return EXIT_USAGE
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="qrobust: %(message)s", stream=sys.stderr)
+    # qrobust's own lines at the level asked for; other libraries' only from warnings up (matplotlib's
+    # "generated new fontManager" is not the user's business)
+    logging.basicConfig(level=logging.WARNING, format="qrobust: %(message)s", stream=sys.stderr)
+    logging.getLogger("qrobust").setLevel(logging.WARNING if args.quiet else
+                                          logging.DEBUG if args.verbose else logging.INFO)
     from qrobust.shared.errors import NO_SPACE, USER_ERRORS
 
     try:
+        if sys.stderr.isatty():  # log lines above the progress bar, never inside it
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            with logging_redirect_tqdm():
+                return args.run(args)
         return args.run(args)
     except USER_ERRORS as e:
         print(f"qrobust {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:  # `qrobust ls ... | head`: the reader left; nothing more to say
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_PROBLEMS
     except KeyboardInterrupt:
         print(f"qrobust {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

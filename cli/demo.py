@@ -121,13 +121,13 @@ def _score_all(out: Path, checkpoints: list, *, quick: bool, workers: int | None
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    from tqdm import tqdm
+    from qrobust.shared.progress import bar as progress_bar
 
     log.info("demo: scoring %d models, %d at a time", len(checkpoints), procs)
     with ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn"), initializer=_one_thread) as pool:
         futures = [pool.submit(_score_one, corpus, str(c), str(f), quick, 0, False)
                    for c, f in zip(checkpoints, folders)]
-        with tqdm(total=len(futures), desc="score models", unit="model", disable=not progress) as bar:
+        with progress_bar(len(futures), "score models", "model", enabled=progress) as bar:
             for future in as_completed(futures):
                 future.result()  # an error in one model stops the demo with that error
                 bar.update(1)

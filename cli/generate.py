@@ -1,9 +1,8 @@
 """``qrobust generate``, ``verify``, ``pack`` and ``import``: making and checking corpora."""
 from __future__ import annotations
 
-import sys
 
-from qrobust.cli.common import EXIT_PROBLEMS, resolve, globs, subparser
+from qrobust.cli.common import EXIT_PROBLEMS, globs, print_json, printable, resolve, subparser
 
 
 def add_generate(sub) -> None:
@@ -65,7 +64,7 @@ def add_verify(sub) -> None:
     p = subparser(sub, "verify", "Re-hash and recount a corpus against its manifest (sizes, sha256, sample order "
                   "and keys, members qrobust does not read, extra or missing files, links out of the corpus, "
                   "hand edits of the manifest); exit 1 naming every mismatch.",
-                  "qrobust verify corpora/robustmq")
+                  "qrobust verify corpora/robustmq", json_output=True)
     p.add_argument("corpus")
     p.add_argument("--size-only", action="store_true", help="check presence and byte sizes only (fast)")
     p.add_argument("--check-env", action="store_true",
@@ -83,10 +82,10 @@ def _cmd_verify(args) -> int:
     manifest = load_manifest(args.corpus)
     n = sum(len(v["shards"]) for v in manifest["variants"].values())
     bar = None
-    if not args.quiet:
-        from tqdm import tqdm
+    if not args.quiet and not args.json:
+        from qrobust.shared.progress import bar as progress_bar
 
-        bar = tqdm(total=n, desc="verify", unit="shard", file=sys.stderr)
+        bar = progress_bar(n, "verify", "shard")
     try:
         problems = verify_corpus(args.corpus, rehash=not args.size_only, workers=args.workers,
                                               progress=bar.update if bar else None)
@@ -95,12 +94,16 @@ def _cmd_verify(args) -> int:
             bar.close()
     if args.check_env:
         problems += [f"environment: {d}" for d in environment_differences(manifest)]
+    if args.json:
+        print_json({"corpus": args.corpus, "ok": not problems, "variants": len(manifest["variants"]), "shards": n,
+                    "problems": problems})
+        return EXIT_PROBLEMS if problems else 0
     for p in problems:
-        print(f"MISMATCH {p}")
+        print(printable(f"MISMATCH {p}"))
     if problems:
-        print(f"{args.corpus}: {len(problems)} problem(s) in {n} shards")
+        print(printable(f"{args.corpus}: {len(problems)} problem(s) in {n} shards"))
         return EXIT_PROBLEMS
-    print(f"{args.corpus}: OK ({len(manifest['variants'])} variants, {n} shards)")
+    print(printable(f"{args.corpus}: OK ({len(manifest['variants'])} variants, {n} shards)"))
     return 0
 
 

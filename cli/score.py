@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from qrobust.cli.common import resolve, globs, subparser
+from qrobust.cli.common import globs, print_json, resolve, subparser
 
 
 def add_score(sub) -> None:
@@ -12,7 +12,8 @@ def add_score(sub) -> None:
                   "is refused (a damaged variant can be left out with --exclude); a model whose logits are NaN, "
                   "infinite or not one per class stops the run.",
                   "qrobust score --corpus demo-out/corpus --model tiny_cnn --out results/tiny --limit 16 "
-                  "--exclude 'natural/fog-*'   # --exclude: leave out variants that `qrobust verify` reports damaged")
+                  "--exclude 'natural/fog-*'   # --exclude: leave out variants that `qrobust verify` reports damaged",
+                  json_output=True)
     p.add_argument("--corpus", required=True, help="corpus folder, or a URL of one (http(s)://, s3://, gs://, az://, "
                    "hf://; pipe: and chained URLs are refused)")
     p.add_argument("--model", required=True,
@@ -63,11 +64,14 @@ def _cmd_score(args) -> int:
     summary = score(args.corpus, args.model, args.out, weights=args.weights, only=only,
                     exclude=globs(args.exclude) or None, device=args.device,
                     batch_size=args.batch_size, workers=args.workers, limit=args.limit, verify=not args.no_verify,
-                    progress=not args.quiet, attacks=attacks or None, budgets=globs([args.budgets]),
+                    progress=not args.quiet and not args.json, attacks=attacks or None, budgets=globs([args.budgets]),
                     attack_limit=args.attack_limit, attack_config=config, budget_scale=args.budget_scale,
                     cascade=args.cascade, transfer_from=args.transfer_from, distributed=args.distributed,
                     normalize=args.normalize)
     if summary is None:  # a rank other than 0 of a distributed run: rank 0 reports
+        return 0
+    if args.json:
+        print_json(summary)
         return 0
     acc = summary["clean"]["acc"]
     parts = [f"ACC {acc:.2%}" if acc is not None else "ACC -"]
@@ -88,7 +92,8 @@ def add_report(sub) -> None:
                   "figures and one index.html, with 95% intervals, paired comparisons between models (each "
                   "quantized model against its FP model, methods at equal bits) and findings that claim only "
                   "significant differences.",
-                  "qrobust report results/* --out report --power 0.005   # images needed to tell 0.5 points apart")
+                  "qrobust report results/* --out report --power 0.005   # images needed to tell 0.5 points apart",
+                  json_output=True)
     p.add_argument("results", nargs="+", help="results folders made by `qrobust score`")
     p.add_argument("--out", required=True, help="report folder")
     p.add_argument("--nc-threshold", type=float, default=0.1,
@@ -106,8 +111,13 @@ def _cmd_report(args) -> int:
         raise QrobustError(f"--power {args.power}: give a difference between 0 and 1 (0.005 = half a point)")
     index = resolve("qrobust.score.report:build_report")(args.results, args.out, nc_threshold=args.nc_threshold,
                                                         power=args.power)
+    findings = (index.parent / "findings.txt").read_text(encoding="utf-8").splitlines()
+    if args.json:
+        print_json({"index": str(index), "tables": sorted(str(p) for p in (index.parent / "tables").glob("*.csv")),
+                    "results": str(index.parent / "results.csv"), "findings": findings})
+        return 0
     print(f"report: {index}")
-    for line in (index.parent / "findings.txt").read_text(encoding="utf-8").splitlines():
+    for line in findings:
         if line.startswith("To tell two models apart"):
             print(line)
     return 0

@@ -15,7 +15,6 @@ import logging
 import multiprocessing
 import os
 import queue as queue_module
-import sys
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
 
@@ -57,10 +56,9 @@ class Progress:
     def __init__(self, total: int, desc: str, enabled: bool, initial: int = 0):
         self.bar = None
         if enabled:
-            from tqdm import tqdm
+            from qrobust.shared.progress import bar
 
-            self.bar = tqdm(total=total, initial=initial, desc=desc, unit="img", dynamic_ncols=True,
-                            smoothing=0.05, file=sys.stderr)
+            self.bar = bar(total, desc, "img", initial=initial, smoothing=0.05)
 
     def update(self, n: int) -> None:
         if self.bar is not None and n:

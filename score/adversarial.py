@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -147,10 +146,10 @@ def run_attacks(net, jobs: list[Job], store, source, units, rows: np.ndarray, *,
     needed = np.concatenate([rows[b * batch_size:(b + 1) * batch_size] for b in sorted(todo)])
     bar = None
     if progress:
-        from tqdm import tqdm
+        from qrobust.shared.progress import bar as progress_bar
 
-        bar = tqdm(total=sum(len(js) * len(rows[b * batch_size:(b + 1) * batch_size]) for b, js in todo.items()),
-                   desc="attacks", unit="img", dynamic_ncols=True, file=sys.stderr)
+        bar = progress_bar(sum(len(js) * len(rows[b * batch_size:(b + 1) * batch_size]) for b, js in todo.items()),
+                           "attacks", "img")
     flags = _ReferenceFlags()  # AutoAttack's own checks (e.g. Square beating APGD) are masking warnings too
     logging.getLogger("qrobust.attacks.autoattack").addHandler(flags)
     try:

@@ -290,9 +290,9 @@ def _run_units(net, store, source, todo, batch_size, workers, device, verify, pr
     remaining = {store.unit_id(u.variant, u.index): u.count for u in todo}
     bar = None
     if progress:
-        from tqdm import tqdm
+        from qrobust.shared.progress import bar as progress_bar
 
-        bar = tqdm(total=sum(u.count for u in todo), desc="score", unit="img", dynamic_ncols=True, file=sys.stderr)
+        bar = progress_bar(sum(u.count for u in todo), "score", "img")
     try:
         with torch.inference_mode():
             for part in loader:

@@ -326,7 +326,11 @@ def test_two_models_scored_and_reported(corpus, checkpoint, tmp_path):
               "systematic": [("Mean ACC_s", ("systematic", "mean")), ("SR", ("systematic", "sr"))]}
     for name, columns in checks.items():
         rows = table(name)
-        assert rows[constant_name][columns[0][0]] == "NC"  # below --nc-threshold 0.5
+        # below --nc-threshold 0.5: flagged in its own column, its numbers kept (a CSV is read by programs)
+        assert rows[constant_name]["NC"] == "yes" and rows[fitted_name]["NC"] == ""
+        column, (family, key) = columns[0]
+        assert float(rows[constant_name][column]) == pytest.approx(round(summaries["constant"][family][key] * 100, 2),
+                                                                   abs=0.006)
         for column, (family, key) in columns:
             assert float(rows[fitted_name][column]) == pytest.approx(
                 round(summaries["fitted"][family][key] * 100, 2), abs=0.006)

@@ -212,8 +212,7 @@ def train(model: nn.Module, train_data, val_data, recipe: Recipe, out_dir: str |
 
 def _train(model, train_data, val_data, recipe: Recipe, out_dir: Path, *, spec, device, rank, world, resume,
            progress, callback, context, stop_after) -> dict:
-    from tqdm import tqdm
-
+    from qrobust.shared.progress import bar as progress_bar
     from qrobust.train.data import Loader
 
     if getattr(train_data, "image_size", recipe.image_size) != recipe.image_size:
@@ -278,8 +277,8 @@ def _train(model, train_data, val_data, recipe: Recipe, out_dir: Path, *, spec, 
                                                   find_unused_parameters=False)  # quantizers take part too
     criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
     end_epoch = recipe.epochs if stop_after is None else min(recipe.epochs, max(stop_after, start_epoch))
-    bar = tqdm(total=total_steps, initial=start_epoch * steps_per_epoch, disable=not progress or not main,
-               desc=f"train {getattr(spec, 'name', '')}".strip(), unit="step", leave=False, dynamic_ncols=True)
+    bar = progress_bar(total_steps, f"train {getattr(spec, 'name', '')}".strip(), "step", enabled=progress and main,
+                       initial=start_epoch * steps_per_epoch, leave=False)
     try:
         for epoch in range(start_epoch, end_epoch):
             t0 = time.perf_counter()
