@@ -24,8 +24,8 @@ the original corpus:
   resumable run of the full one).
 
 The packed manifest records where it came from under ``packed_from`` (the
-source manifest's sha256 and the selection) and is written last; it passes
-``qrobust verify``. It holds no
+source manifest's sha256 and the selection) and is written last, after the
+packed corpus's own dataset card; it passes ``qrobust verify``. It holds no
 local path, even when the source corpus (written before) recorded some. The
 output folder must be new or empty; after a failure the files this run wrote
 are removed again.
@@ -44,6 +44,7 @@ from pathlib import Path
 from qrobust.generate import outdir
 from qrobust.generate.writer import ShardFile
 from qrobust.shared import manifest as mf
+from qrobust.shared.card import CARD_NAME, write_card
 from qrobust.shared.files import file_sha256, partial_path, write_atomic
 from qrobust.shared.verify import local_shard_problem
 from qrobust.shared.errors import QrobustError
@@ -94,6 +95,8 @@ def pack(corpus: str, out: str, *, only: list[str] | None = None, exclude: list[
         problems = mf.manifest_problems(result)
         if problems:  # a bug of pack's, never the user's: keep nothing that claims to be valid
             raise RuntimeError(f"packed manifest is inconsistent: {problems[0][1]}")
+        written.append(target / CARD_NAME)
+        write_card(target, result)
         write_atomic(target / mf.MANIFEST_NAME, mf.dumps(result))
     except BaseException:
         _remove(target, written)
@@ -161,6 +164,7 @@ def _pack(root: Path, manifest: dict, kept: list[str], target: Path, written: li
     result = mf.portable(manifest)  # a copy; the local paths a corpus written before recorded, made relative
     result["variants"] = {vid: result["variants"][vid] for vid in kept}
     result.pop("packed_from", None)
+    result.pop("card", None)  # the packed corpus gets a card of its own
     n_shards = sum(len(manifest["variants"][vid]["shards"]) for vid in kept)
     subset = None
     if limit is not None or per_class is not None:

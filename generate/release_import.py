@@ -30,7 +30,7 @@ another frame count than the other videos of its perturbation.
 ``--limit`` / ``--per-class`` select by key before probing, as ``generate``
 does. Shards are written atomically and skipped when present (an interrupted
 import resumes; a rerun gives identical bytes); probe results are cached in
-``OUT/.qrobust``; the manifest is written last.
+``OUT/.qrobust``; the dataset card and then the manifest are written last.
 The manifest holds no local path (see :func:`_manifest`). Listing keeps about
 200 bytes per file in memory (some 1 GB for the 3.75 million files of
 ImageNet-C).
@@ -52,6 +52,7 @@ from qrobust.generate.release_tree import (KINDS, MEMBER, SAMPLES_PER_SHARD, Lis
 from qrobust.generate.release_tree import fingerprint as release_fingerprint
 from qrobust.generate.writer import ShardFile
 from qrobust.shared import manifest as mf
+from qrobust.shared.card import write_card
 from qrobust.shared.files import write_atomic
 from qrobust.shared.versions import library_versions, pixel_libraries
 from qrobust.shared.noises import is_noise_sequence
@@ -128,6 +129,7 @@ def import_release(kind: str, root: str, out: str, *, classes: str | None = None
         spec = dict(spec, geometry={"crop": crop})
         summaries = _write_all(kind, top, target, listing, keys, labels, per, old, workers, progress)
         manifest = _manifest(kind, top, spec, class_list, keys, listing, frames, summaries, plan, versions, classes)
+        write_card(target, manifest)
         write_atomic(target / mf.MANIFEST_NAME, mf.dumps(manifest))
     return manifest
 

@@ -6,9 +6,9 @@ longest first, and a group too heavy for the worker count is split into one
 job per variant (:func:`plan_jobs`), so the workers finish together. Every
 (variant, sample) is seeded from (suite seed, variant id, key), each shard is
 written by one job from its samples in key order, shards are published
-atomically and skipped when present, and the manifest is written last, so the
-corpus is byte-identical whatever the worker count, however the jobs were cut,
-and however often a run was interrupted and resumed. The
+atomically and skipped when present, and the dataset card then the manifest are
+written last, so the corpus is byte-identical whatever the worker count, however
+the jobs were cut, and however often a run was interrupted and resumed. The
 manifest holds no local path: the source folder by its name, the label file and
 rejected inputs relative to it.
 """
@@ -22,6 +22,7 @@ from pathlib import Path
 from qrobust.generate import executors, jobs, outdir, parts
 from qrobust.generate.writer import encoding_record
 from qrobust.shared import manifest as mf
+from qrobust.shared.card import write_card
 from qrobust.shared.files import partial_path, write_atomic
 from qrobust.shared.verify import local_shard_problem
 from qrobust.shared.versions import library_versions, pixel_libraries
@@ -269,7 +270,8 @@ def _generate_locked(ex, the_suite: Suite, variants: list[Variant], listed: Sour
 
 
 def _write_manifest(out: Path, manifest: dict) -> dict:
-    """Write the manifest, last, after checking it as ``verify`` and ``score`` will."""
+    """Write the dataset card, then the manifest (which records the card), last, after checking it as
+    ``verify`` and ``score`` will."""
     problems = mf.manifest_problems(manifest)
     if problems:  # a bug, or shards cut from different sample lists: never bless them
         raise GenerateError(f"the corpus is inconsistent, no manifest written: {problems[0][1]} "
@@ -280,6 +282,7 @@ def _write_manifest(out: Path, manifest: dict) -> dict:
         raise GenerateError(f"{len(absent)} shard(s) the workers reported are not in {out} as reported "
                             f"(first: {absent[0]}), no manifest written: do all workers see {out.resolve()} "
                             "at that same path? Rerun to resume")
+    write_card(out, manifest)
     write_atomic(out / mf.MANIFEST_NAME, mf.dumps(manifest))
     return manifest
 

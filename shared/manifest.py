@@ -4,6 +4,7 @@
 ::
 
     <corpus>/manifest.json
+    <corpus>/README.md                            the dataset card (qrobust.shared.card), recorded under "card"
     <corpus>/<family>/<name>/<name>-000000.tar    one WebDataset shard set per variant
 
 A shard sample is ``<key>.cls`` (the integer label, as text) plus one payload
@@ -26,6 +27,7 @@ import stat
 from collections import Counter
 from pathlib import Path
 
+from qrobust.shared.card import CARD_NAME
 from qrobust.shared.errors import QrobustError
 from qrobust.shared.shards import keys_digest
 from qrobust.shared.versions import pixel_libraries
@@ -217,6 +219,11 @@ def parse_manifest(raw: bytes, path: str) -> dict:
             raise bad(f"{key} is not a table")
     if not _optional(manifest.get("plan_sha256"), str):
         raise bad("plan_sha256 is not a string")
+    card = manifest.get("card")  # absent in corpora written before cards were
+    if card is not None and not (isinstance(card, dict) and card.get("name") == CARD_NAME
+                                 and _int(card.get("bytes"), 0, MAX_MANIFEST_BYTES)
+                                 and isinstance(card.get("sha256"), str)):
+        raise bad(f"card is not an entry of {CARD_NAME} with its bytes and sha256")
     variants = manifest.get("variants")
     samples = manifest.get("samples")
     if not isinstance(variants, dict) or not isinstance(samples, dict) or not _int(samples.get("count")) \

@@ -2,7 +2,9 @@
 
 Every shard's presence, size, sha256, structure, sample count and keys are
 checked (:mod:`qrobust.shared.shards` reads the structure without extracting
-anything), and files the manifest does not name are reported.
+anything), so is the dataset card (``README.md``) where the manifest records one
+(corpora written before cards were record none), and files the manifest does
+not name are reported.
 """
 from __future__ import annotations
 
@@ -12,12 +14,13 @@ import stat
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from qrobust.shared.files import file_sha256
 from qrobust.shared.manifest import MANIFEST_NAME, load_manifest, manifest_problems
 from qrobust.shared.shards import ShardError, keys_digest, scan_shard
 
 
 def local_shard_problem(corpus: Path, name: str, size: int) -> str | None:
-    """Why the shard file ``name`` of a local corpus cannot be used as is, or None: missing, not a
+    """Why the shard file ``name`` (or the card) of a local corpus cannot be used as is, or None: missing, not a
     regular file (a FIFO or device would block or never end), resolving outside the corpus (a
     symbolic link), or of another size than the manifest's. Reads nothing."""
     path = corpus / name
@@ -70,10 +73,29 @@ def _check_shard(corpus: Path, shard: dict, rehash: bool) -> tuple[list[str], li
     return problems, keys
 
 
+def card_problem(corpus: Path, manifest: dict, rehash: bool = True) -> str | None:
+    """Why the dataset card the manifest records is not as recorded (missing, not a regular file, of
+    another size or, with ``rehash``, another sha256), or None; None too when it records no card."""
+    card = manifest.get("card")
+    if card is None:
+        return None
+    problem = local_shard_problem(corpus, card["name"], card["bytes"])
+    if problem is None and rehash:
+        try:
+            if file_sha256(corpus / card["name"]) != card["sha256"]:
+                problem = f"{card['name']}: sha256 mismatch (content changed)"
+        except OSError as e:
+            problem = f"{card['name']}: cannot read: {e.strerror or e}"
+    return problem
+
+
 def extra_files(corpus: Path, manifest: dict, variants: list[str] | None = None) -> list[str]:
     """Files of a local corpus that its manifest does not list (relative paths): in the folders of
-    ``variants`` only, or anywhere but ``manifest.json`` and hidden entries (``.qrobust/``) if None."""
+    ``variants`` only, or anywhere but ``manifest.json``, the card it records and hidden entries
+    (``.qrobust/``) if None."""
     listed = {s["name"] for entry in manifest["variants"].values() for s in entry["shards"]}
+    if manifest.get("card") is not None:
+        listed.add(manifest["card"]["name"])
     if variants is None:
         roots = sorted(p for p in corpus.iterdir() if not p.name.startswith(".") and p.name != MANIFEST_NAME)
     else:
@@ -95,7 +117,7 @@ def verify_corpus(corpus: str | os.PathLike, *, rehash: bool = True, workers: in
     """Check every shard of a corpus against its manifest; return the problems found.
 
     Each problem is one line naming the file: missing, extra, wrong size,
-    wrong sha256, wrong sample count, keys out of order or duplicated, unsafe
+    wrong sha256 (shards and the card), wrong sample count, keys out of order or duplicated, unsafe
     or unexpected members (see :func:`scan_shard`), shards that are links out
     of the corpus, a manifest edited by hand (see :func:`manifest_problems`),
     and variants whose counts disagree with the manifest. An empty list means
@@ -119,5 +141,7 @@ def verify_corpus(corpus: str | os.PathLike, *, rehash: bool = True, workers: in
             if all(p is not None for p in parts) and keys_digest([k for p in parts for k in p]) != \
                     samples.get("keys_sha256"):
                 problems.append(f"{vid}: its samples differ from the corpus's sample list")
+    card = card_problem(corpus, manifest, rehash)
+    problems += [card] if card else []
     problems += [f"{rel}: extra file not in the manifest" for rel in extra_files(corpus, manifest)]
     return problems

@@ -264,7 +264,7 @@ def parse(raw: bytes):
 
 @fuzz(400, 1)
 @given(doc=json_values | st.dictionaries(st.sampled_from(["schema", "suite", "samples", "variants", "classes",
-                                                          "seed", "source", "versions", "plan_sha256"]),
+                                                          "seed", "source", "versions", "plan_sha256", "card"]),
                                          json_values).map(lambda d: {**d, "schema": SCHEMA}),
        raw=st.none() | st.binary(max_size=200))
 def test_random_documents_are_refused_or_parsed(doc, raw):

@@ -66,8 +66,8 @@ def test_variant_subset_keeps_the_shards(corpus, tmp_path):
     assert not [p for p in out.rglob("*") if p.is_file() and "partial" in p.name]
 
 
-def test_packed_manifest_holds_no_local_path(corpus, tmp_path):
-    """Also when the source corpus was written before manifests left out local paths."""
+def test_packed_manifest_holds_no_local_path_and_its_own_card(corpus, tmp_path):
+    """Also when the source corpus was written before manifests left out local paths and had cards."""
     old = tmp_path / "old"
     shutil.copytree(corpus, old)
     source = manifest_of(old)
@@ -75,7 +75,9 @@ def test_packed_manifest_holds_no_local_path(corpus, tmp_path):
     source["source"] = dict(source["source"], root=root, label_file=f"{root}/val.txt")
     source["rejected"] = [{"path": f"{root}/n1/a.b.jpg", "reason": f"duplicate key 'a_b' (also {root}/n1/a_b.jpg)"},
                           {"path": "/elsewhere/x.jpg", "reason": "empty file"}]
+    source.pop("card")
     (old / "manifest.json").write_text(json.dumps(source, indent=1, sort_keys=True) + "\n")
+    (old / "README.md").unlink()
     assert verify_corpus(old) == []
     for name, selection in (("variants", {"only": ["clean/*"]}), ("samples", {"per_class": 1})):
         packed = pack(str(old), str(tmp_path / name), progress=False, **selection)
@@ -85,6 +87,11 @@ def test_packed_manifest_holds_no_local_path(corpus, tmp_path):
         assert packed["rejected"] == [{"path": "n1/a.b.jpg", "reason": "duplicate key 'a_b' (also n1/a_b.jpg)"},
                                       {"path": "x.jpg", "reason": "empty file"}]
         assert packed["plan_sha256"] == source["plan_sha256"] or name == "samples"  # the plan holds no path
+        card = (tmp_path / name / "README.md").read_text()
+        assert packed["card"]["bytes"] == len(card.encode()) and "qrobust pack" in card
+        configs = card.split("\nconfigs:\n")[1].split("\ndataset_info:\n")[0]
+        assert [line for line in configs.splitlines() if line.startswith("- config_name: ")] == \
+            [f'- config_name: "{vid.replace("/", "--")}"' for vid in sorted(packed["variants"])]
 
 
 def test_shards_are_copied_across_file_systems(corpus, tmp_path, monkeypatch):

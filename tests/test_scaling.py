@@ -111,8 +111,8 @@ def test_finalize_names_the_missing_part_then_writes_the_manifest(setup, tmp_pat
 
 
 def test_parts_and_finalize_resume_a_corpus_with_local_paths(setup, tmp_path):
-    """A corpus written before manifests left out local paths: a part run again, and --finalize, resume
-    it (the plan holds no path) and write the corpus a run writes today."""
+    """A corpus written before manifests left out local paths and corpora had cards: a part run again,
+    and --finalize, resume it (the plan holds no path) and write the corpus a run writes today."""
     out = tmp_path / "corpus"
     for part in ("1/2", "2/2"):
         assert generate(setup, out, "--part", part, "--workers", 1) == 0
@@ -120,7 +120,9 @@ def test_parts_and_finalize_resume_a_corpus_with_local_paths(setup, tmp_path):
     def make_old() -> None:
         manifest = json.loads((out / "manifest.json").read_text())
         manifest["source"]["root"] = str(setup[1].resolve())
+        manifest.pop("card")
         (out / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        (out / "README.md").unlink()
         assert verify_corpus(out) == []
 
     make_old()
