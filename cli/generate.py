@@ -1,6 +1,7 @@
 """``qrobust generate``, ``verify``, ``pack`` and ``import``: making and checking corpora."""
 from __future__ import annotations
 
+import sys
 
 from qrobust.cli.common import EXIT_PROBLEMS, globs, print_json, printable, resolve, subparser
 
@@ -69,7 +70,8 @@ def add_verify(sub) -> None:
     p.add_argument("--size-only", action="store_true", help="check presence and byte sizes only (fast)")
     p.add_argument("--check-env", action="store_true",
                    help="also flag pixel-deciding libraries (Pillow, OpenCV, FFmpeg, ...) whose installed version "
-                        "differs from the one that built the corpus")
+                        "differs from the one that built the corpus, and print the pins that match it "
+                        "(qrobust ships its tested versions as constraints/pixels.txt: pip install -c FILE)")
     p.add_argument("--workers", type=int, help="hashing threads")
     p.set_defaults(run=_cmd_verify)
 
@@ -77,7 +79,7 @@ def add_verify(sub) -> None:
 def _cmd_verify(args) -> int:
     from qrobust.shared.manifest import load_manifest
     from qrobust.shared.verify import verify_corpus
-    from qrobust.shared.versions import environment_differences
+    from qrobust.shared.versions import constraints_file, corpus_pins, environment_differences
 
     manifest = load_manifest(args.corpus)
     n = sum(len(v["shards"]) for v in manifest["variants"].values())
@@ -88,18 +90,27 @@ def _cmd_verify(args) -> int:
         bar = progress_bar(n, "verify", "shard")
     try:
         problems = verify_corpus(args.corpus, rehash=not args.size_only, workers=args.workers,
-                                              progress=bar.update if bar else None)
+                                 progress=bar.update if bar else None)
     finally:
         if bar:
             bar.close()
+    pins = []
     if args.check_env:
-        problems += [f"environment: {d}" for d in environment_differences(manifest)]
+        differences = environment_differences(manifest)
+        problems += [f"environment: {d}" for d in differences]
+        if differences:
+            pins = corpus_pins(manifest)
     if args.json:
         print_json({"corpus": args.corpus, "ok": not problems, "variants": len(manifest["variants"]), "shards": n,
-                    "problems": problems})
+                    "problems": problems, "pins": pins})
         return EXIT_PROBLEMS if problems else 0
     for p in problems:
         print(printable(f"MISMATCH {p}"))
+    if pins:  # how to get back to the bytes of this corpus
+        shipped = constraints_file()
+        print(printable("to build or extend this corpus byte for byte, install the versions that built it: "
+                        f"pip install {' '.join(pins)}  (qrobust's own tested versions: pip install -c {shipped})"),
+              file=sys.stderr)
     if problems:
         print(printable(f"{args.corpus}: {len(problems)} problem(s) in {n} shards"))
         return EXIT_PROBLEMS

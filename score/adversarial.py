@@ -330,10 +330,7 @@ def attack_config(path: str | None = None, sets: list[str] | None = None) -> dic
     >>> attack_config(sets=["pgd-linf.steps=50", "pgd-l2.budgets.small=0.25"])
     {'pgd-linf': {'steps': 50}, 'pgd-l2': {'budgets': {'small': 0.25}}}
     """
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib
+    import tomllib
 
     config: dict = {}
     if path:

@@ -9,16 +9,12 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+import tomllib
 
 from qrobust.shared.errors import QrobustError
 from qrobust.shared.noises import (CORRUPTIONS, PERTURBATIONS, SEQUENCE_PERTURBATIONS, SYSTEMATIC_DECODERS,

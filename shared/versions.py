@@ -56,3 +56,32 @@ def environment_differences(manifest: dict) -> list[str]:
     libs = pixel_libraries(manifest.get("suite", {}).get("spec") or {})
     return [f"{lib}: corpus built with {built[lib]}, installed {here.get(lib)}"
             for lib in libs if built.get(lib) is not None and built[lib] != here.get(lib)]
+
+
+# the PyPI distributions that carry the pixel libraries (libjpeg-turbo ships in Pillow's wheel, FFmpeg and
+# x264 in av's), in the order of the constraints file shipped with qrobust
+PIXEL_DISTRIBUTIONS = ("numpy", "Pillow", "scipy", "scikit-image", "imagecorruptions", "opencv-python",
+                       "opencv-python-headless", "av")
+
+
+def constraints_file():
+    """The pip constraints file shipped with qrobust: the pixel libraries' versions it was last tested with."""
+    from pathlib import Path
+
+    return Path(__file__).resolve().parent.parent / "constraints" / "pixels.txt"
+
+
+def corpus_pins(manifest: dict) -> list[str]:
+    """``name==version`` pins of the pixel libraries that built a corpus (from its manifest), for
+    ``pip install -c``: with them, another machine makes the same bytes."""
+    built = manifest.get("versions") or {}
+    uses_ffmpeg = "av" in pixel_libraries(manifest.get("suite", {}).get("spec") or {})
+    return [f"{dist}=={built[dist]}" for dist in PIXEL_DISTRIBUTIONS
+            if isinstance(built.get(dist), str) and (dist != "av" or uses_ffmpeg) and _plain_version(built[dist])]
+
+
+def _plain_version(version: str) -> bool:
+    """A version fit for a pin (a manifest is a file from someone else: no spaces, options or URLs)."""
+    import re
+
+    return re.fullmatch(r"[0-9][0-9A-Za-z.+!-]{0,40}", version) is not None

@@ -480,8 +480,8 @@ def bad_source(root: Path) -> tuple[dict[str, int], dict[str, str], list[str]]:
         "nolabel.JPEG": r"missing label: not listed in val\.txt",
         "unknown_label.JPEG": r"unknown label 'n99': not in the class list classes\.txt \(3 classes\)",
         "twice.JPEG": r"listed in val\.txt with different labels \(n01, n02\)",
-        "dup.png": r"duplicate key 'dup' \(also .*/dup\.JPEG\)",
-        "dotted_name.v2.JPEG": r"duplicate key 'dotted_name_v2' \(also .*/dotted\.name\.v2\.JPEG\)",
+        "dup.png": r"duplicate key 'dup' \(also dup\.JPEG\)",
+        "dotted_name.v2.JPEG": r"duplicate key 'dotted_name_v2' \(also dotted\.name\.v2\.JPEG\)",
         "dangling.JPEG": r"broken link: No such file or directory",
         "fifo.JPEG": r"not a regular file \(a FIFO, device or socket\)",
     }
@@ -541,7 +541,8 @@ def test_generate_builds_the_good_and_lists_every_bad_input_once(built):
     assert set(rejected) == set(bad)
     for name, pattern in bad.items():
         assert re.fullmatch(pattern, rejected[name]), (name, rejected[name])
-        logged = [m for m in messages if m == f"rejected {tmp / 'src' / name}: {rejected[name]}"]
+        # the log names full paths (for the person at the terminal); the manifest, paths relative to the source
+        logged = [m for m in messages if m.replace(f"{tmp / 'src'}/", "") == f"rejected {name}: {rejected[name]}"]
         assert len(logged) == 1, (name, messages)
     assert all("\n" not in r["reason"] and "\n" not in r["path"] for r in manifest["rejected"])
     assert manifest["samples"]["count"] == len(good) == 16
@@ -576,7 +577,7 @@ def test_strict_stops_at_the_first_bad_file_when_listing(built, tmp_path):
 
     tmp, manifest, _, _, listing, _ = built
     first = sorted(tmp / "src" / n for n in listing)[0]
-    reason = {r["path"]: r["reason"] for r in manifest["rejected"]}[str(first)]
+    reason = {r["path"]: r["reason"] for r in manifest["rejected"]}[first.name]
     with pytest.raises(GenerateError) as e:
         generate(str(tmp / "suite.toml"), str(tmp / "src"), str(tmp_path / "strict"),
                  classes=str(tmp / "classes.txt"), only=ONLY, strict=True, workers=1, progress=False)

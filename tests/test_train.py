@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -101,6 +102,19 @@ def test_folder_data_are_float_images_in_unit_range_and_augmentation_is_seeded(d
     rng = torch.get_rng_state()
     train_ds[7]
     assert torch.equal(rng, torch.get_rng_state())  # the global RNG is left alone
+
+
+def test_validation_data_are_found_beside_the_training_data(data, tmp_path, caplog):
+    given = open_splits(data / "train", data / "val", image_size=SIZE)[1]
+    for train_root in (data / "train", data):  # `--train data/train` (sibling val/), `--train data` (train/, val/)
+        train_ds, val_ds = open_splits(train_root, image_size=SIZE)
+        assert [it.key for it in val_ds.items] == [it.key for it in given.items] and len(train_ds) == 24 * CLASSES
+    lone = tmp_path / "train"  # a folder named train with no val beside it: a held-out tenth, logged
+    shutil.copytree(data / "train", lone)
+    with caplog.at_level("WARNING", logger="qrobust"):
+        train_ds, val_ds = open_splits(lone, image_size=SIZE)
+    assert len(val_ds) == 2 * CLASSES and len(train_ds) == 22 * CLASSES  # the 10th and 20th of each class
+    assert "holding out" in caplog.text
 
 
 def test_loader_order_and_crops_do_not_depend_on_worker_count(data):

@@ -309,13 +309,17 @@ def open_splits(train_root: str | os.PathLike, val_root: str | os.PathLike | Non
                 holdout: int = 10) -> tuple[ImageData, ImageData]:
     """Training data (augmented) and validation data (center crop) with the same class indices.
 
-    Without ``val_root``: a folder holding ``train/`` and ``val/`` uses them;
-    otherwise every ``holdout``-th sample of each class (in key order) is held
-    out for validation (logged).
+    Without ``val_root``: a folder holding ``train/`` and ``val/`` uses them, a
+    folder named ``train`` uses its sibling ``val`` (``data/train`` and
+    ``data/val``, ImageNet's own layout); otherwise every ``holdout``-th sample
+    of each class (in key order) is held out for validation (logged).
     """
     root = Path(os.path.expanduser(str(train_root)))
     if val_root is None and not is_shards(root) and (root / "train").is_dir() and (root / "val").is_dir():
         root, val_root = root / "train", root / "val"
+    elif val_root is None and root.name == "train" and root.is_dir() and (root.parent / "val").is_dir():
+        val_root = root.parent / "val"
+        log.info("validation data: %s (the sibling of %s)", val_root, root)
     train = open_data(root, mode="train", image_size=image_size, seed=seed, num_classes=num_classes)
     if val_root is not None:
         val = open_data(val_root, mode="val", image_size=image_size, seed=seed, num_classes=num_classes)
