@@ -10,14 +10,18 @@ reaches all of them). See README.md and docs/design.md.
 
 from qrobust._version import __version__
 
-__all__ = ["evaluate", "__version__"]
+__all__ = ["evaluate", "QrobustError", "__version__"]
 
 
 def __getattr__(name: str):
-    """``qrobust.evaluate`` (:func:`qrobust.score.api.evaluate`), imported on first use so that
-    ``import qrobust`` stays light."""
+    """``qrobust.evaluate`` (:func:`qrobust.score.api.evaluate`) and ``qrobust.QrobustError`` (the base of the
+    errors that are the user's to fix), imported on first use so that ``import qrobust`` stays light."""
     if name == "evaluate":
         from qrobust.score.api import evaluate
 
         return evaluate
+    if name == "QrobustError":
+        from qrobust.shared.errors import QrobustError
+
+        return QrobustError
     raise AttributeError(f"module 'qrobust' has no attribute {name!r}")

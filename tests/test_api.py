@@ -67,8 +67,10 @@ def test_evaluate_an_in_memory_module(setup, tmp_path):
 
 
 def qrobust_error():
+    import qrobust
     from qrobust.shared.errors import QrobustError
 
+    assert qrobust.QrobustError is QrobustError  # what a notebook catches
     return QrobustError
 
 
