@@ -38,7 +38,6 @@ import logging
 import os
 import re
 import shutil
-import sys
 from pathlib import Path
 
 from qrobust.generate import outdir
@@ -154,9 +153,9 @@ def _remove(target: Path, written: list[Path]) -> None:
 
 
 def _bar(total: int, enabled: bool):
-    from tqdm import tqdm
+    from qrobust.shared.progress import bar
 
-    return tqdm(total=total, desc="pack", unit="shard", disable=not enabled, file=sys.stderr, dynamic_ncols=True)
+    return bar(total, "pack", "shard", enabled=enabled)
 
 
 def _pack(root: Path, manifest: dict, kept: list[str], target: Path, written: list[Path], *, limit, per_class,

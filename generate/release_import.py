@@ -41,7 +41,6 @@ import json
 import logging
 import multiprocessing
 import os
-import sys
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
@@ -244,11 +243,11 @@ def _probe_all(kind: str, root: Path, listing: Listing, keys: list[str], target:
 def _map(fn, tasks: list, make, sizes: list[int], workers: int, desc: str, progress: bool) -> list:
     """``fn(*make(task))`` for every task, results in order: in this process, or over ``workers`` spawned
     processes with at most two tasks per worker in flight, each task's arguments made just before it is
-    submitted (those of all the files of a release at once would take gigabytes). A tqdm bar (stderr)
-    counts ``sizes[i]`` files per task."""
-    from tqdm import tqdm
+    submitted (those of all the files of a release at once would take gigabytes). The progress (a bar on
+    a terminal, plain lines in a log) counts ``sizes[i]`` files per task."""
+    from qrobust.shared.progress import bar as progress_bar
 
-    bar = tqdm(total=sum(sizes), desc=desc, unit="file", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    bar = progress_bar(sum(sizes), desc, "file", enabled=progress)
     results: list = [None] * len(tasks)
     try:
         if workers <= 1 or len(tasks) <= 1:

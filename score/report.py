@@ -208,7 +208,8 @@ def _page(models: list[Model], findings: list[str], sections: list[tuple[Table, 
     corpus = models[0].s["corpus"]
     per_arch = "<br>".join(f"<b>{html.escape(ARCHS.get(a, a))}</b>: " + html.escape(", ".join(
         m.short + (" (NC)" if m.nc else "") for m in ms)) for a, ms in groups_of(models))
-    names = "<br>".join(html.escape(f"{m.name}: {m.folder}") for _, ms in groups_of(models) for m in ms)
+    # each results folder by its name: the page goes to collaborators, local paths stay here
+    names = "<br>".join(html.escape(f"{m.name}: {m.folder.name}") for _, ms in groups_of(models) for m in ms)
     info = {"Models": f"{per_arch}<details><summary>{len(models)} results folders</summary>{names}</details>",
             "Corpus": html.escape(f"{corpus.get('suite', '?')}, {corpus.get('samples', '?')} samples, manifest "
                                   f"{corpus['manifest_sha256'][:16]}"),

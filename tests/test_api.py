@@ -108,3 +108,13 @@ def test_weights_with_a_module_are_refused(setup):
     corpus, _ = setup
     with pytest.raises(qrobust_error(), match="weights go with a model named by a string"):
         qrobust.evaluate(changing_callable(), corpus, weights="x.pth")
+
+
+def test_import_qrobust_is_light_until_evaluate_is_used():
+    import subprocess
+    import sys
+
+    code = ("import sys, qrobust; heavy = lambda: any(m in sys.modules for m in ('torch', 'numpy', 'zarr')); "
+            "print(heavy(), qrobust.QrobustError.__name__, heavy(), callable(qrobust.evaluate), heavy())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "QrobustError", "False", "True", "True"]

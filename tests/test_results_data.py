@@ -61,3 +61,6 @@ def test_two_models_of_one_kind_stay_distinguishable(scored, tmp_path):
     assert set(table["results"]) == {"a", "b"}
     page = (out / "index.html").read_text()
     assert "tiny_cnn [a]" in page and "tiny_cnn [b]" in page
+    for path in [*out.rglob("*"), tmp / "a" / "summary.json", tmp / "a" / "results.csv"]:  # shared as they are
+        if path.is_file():
+            assert str(tmp) not in path.read_bytes().decode("utf-8", "replace"), f"{path} names a local path"
