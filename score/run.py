@@ -244,7 +244,9 @@ def _score(corpus, model, out, ctx, *, weights, only, exclude, device, batch_siz
     if jobs_run is not None:
         summary["env"]["attacks"] = jobs_run
     write_atomic(store.path / "summary.json", json.dumps(summary, indent=1, sort_keys=True))
-    write_atomic(store.path / "results.csv", tidy.to_csv(tidy.rows(summary, store.path.name)))  # for pandas
+    # for pandas; the `results` column stays empty here (the file's place names its folder, and a folder's
+    # bytes do not depend on its name): `report` fills it for its models
+    write_atomic(store.path / "results.csv", tidy.to_csv(tidy.rows(summary)))
     return summary
 
 

@@ -54,7 +54,8 @@ def _split(path: str) -> tuple[str, str, str]:
 
 
 def rows(summary: dict, results: str = "", nc: bool = False) -> list[dict]:
-    """The rows of one model's summary (``results``: its results folder's name)."""
+    """The rows of one model's summary (``results``: its results folder's name, in a report; empty in the
+    folder's own table)."""
     model = summary.get("model") or {}
     quant = model.get("quant") or {}
     intervals = ((summary.get("intervals") or {}).get("values")) or {}
