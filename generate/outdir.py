@@ -9,11 +9,10 @@ part of the corpus (``verify`` and ``score`` never read it).
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 from pathlib import Path
 
-
+from qrobust.shared import files
 from qrobust.shared.files import PARTIAL_SUFFIX
 from qrobust.shared.errors import QrobustError
 
@@ -38,22 +37,10 @@ def locked(out: Path, shared: bool = False, error: type[QrobustError] = QrobustE
     """An advisory lock on the corpus folder, released at exit: exclusive for a whole run, shared by
     ``generate --part`` runs (they build disjoint shards side by side)."""
     (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
-    # read and write: NFS emulates flock with byte-range locks, and a shared (read) lock needs read access
-    with open(out / STATE_DIR / "lock", "a+") as f:
-        try:
-            import fcntl
-
-            fcntl.flock(f, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-        except ImportError:  # not POSIX: no lock
-            pass
-        except OSError as e:
-            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                log.warning("cannot lock %s on this file system (%s): make sure no other run writes there",
-                            out, errno.errorcode.get(e.errno, e.errno))
-            else:
-                what = "a run without --part (or --finalize)" if shared else \
-                    "another `qrobust generate` (a whole run, or --part runs) or import"
-                raise error(f"{what} is writing {out}; wait for it or use another --out") from None
+    what = "a run without --part (or --finalize)" if shared else \
+        "another `qrobust generate` (a whole run, or --part runs) or import"
+    with files.locked(out / STATE_DIR / "lock", shared=shared, error=error,
+                      busy=f"{what} is writing {out}; wait for it or use another --out"):
         yield
 
 

@@ -14,6 +14,8 @@
                                   holds the corpus rows attacked, group attributes each job's settings
     RESULTS/progress.json         the (variant, shard) units and (attack job, batch) units written
     RESULTS/summary.json          every metric, recomputed from the stored predictions
+    RESULTS/.lock                 held by the one `qrobust score` writing the folder (:func:`writing`);
+                                  `report` reads a folder only while no run holds it (:func:`reading`)
     RESULTS/parts/rank-R-of-W/    only during a distributed run (or after one was interrupted): rank R's
                                   own store of the same layout (:class:`PartStore`), merged into the main
                                   one by rank 0 (:meth:`ResultsStore.absorb_parts`) and then deleted
@@ -28,6 +30,7 @@ at most the units in flight.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -36,12 +39,13 @@ from pathlib import Path
 import numpy as np
 
 from qrobust.shared.errors import QrobustError
-from qrobust.shared.files import remove_dead_partials, write_atomic
+from qrobust.shared.files import locked, remove_dead_partials, remove_store_partials, write_atomic
 
 RESULTS_SCHEMA = "qrobust.results/1"
 TOPK = 5
 PARTS = "parts"  # RESULTS/parts/rank-R-of-W: the stores of the ranks of a distributed run
 SAMPLES = "columns"  # predictions.zarr/columns: the per-sample columns of the summary's intervals
+LOCK = ".lock"  # RESULTS/.lock: the one writer's lock
 KEYS = "sample"  # predictions.zarr/sample: the sample keys, the coordinate of every array's first dimension
 # what the stored numbers mean, for anyone opening the store without qrobust (xarray, zarr)
 CODES = {"top5": "class ids (indices into the root attribute 'classes'), best first: rank 0 is the top-1; "
@@ -58,6 +62,43 @@ log = logging.getLogger("qrobust.score")
 
 class ResultsError(QrobustError):
     """A results folder belongs to another model, corpus or setting."""
+
+
+@contextlib.contextmanager
+def writing(path: str | Path):
+    """Hold the results folder ``path`` (created if needed) as its one writer for the ``with`` block.
+
+    A second ``qrobust score`` on the same folder (another ``--only``, say) is
+    refused with :class:`ResultsError` instead of both writing progress.json
+    and losing each other's units. Holding the lock, the writer clears what a
+    killed run half-wrote inside the zarr store (those files name no process).
+    """
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ResultsError(f"--out {path} exists and is not a folder") from None
+    except OSError as e:
+        raise ResultsError(f"cannot create --out {path}: {e.strerror or e}") from None
+    if (path / LOCK).is_symlink():
+        raise ResultsError(f"{path / LOCK} is a link, which `qrobust score` never writes; use a new --out")
+    with locked(path / LOCK, error=ResultsError,
+                busy=f"another `qrobust score` is writing {path}; wait for it, or give this run its own --out"):
+        remove_store_partials(path)
+        yield path
+
+
+@contextlib.contextmanager
+def reading(path: str | Path):
+    """Read the results folder ``path`` for the ``with`` block only while no ``score`` writes it: a
+    summary and predictions read mid-run could belong to two different moments."""
+    lock = Path(path) / LOCK
+    if not lock.is_file() or lock.is_symlink():  # never written by a locking qrobust: nothing to wait for
+        yield Path(path)
+        return
+    with locked(lock, shared=True, error=ResultsError,
+                busy=f"{path}: a `qrobust score` is writing it; report it when the run has finished"):
+        yield Path(path)
 
 
 def _read_json(path: Path):
@@ -87,7 +128,7 @@ class ResultsStore:
                 differ = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
                 raise ResultsError(f"{self.path} holds results of another {', '.join(differ)}; "
                                    "use a new --out (one results folder per model and corpus)")
-        elif any(self.path.iterdir()):
+        elif any(p.name != LOCK for p in self.path.iterdir()):
             raise ResultsError(f"{self.path} is not empty and holds no qrobust results; choose a new --out")
         else:
             write_atomic(ident_path, json.dumps(identity, indent=1, sort_keys=True))

@@ -10,6 +10,7 @@ batches are dealt to the ranks, each writing its own part, merged by rank 0
 """
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import logging
@@ -21,7 +22,7 @@ from qrobust.score import distributed as dist
 from qrobust.score import input_check, tidy
 from qrobust.score import adversarial, summary as summaries
 from qrobust.score import logits
-from qrobust.score.results import PartStore, ResultsStore
+from qrobust.score.results import PartStore, ResultsStore, writing
 from qrobust.score.stream import Corpus, CorpusError, Failure, Unit, UnitStream
 from qrobust.shared.files import write_atomic
 
@@ -187,67 +188,71 @@ def _score(corpus, model, out, ctx, *, weights, only, exclude, device, batch_siz
     layout = _layout(manifest, variants, rows)
     by_id = {ResultsStore.unit_id(u.variant, u.index): u for u in all_units}
 
-    def open_store() -> ResultsStore:  # and keep what an interrupted distributed run left in its parts
-        store = ResultsStore(out, identity, layout, chunk)
-        store.describe(manifest.get("classes") or [])
-        if store.absorb_parts(by_id):
-            log.info("merged the parts of an interrupted distributed run")
-        return store
+    held = contextlib.ExitStack()
+    if ctx is None or not ctx.rank:  # one writer per results folder: this run (rank 0 for a distributed one)
+        held.enter_context(writing(out))
+    with held:
+        def open_store() -> ResultsStore:  # and keep what an interrupted distributed run left in its parts
+            store = ResultsStore(out, identity, layout, chunk)
+            store.describe(manifest.get("classes") or [])
+            if store.absorb_parts(by_id):
+                log.info("merged the parts of an interrupted distributed run")
+            return store
 
-    store = dist.step(ctx, open_store, root_only=True)
-    if ctx is not None and ctx.rank:  # rank 0 made (or merged) it; the others only read it from here on
-        store = ResultsStore(out, identity, layout, chunk)
-    writer = PartStore(store, ctx.rank, ctx.world, layout, chunk) if ctx is not None else store
-    todo = [u for u in units if store.unit_id(u.variant, u.index) not in store.done]
-    mine = ctx.split(todo) if ctx is not None else todo
-    log.info("%s on %s: %d variants x %d samples, %d of %d units to score%s", spec.name, corpus, len(variants),
-             rows, len(todo), len(units), f", {len(mine)} by rank {ctx.rank} of {ctx.world}" if ctx else "")
-    if workers is None:  # the cores are shared by the ranks of a node
-        per_rank = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world if ctx else 1))
-        workers = min(4, max(0, per_rank - 1))
-    named = spec.name if spec.name == str(model) or not isinstance(model, (str, os.PathLike)) \
-        else f"{spec.name} ({model})"
+        store = dist.step(ctx, open_store, root_only=True)
+        if ctx is not None and ctx.rank:  # rank 0 made (or merged) it; the others only read it from here on
+            store = ResultsStore(out, identity, layout, chunk)
+        writer = PartStore(store, ctx.rank, ctx.world, layout, chunk) if ctx is not None else store
+        todo = [u for u in units if store.unit_id(u.variant, u.index) not in store.done]
+        mine = ctx.split(todo) if ctx is not None else todo
+        log.info("%s on %s: %d variants x %d samples, %d of %d units to score%s", spec.name, corpus, len(variants),
+                 rows, len(todo), len(units), f", {len(mine)} by rank {ctx.rank} of {ctx.world}" if ctx else "")
+        if workers is None:  # the cores are shared by the ranks of a node
+            per_rank = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world if ctx else 1))
+            workers = min(4, max(0, per_rank - 1))
+        named = spec.name if spec.name == str(model) or not isinstance(model, (str, os.PathLike)) \
+            else f"{spec.name} ({model})"
 
-    def score_units() -> None:
-        if mine:
-            try:
-                _run_units(net, writer, source, mine, batch_size, workers, run_device, verify, progress,
-                           spec.num_classes)
-            except logits.ModelOutputError as e:
-                raise logits.ModelOutputError(f"model {named} {e}") from None
+        def score_units() -> None:
+            if mine:
+                try:
+                    _run_units(net, writer, source, mine, batch_size, workers, run_device, verify, progress,
+                               spec.num_classes)
+                except logits.ModelOutputError as e:
+                    raise logits.ModelOutputError(f"model {named} {e}") from None
 
-    dist.step(ctx, score_units)
-    jobs_run = None
-    if attacks:
-        jobs_run = adversarial.attack(net, store, writer, ctx, source, manifest, all_units, rows, attacks=attacks,
-                           budgets=budgets, limit=attack_limit, config=attack_config, rule=budget_scale,
-                           cascade=cascade, transfer_from=transfer_from, n_classes=spec.num_classes,
-                           batch_size=batch_size, device=run_device, verify=verify, progress=progress,
-                           workers=workers, named=named)
-    if ctx is not None:
-        if ctx.rank:
-            return None  # rank 0 merges and reports
-        store.absorb_parts(by_id)
-    predictions = summaries.finished_predictions(store, all_units, manifest)
-    checks = {}
-    if spec.is_callable:  # a user's model: its input convention is the user's choice, and can be wrong
-        checks = input_check.probe(net, spec, source, all_units, predictions, store.labels[...], run_device, verify)
-    summary = summaries.summarize(
-        store, predictions, manifest,
-        model={"name": spec.name, "arch": spec.arch, "quant": spec.quant, "sha256": sha,
-               "state_sha256": state_sha, "normalize": spec.normalize, "spec": _public_spec(spec)},
-        corpus={"suite": manifest["suite"]["name"], "manifest_sha256": source.manifest_sha256, "samples": rows,
-                "location": _public_location(str(corpus))},
-        env={"qrobust": __version__, "torch": torch.__version__, "device": device, "batch_size": batch_size,
-             "seed": manifest.get("seed"), "python": sys.version.split()[0]},
-        checks=checks)
-    if jobs_run is not None:
-        summary["env"]["attacks"] = jobs_run
-    write_atomic(store.path / "summary.json", json.dumps(summary, indent=1, sort_keys=True))
-    # for pandas; the `results` column stays empty here (the file's place names its folder, and a folder's
-    # bytes do not depend on its name): `report` fills it for its models
-    write_atomic(store.path / "results.csv", tidy.to_csv(tidy.rows(summary)))
-    return summary
+        dist.step(ctx, score_units)
+        jobs_run = None
+        if attacks:
+            jobs_run = adversarial.attack(net, store, writer, ctx, source, manifest, all_units, rows, attacks=attacks,
+                               budgets=budgets, limit=attack_limit, config=attack_config, rule=budget_scale,
+                               cascade=cascade, transfer_from=transfer_from, n_classes=spec.num_classes,
+                               batch_size=batch_size, device=run_device, verify=verify, progress=progress,
+                               workers=workers, named=named)
+        if ctx is not None:
+            if ctx.rank:
+                return None  # rank 0 merges and reports
+            store.absorb_parts(by_id)
+        predictions = summaries.finished_predictions(store, all_units, manifest)
+        checks = {}
+        if spec.is_callable:  # a user's model: its input convention is the user's choice, and can be wrong
+            checks = input_check.probe(net, spec, source, all_units, predictions, store.labels[...], run_device, verify)
+        summary = summaries.summarize(
+            store, predictions, manifest,
+            model={"name": spec.name, "arch": spec.arch, "quant": spec.quant, "sha256": sha,
+                   "state_sha256": state_sha, "normalize": spec.normalize, "spec": _public_spec(spec)},
+            corpus={"suite": manifest["suite"]["name"], "manifest_sha256": source.manifest_sha256, "samples": rows,
+                    "location": _public_location(str(corpus))},
+            env={"qrobust": __version__, "torch": torch.__version__, "device": device, "batch_size": batch_size,
+                 "seed": manifest.get("seed"), "python": sys.version.split()[0]},
+            checks=checks)
+        if jobs_run is not None:
+            summary["env"]["attacks"] = jobs_run
+        write_atomic(store.path / "summary.json", json.dumps(summary, indent=1, sort_keys=True))
+        # for pandas; the `results` column stays empty here (the file's place names its folder, and a folder's
+        # bytes do not depend on its name): `report` fills it for its models
+        write_atomic(store.path / "results.csv", tidy.to_csv(tidy.rows(summary)))
+        return summary
 
 
 def _refusal(problems: list[tuple[str | None, str]], corpus: str) -> str:

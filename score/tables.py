@@ -28,6 +28,7 @@ from typing import Iterable
 from qrobust._version import __version__
 from qrobust.score import tidy
 from qrobust.score.comparability import PAPER_ATTACKS
+from qrobust.score.results import reading
 from qrobust.score.summary import OLD_SCHEMAS, SUMMARY_SCHEMA, upgrade
 from qrobust.shared import noises
 from qrobust.shared.architectures import ARCHITECTURES
@@ -250,7 +251,8 @@ def _load(folder, nc_threshold: float) -> Model:
     if not path.is_file():
         raise ReportError(f"{folder}: no summary.json there; pass results folders written by `qrobust score`")
     try:
-        s = json.loads(path.read_text(encoding="utf-8"))
+        with reading(path.parent):  # not while a `score` rewrites it
+            s = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise ReportError(f"{path}: not readable JSON ({' '.join(str(e).split())})") from None
     schema = s.get("schema") if isinstance(s, dict) else None

@@ -7,7 +7,10 @@ killed process left. :func:`file_sha256` is the one hash of a file on disk.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
+import logging
 import os
 import re
 import socket
@@ -48,6 +51,54 @@ def remove_dead_partials(folder: Path) -> int:
         p.unlink(missing_ok=True)  # a link is removed itself, never what it points to
         removed += 1
     return removed
+
+
+# what zarr (>= 3.1) writes a chunk or metadata file to before renaming it: `<name>.<uuid4 hex>.partial`
+_ZARR_PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")
+
+
+def remove_store_partials(folder: Path) -> int:
+    """Remove the half-written files a killed zarr writer left anywhere below ``folder``.
+
+    Their names carry no process, so only the holder of the folder's exclusive
+    :func:`locked` may call this. Links are never followed (``os.walk``'s
+    default); a link with a partial's name is removed itself. Returns how many.
+    """
+    removed = 0
+    for top, _dirs, names in os.walk(folder):
+        for name in names:
+            if _ZARR_PARTIAL.search(name):
+                Path(top, name).unlink(missing_ok=True)
+                removed += 1
+    return removed
+
+
+@contextlib.contextmanager
+def locked(lock_file: Path, *, shared: bool = False, busy: str, error: type[Exception]):
+    """An advisory lock (``flock``) on ``lock_file``, held for the ``with`` block: exclusive for a
+    writer, ``shared`` for readers or cooperating writers. ``error(busy)`` if another process holds it
+    in a conflicting mode; a warning where the file system has no locks (some network mounts)."""
+    try:
+        # read and write: NFS emulates flock with byte-range locks, and a shared (read) lock needs read access
+        f = open(lock_file, "a+")
+    except PermissionError:
+        if not shared or not lock_file.is_file():
+            raise
+        f = open(lock_file)  # a reader of a folder it may not write: a shared lock needs only read access
+    with f:
+        try:
+            import fcntl
+
+            fcntl.flock(f, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except ImportError:  # not POSIX: no lock
+            pass
+        except OSError as e:
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise error(busy) from None
+            logging.getLogger("qrobust").warning(
+                "cannot lock %s on this file system (%s): make sure no other run writes there",
+                lock_file.parent, errno.errorcode.get(e.errno, e.errno))
+        yield
 
 
 def fsync_dir(folder: Path) -> None:
