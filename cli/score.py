@@ -95,7 +95,8 @@ def add_report(sub) -> None:
                   "qrobust report results/* --out report --power 0.005   # images needed to tell 0.5 points apart",
                   json_output=True)
     p.add_argument("results", nargs="+", help="results folders made by `qrobust score`")
-    p.add_argument("--out", required=True, help="report folder")
+    p.add_argument("--out", required=True, help="report folder: new, empty, or an earlier report (rewritten); a "
+                   "folder of other files, or a link, is refused")
     p.add_argument("--nc-threshold", type=float, default=0.1,
                    help="clean accuracy below which a model is reported as NC (not converged); default 0.1")
     p.add_argument("--power", type=float, default=0.005, metavar="DELTA",

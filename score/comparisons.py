@@ -64,8 +64,10 @@ def load(models) -> tuple[dict[int, Sampled], list[str]]:
         try:
             s.draws = uncertainty.resampled(m.s, names, x)
             s.point = uncertainty.point(m.s, names, x)
-        except (KeyError, ValueError, IndexError) as e:  # columns that do not fit the summary: edited or damaged
-            notes.append(f"{m.name}: not compared (its per-sample columns do not fit its summary: {e})")
+        # columns that do not fit the summary, or a summary field of another kind: edited or damaged
+        except (KeyError, ValueError, IndexError, TypeError, AttributeError) as e:
+            notes.append(f"{m.name}: not compared (its per-sample columns do not fit its summary: "
+                         f"{type(e).__name__}: {' '.join(str(e).split())[:200]})")
             continue
         out[id(m)] = s
     return out, notes

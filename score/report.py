@@ -4,21 +4,39 @@
 (one model each, all scored on the same corpus) and writes into ``out``:
 ``tables/<name>.md|.csv|.tex``, ``figures/<name>.png|.svg`` (a metric against
 bit width per method, or a bar or line per model across corruptions, sequences
-or systematic variants), and ``index.html``: header, findings drawn from the
-data, every table and figure, in one file (inline CSS, base64 PNGs).
+or systematic variants), ``index.html``: header, findings drawn from the
+data, every table and figure, in one file (inline CSS, base64 PNGs), and
+``findings.txt``, ``results.csv`` and the marker ``report.json``.
+
+The results come from collaborators, so nothing in them is trusted: every
+summary is checked field by field before use (:mod:`qrobust.score.tables`),
+every name or note from them is escaped for the format it lands in
+(:mod:`qrobust.score.escape`), and ``out`` must be new, empty, or an earlier
+report: a folder of other files, a link, or a link inside the report is
+refused, never written through. Each file is written under a partial name and
+renamed into place.
 """
 from __future__ import annotations
 
 import base64
-import html
 import importlib.util
 import io
+import json
+import os
+import stat
+import warnings
 from pathlib import Path
 
 from qrobust._version import __version__
-from qrobust.score import comparisons, tidy
+from qrobust.score import comparisons, escape, tidy
 from qrobust.score.tables import (ARCHS, HUES, METHODS, TABLES, WRITERS, Col, Model, ReportError, Table,  # noqa: F401
-                                  cell_grid, comparability_lines, groups_of, html_table, load_all)
+                                  cell_grid, checked_name, comparability_lines, groups_of, html_table, load_all)
+from qrobust.shared.errors import NO_SPACE
+from qrobust.shared.files import fsync_dir, partial_path, remove_dead_partials
+
+MARKER = "report.json"  # written first into every report folder: what a rerun may overwrite
+MARKER_SCHEMA = "qrobust.report/1"
+SUBFOLDERS = ("tables", "figures")
 
 # --- figures ------------------------------------------------------------------
 
@@ -40,7 +58,7 @@ def _bits_figure(col: Col, groups):
             pts = sorted(pts + (fp if method != "fp" else []), key=lambda m: m.bits)
             color = _color(method, 6)
             ys = [col.value(m) * col.scale for m in pts]
-            label = METHODS.get(method, method) + (f" [{tag}]" if tag else "")
+            label = _legend(METHODS.get(method, method) + (f" [{tag}]" if tag else ""))
             ax.errorbar([xs.index(m.bits) for m in pts], ys, yerr=_error_bars(col, pts, ys), fmt="o-",
                         color=color, label=label, capsize=3)
             nc = [xs.index(m.bits) for m in ms if (m.method, m.tag) == (method, tag) and m.nc]
@@ -48,8 +66,8 @@ def _bits_figure(col: Col, groups):
         if not any(not m.nc and col.value(m) is not None for m in ms):
             ax.text(0.5, 0.5, "no converged model", ha="center", va="center", transform=ax.transAxes)
         ax.set_xticks(range(len(xs)), [f"{b} (FP)" if b == 32 else str(b) for b in xs])
-        ax.set(title=ARCHS.get(arch, arch), xlabel="bits (x: not converged)",
-               ylabel=col.label + (" (%)" if col.scale == 100 else ""))
+        ax.set(title=escape.mathtext(ARCHS.get(arch, arch)), xlabel="bits (x: not converged)",
+               ylabel=escape.mathtext(col.label) + (" (%)" if col.scale == 100 else ""))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     return fig
@@ -80,16 +98,22 @@ def _variant_figure(cols: list[Col], groups, style: str):
             ys = [float("nan") if c.value(m) is None else c.value(m) * c.scale for c in cols]
             if style == "bar":
                 ax.bar([j - 0.4 + width * (k + 0.5) for j in range(len(cols))], ys, width,
-                       color=_color(m.method, m.bits), label=m.short)
+                       color=_color(m.method, m.bits), label=_legend(m.short))
             else:
-                ax.plot(range(len(cols)), ys, "o-", ms=4, color=_color(m.method, m.bits), label=m.short)
+                ax.plot(range(len(cols)), ys, "o-", ms=4, color=_color(m.method, m.bits), label=_legend(m.short))
         tilt = len(cols) > 6
-        ax.set_xticks(range(len(cols)), [c.label for c in cols], rotation=30 if tilt else 0,
+        ax.set_xticks(range(len(cols)), [escape.mathtext(c.label) for c in cols], rotation=30 if tilt else 0,
                       ha="right" if tilt else "center")
-        ax.set(title=ARCHS.get(arch, arch), ylabel="FP" if cols[0].scale == 1 else "accuracy (%)")
+        ax.set(title=escape.mathtext(ARCHS.get(arch, arch)), ylabel="FP" if cols[0].scale == 1 else "accuracy (%)")
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return fig
+
+
+def _legend(label: str) -> str:
+    """A legend entry: escaped for mathtext, and shown even where it starts with "_" (which hides it)."""
+    label = escape.mathtext(label)
+    return " " + label if label.startswith("_") else label
 
 
 def _color(method: str, bits: int):
@@ -99,8 +123,6 @@ def _color(method: str, bits: int):
 
 
 def _figure(table: Table, cols: list[Col], groups):
-    if importlib.util.find_spec("matplotlib") is None:
-        raise ReportError("the report's figures need matplotlib: pip install matplotlib")
     if table.figure == "bits":
         col = next((c for c in cols if c.mark == "best"), None)
         if col is None or not any(not m.nc and col.value(m) is not None for _, ms in groups for m in ms):
@@ -109,15 +131,18 @@ def _figure(table: Table, cols: list[Col], groups):
     return _variant_figure([c for c in cols if c.mark == "worst"], groups, table.figure)
 
 
+# text is never handed to a TeX installation (a name's "\\input" would run there), whatever matplotlibrc says
+FIGURE_RC = {"text.usetex": False, "svg.hashsalt": "qrobust", "svg.fonttype": "none"}
+
+
 def _save(fig, folder: Path, name: str) -> bytes:
     """Write name.svg and name.png; return the PNG bytes."""
-    import matplotlib
-    with matplotlib.rc_context({"svg.hashsalt": "qrobust", "svg.fonttype": "none"}):
-        fig.savefig(folder / f"{name}.svg", metadata={"Date": None})
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    (folder / f"{name}.png").write_bytes(buf.getvalue())
-    return buf.getvalue()
+    svg, png = io.BytesIO(), io.BytesIO()
+    fig.savefig(svg, format="svg", metadata={"Date": None})
+    fig.savefig(png, format="png", dpi=100)
+    _publish(folder / f"{name}.svg", svg.getvalue())
+    _publish(folder / f"{name}.png", png.getvalue())
+    return png.getvalue()
 
 
 # --- findings and page --------------------------------------------------------
@@ -157,7 +182,8 @@ def _trend(col: Col, models: list[Model], significant: dict | None = None) -> li
     for arch, ms in groups_of([m for m in models if col.value(m) is not None]):
         fp = next((col.value(m) for m in ms if m.method == "fp"), None)
         for method in dict.fromkeys(m.method for m in ms if m.method != "fp"):
-            pts = sorted((m.bits, col.value(m), m) for m in ms if m.method == method)
+            # by bits and value only: two models of one method, bits and value (reruns) are no error
+            pts = sorted(((m.bits, col.value(m), m) for m in ms if m.method == method), key=lambda p: p[:2])
             if fp is not None:
                 for _, v, m in pts:
                     total += 1
@@ -205,26 +231,27 @@ summary{cursor:pointer}"""
 def _page(models: list[Model], findings: list[str], sections: list[tuple[Table, str]], threshold: float) -> str:
     def env(key):
         return ", ".join(sorted({str(m.get("env", key)) for m in models if m.get("env", key) is not None})) or "?"
+    esc = escape.html
     corpus = models[0].s["corpus"]
-    per_arch = "<br>".join(f"<b>{html.escape(ARCHS.get(a, a))}</b>: " + html.escape(", ".join(
+    per_arch = "<br>".join(f"<b>{esc(ARCHS.get(a, a))}</b>: " + esc(", ".join(
         m.short + (" (NC)" if m.nc else "") for m in ms)) for a, ms in groups_of(models))
     # each results folder by its name: the page goes to collaborators, local paths stay here
-    names = "<br>".join(html.escape(f"{m.name}: {m.folder.name}") for _, ms in groups_of(models) for m in ms)
+    names = "<br>".join(esc(f"{m.name}: {m.folder.name}") for _, ms in groups_of(models) for m in ms)
     info = {"Models": f"{per_arch}<details><summary>{len(models)} results folders</summary>{names}</details>",
-            "Corpus": html.escape(f"{corpus.get('suite', '?')}, {corpus.get('samples', '?')} samples, manifest "
-                                  f"{corpus['manifest_sha256'][:16]}"),
-            "Made": html.escape(provenance_line(models)),
-            "Paper basis": html.escape(corpus_basis(models)),
-            "Scored with": html.escape(f"qrobust {env('qrobust')}; torch {env('torch')}; device {env('device')}"),
+            "Corpus": esc(f"{corpus.get('suite', '?')}, {corpus.get('samples', '?')} samples, manifest "
+                          f"{corpus['manifest_sha256'][:16]}"),
+            "Made": esc(provenance_line(models)),
+            "Paper basis": esc(corpus_basis(models)),
+            "Scored with": esc(f"qrobust {env('qrobust')}; torch {env('torch')}; device {env('device')}"),
             "Values": f"percentages with two decimals (flip probabilities: fractions); NC: clean accuracy below "
                       f"{threshold * 100:g}%; best per architecture, or most harmful variant per model, in bold",
-            "Report": f"qrobust {html.escape(__version__)}"}
-    nav = "".join(f'<a href="#{t.name}">{html.escape(t.title)}</a> ' if t is not None
+            "Report": f"qrobust {esc(__version__)}"}
+    nav = "".join(f'<a href="#{esc(checked_name(t.name))}">{esc(t.title)}</a> ' if t is not None
                   else '<a href="#comparisons">Paired comparisons</a> ' for t, _ in sections)
     return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>qrobust report</title>'
             f"<style>{CSS}</style></head><body><h1>qrobust robustness report</h1><dl>"
             + "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in info.items()) + f"</dl><nav>{nav}</nav>"
-            + '<h2>Findings</h2><ul>' + "".join(f"<li>{html.escape(f)}</li>" for f in findings) + "</ul>"
+            + '<h2>Findings</h2><ul>' + "".join(f"<li>{esc(f)}</li>" for f in findings) + "</ul>"
             + "".join(s for _, s in sections) + "</body></html>\n")
 
 
@@ -266,11 +293,15 @@ def build_report(results: list[str | Path], out: str | Path, nc_threshold: float
     Models are compared in pairs (:mod:`qrobust.score.comparisons`: each quantized model with its FP model,
     methods at equal bits); ``power`` is the difference (a fraction) the sample-size line is about.
     Returns the path of index.html. Raises ReportError (a ValueError) for a folder without a readable
-    summary.json (schema 2, or schema 1 of qrobust 0.1, upgraded), or for results scored on different corpora."""
-    models = load_all(results, nc_threshold)
+    summary.json (schema 2, or schema 1 of qrobust 0.1, upgraded), a summary with a malformed field, results
+    scored on different corpora, or an ``out`` that is no new, empty or earlier report folder."""
     out = Path(out)
-    for sub in ("tables", "figures"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
+    _check_out(out)
+    models = load_all(results, nc_threshold)
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ReportError("the report's figures need matplotlib: pip install matplotlib")
+    for m in models:
+        _rehearse(m, nc_threshold)
     paired = {id(m): m for a, b, _ in comparisons.pairs(groups_of(models)) for m in (a, b)}
     sampled, notes = comparisons.load(list(paired.values()))  # only the models some comparison needs
     compared = comparisons.compare_all(groups_of(models), sampled, notes)
@@ -280,41 +311,194 @@ def build_report(results: list[str | Path], out: str | Path, nc_threshold: float
         row = significant.get((id(m), path))
         return row is not None and row["significant"]
 
+    _make_out(out)
     sections, done = [], []
+    for table, cols, groups, caption, cells in _tables(models, nc_threshold, marked):
+        for ext, write in WRITERS.items():
+            _publish(out / "tables" / f"{table.name}{ext}", write(table, caption, cols, groups, cells))
+        section = html_table(cols, groups, cells)
+        fig = _figure_of(table, cols, groups, out / "figures")
+        if fig is not None:
+            section += f'<img alt="{escape.html(table.title)}" src="data:image/png;base64,{fig}">'
+        sections.append((table, f'<h2 id="{escape.html(table.name)}">{escape.html(table.title)}</h2>'
+                                f'<p class="cap">{escape.html(caption)}</p><div class="row">{section}</div>'))
+        done.append((table, cols))
+    if compared or notes:
+        sections.append((None, _comparisons_section(out, compared, notes)))
+    long_rows = [row for m in models for row in tidy.rows(m.s, m.folder.name, m.nc)]
+    _publish(out / "results.csv", tidy.to_csv(long_rows))  # every number, for pandas
+    index = out / "index.html"
+    findings = _findings(models, done, nc_threshold, significant if compared else None)
+    line = comparisons.required_samples_line(sampled, compared, power)
+    findings += [line] if line else []
+    findings = [escape.plain(f) for f in findings + notes]  # one line each, whatever a name holds
+    _publish(out / "findings.txt", "".join(f"{f}\n" for f in findings))  # for terminals and scripts
+    _publish(index, _page(models, findings, sections, nc_threshold))  # last: a complete report has its page
+    return index
+
+
+def _tables(models: list[Model], nc_threshold: float, marked=None) -> list[tuple]:
+    """``(table, columns, groups, caption, cells)`` of every table some model has data for."""
+    out = []
     for table in (t for entry in TABLES for t in (entry(models) if callable(entry) else [entry])):
         rows = [m for m in models if m.nc or m.get(*table.family)]
         cols = [c for col in table.columns for c in col.expand(rows) if any(c.value(m) is not None for m in rows)]
         if not any(m.get(*table.family) for m in models) or not cols:
             continue  # no model has this table's data
-        groups, caption = groups_of(rows), table.caption.format(nc=f"{nc_threshold * 100:g}")
+        checked_name(table.name)  # it names files and the page's anchor
+        # the caption's one placeholder, by replace: names in it (budgets) are no format string
+        groups, caption = groups_of(rows), table.caption.replace("{nc}", f"{nc_threshold * 100:g}")
         basis = comparability_lines(table, rows)
         if basis:  # what the numbers can be put next to, one line per note, in every format
             caption += " Comparability: " + "; ".join(basis) + "."
         cells = cell_grid(cols, groups, marked)
         if any(mark for row in cells.values() for *_, mark, _ in row):
             caption += " †: differs from its architecture's FP model (paired 95% interval excludes 0)."
-        for ext, write in WRITERS.items():
-            (out / "tables" / f"{table.name}{ext}").write_text(write(table, caption, cols, groups, cells), "utf-8")
-        section = html_table(cols, groups, cells)
+        out.append((table, cols, groups, caption, cells))
+    return out
+
+
+def _rehearse(m: Model, nc_threshold: float) -> None:
+    """Everything the report computes from one summary except figures, for that summary alone and in memory.
+
+    The checks of :func:`qrobust.score.tables.load_all` cover each field the report reads; should a value of
+    an unforeseen kind pass them, it fails here, naming its file, before anything is written."""
+    try:
+        built = _tables([m], nc_threshold)
+        for table, cols, groups, caption, cells in built:
+            for write in WRITERS.values():
+                write(table, caption, cols, groups, cells)
+            html_table(cols, groups, cells)
+        _page([m], _findings([m], [(t, c) for t, c, *_ in built], nc_threshold), [], nc_threshold)
+        tidy.to_csv(tidy.rows(m.s, m.folder.name, m.nc))
+    except ReportError:
+        raise
+    except (TypeError, KeyError, AttributeError, ValueError, IndexError, OverflowError, ZeroDivisionError) as e:
+        raise ReportError(f"{m.folder / 'summary.json'}: cannot be reported ({type(e).__name__}: "
+                          f"{' '.join(str(e).split())[:200]}); rescore the model") from None
+
+
+def _figure_of(table: Table, cols: list[Col], groups, folder: Path) -> str | None:
+    """Save the table's figure (SVG and PNG) into ``folder``; its PNG as base64, or None without one."""
+    import matplotlib
+
+    with matplotlib.rc_context(FIGURE_RC), warnings.catch_warnings():
+        # long names can crowd a panel, exotic ones miss a glyph: the figure is still right, and a report
+        # built from collaborators' folders says nothing the user could act on
+        warnings.filterwarnings("ignore", "constrained_layout not applied", UserWarning)
+        warnings.filterwarnings("ignore", "Glyph .* missing from", UserWarning)
         fig = _figure(table, cols, groups)
-        if fig is not None:
-            png = base64.b64encode(_save(fig, out / "figures", table.name)).decode("ascii")
-            section += f'<img alt="{html.escape(table.title)}" src="data:image/png;base64,{png}">'
-        sections.append((table, f'<h2 id="{table.name}">{html.escape(table.title)}</h2><p class="cap">'
-                                f'{html.escape(caption)}</p><div class="row">{section}</div>'))
-        done.append((table, cols))
-    if compared or notes:
-        sections.append((None, _comparisons_section(out, compared, notes)))
-    long_rows = [row for m in models for row in tidy.rows(m.s, m.folder.name, m.nc)]
-    (out / "results.csv").write_text(tidy.to_csv(long_rows), "utf-8")  # every number, for pandas
+        if fig is None:
+            return None
+        return base64.b64encode(_save(fig, folder, table.name)).decode("ascii")
+
+
+# --- the report folder ----------------------------------------------------------
+
+def _is_report(out: Path) -> bool:
+    """Whether the folder ``out`` holds a report qrobust wrote: its marker, or (reports written before the
+    marker) an index.html with the report's title beside a tables folder."""
+    marker = out / MARKER
+    if _regular(marker):
+        try:
+            with open(marker, "rb") as f:
+                return json.loads(f.read(4096)).get("schema") == MARKER_SCHEMA
+        except (OSError, ValueError, AttributeError):
+            return False
     index = out / "index.html"
-    findings = _findings(models, done, nc_threshold, significant if compared else None)
-    line = comparisons.required_samples_line(sampled, compared, power)
-    findings += [line] if line else []
-    findings += notes
-    index.write_text(_page(models, findings, sections, nc_threshold), "utf-8")
-    (out / "findings.txt").write_text("".join(f"{f}\n" for f in findings), "utf-8")  # for terminals and scripts
-    return index
+    if not (_regular(index) and (out / "tables").is_dir() and not (out / "tables").is_symlink()):
+        return False
+    try:
+        with open(index, "rb") as f:
+            return b"<title>qrobust report</title>" in f.read(4096)
+    except OSError:
+        return False
+
+
+def _regular(path: Path) -> bool:
+    """A regular file itself, not a link to one."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _check_out(out: Path) -> None:
+    """``out`` may be new, an empty folder or an earlier report, with no link where the report writes;
+    checked before anything is read or written."""
+    if out.is_symlink():
+        raise ReportError(f"--out {out} is a link; give the report folder itself")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ReportError(f"--out {out} exists and is not a folder")
+    try:
+        empty = next(os.scandir(out), None) is None
+    except OSError as e:
+        raise ReportError(f"--out {out}: cannot be read ({e.strerror or e})") from None
+    if not empty and not _is_report(out):
+        raise ReportError(f"--out {out} holds other files and no earlier qrobust report; give a new or empty "
+                          "folder")
+    own = [out / name for name in (MARKER, "index.html", "findings.txt", "results.csv")]
+    for sub in SUBFOLDERS:
+        folder = out / sub
+        if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+            raise ReportError(f"{folder} is a link or not a folder, which qrobust never makes there; remove it "
+                              "or give a new --out")
+        if folder.exists():
+            own += sorted(folder.iterdir())  # every file there is the report's
+    for path in own:
+        if path.is_symlink() or (path.exists() and not _regular(path)):
+            raise ReportError(f"{path} is a link or not a file, which qrobust never writes into a report; remove "
+                              "it or give a new --out")
+
+
+def _make_out(out: Path) -> None:
+    """Create the report folder and its subfolders, the marker first (so an interrupted report is still
+    recognised as one), and clear what a killed report left half-written."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for sub in SUBFOLDERS:
+            (out / sub).mkdir(exist_ok=True)
+    except OSError as e:
+        raise ReportError(f"cannot create --out {out} ({e.strerror or e})") from None
+    for folder in (out, *(out / sub for sub in SUBFOLDERS)):
+        remove_dead_partials(folder)
+    _publish(out / MARKER, json.dumps({"qrobust": __version__, "schema": MARKER_SCHEMA}, indent=1) + "\n")
+
+
+def _publish(path: Path, data: str | bytes) -> None:
+    """Write one report file (text as UTF-8) under a partial name, fsync, and rename it into place; never
+    through a link, never over anything but a regular file."""
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        raise ReportError(f"{path} is a link or not a file, which qrobust never writes into a report; remove it "
+                          "or give a new --out")
+    tmp = partial_path(path)
+    tmp.unlink(missing_ok=True)  # a killed report's, under a reused process id (a link goes, not its target)
+    try:
+        # O_EXCL: a link or file someone makes under the partial name meanwhile is refused, not written through
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except FileExistsError:
+        raise ReportError(f"{tmp} appeared while this report wrote it: is another `qrobust report` writing "
+                          f"{path.parent}?") from None
+    except OSError as e:
+        if e.errno in NO_SPACE:  # the command line says how to go on, naming the file
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise ReportError(f"cannot write {path} ({e.strerror or e})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
 
 
 def _comparisons_section(out: Path, rows: list[dict], notes: list[str]) -> str:
@@ -327,23 +511,26 @@ def _comparisons_section(out: Path, rows: list[dict], notes: list[str]) -> str:
     def fmt(v, digits=4):
         return "" if v is None else f"{v:.{digits}f}"
 
-    table = [[r["a"].name, r["b"].name, r["kind"], r["path"], fmt(r["difference"]), fmt(r["low"]), fmt(r["high"]),
-              "yes" if r["significant"] else "no", fmt(r["mcnemar_p"], 3)] for r in rows]
+    names = [[r["a"].name, r["b"].name, r["kind"], r["path"]] for r in rows]  # from the summaries
+    numbers = [[fmt(r["difference"]), fmt(r["low"]), fmt(r["high"]), "yes" if r["significant"] else "no",
+                fmt(r["mcnemar_p"], 3)] for r in rows]  # formatted here
+    esc = escape.html
     if not rows:  # nothing could be compared: the notes say why
         return ('<h2 id="comparisons">Paired comparisons</h2><ul>'
-                + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>")
+                + "".join(f"<li>{esc(n)}</li>" for n in notes) + "</ul>")
     buf = io.StringIO()
     writer = csv_module.writer(buf, lineterminator="\n")
     writer.writerow(head)
-    writer.writerows(table)
-    (out / "tables" / "comparisons.csv").write_text(buf.getvalue(), "utf-8")
+    writer.writerows([*map(escape.csv_cell, text), *number] for text, number in zip(names, numbers))
+    _publish(out / "tables" / "comparisons.csv", buf.getvalue())
     md = ["**Paired comparisons.** Differences (model minus the one it is compared with, fractions) with paired "
           "bootstrap 95% intervals; McNemar: exact test of the per-image outcomes.", "",
           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    md += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in table]
-    (out / "tables" / "comparisons.md").write_text("\n".join(md) + "\n", "utf-8")
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in table)
-    note = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
+    md += ["| " + " | ".join(map(escape.markdown, text + number)) + " |" for text, number in zip(names, numbers)]
+    _publish(out / "tables" / "comparisons.md", "\n".join(md) + "\n")
+    body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in text + number) + "</tr>"
+                   for text, number in zip(names, numbers))
+    note = "".join(f"<li>{esc(n)}</li>" for n in notes)
     return ('<h2 id="comparisons">Paired comparisons</h2><p class="cap">Each quantized model against its '
             "architecture's FP model, and the methods against each other at equal bits: the difference of each "
             "headline number with its paired bootstrap 95% interval (the same resampled images for both), and "

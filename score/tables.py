@@ -14,26 +14,31 @@ in one file (inline CSS, base64 PNGs). Values are percentages with two
 decimals; flip probabilities are fractions with three, as the paper prints
 them. Models with clean accuracy below ``nc_threshold`` are NC (not converged):
 "NC" in every table, left out of bold marks, lines and findings.
+
+Summaries come from collaborators: :func:`load_all` reads each within a size
+and nesting bound and checks the kind and size of every field the report reads
+(a string where a number belongs, NaN, a name that would become a file name),
+refusing a malformed one in a line that names the file and the field. The
+writers escape every name for their format (:mod:`qrobust.score.escape`).
 """
 from __future__ import annotations
 
 import csv
-import html
 import io
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable
 
 from qrobust._version import __version__
-from qrobust.score import tidy
+from qrobust.score import escape, tidy
 from qrobust.score.comparability import PAPER_ATTACKS
-from qrobust.score.results import reading
+from qrobust.score.results import ResultsError, reading
 from qrobust.score.summary import OLD_SCHEMAS, SUMMARY_SCHEMA, upgrade
 from qrobust.shared import noises
 from qrobust.shared.architectures import ARCHITECTURES
-from qrobust.shared.quant import METHODS as METHODS_REGISTRY
+from qrobust.shared.bounded import BoundsError, load_json
 from qrobust.shared.errors import QrobustError
+from qrobust.shared.quant import METHODS as METHODS_REGISTRY
 
 # labels, order and colours come from the architectures' and quantization methods' definitions
 ARCHS = {n: ARCHITECTURES.get(n).label for n in ARCHITECTURES.in_order()}  # the paper's order first
@@ -43,7 +48,12 @@ HUES = {"fp": "Greys", **{n: METHODS_REGISTRY.get(n).hue for n in METHODS_REGIST
 
 
 class ReportError(QrobustError, ValueError):
-    """Results that cannot be reported (no or foreign summary.json, different corpora)."""
+    """Results that cannot be reported (no or foreign summary.json, different corpora, a malformed field, an
+    unusable --out)."""
+
+    def __init__(self, message: str):
+        # messages quote names from others' files and folders: one line, whatever those hold
+        super().__init__(escape.visible(message))
 
 
 @dataclass
@@ -160,8 +170,8 @@ def _attack_tables(models: list[Model]) -> list[Table]:
 
 def _eps(entry: dict) -> str:
     """An attack's budget as people write it: Linf in 1/255 steps, L1 and L2 as numbers."""
-    e = entry["eps"]
-    return f"{e * 255:.3g}/255" if entry.get("norm", "linf") == "linf" else f"{e:.4g} ({entry['norm'].upper()})"
+    e, norm = entry["eps"], entry.get("norm") or "linf"
+    return f"{e * 255:.3g}/255" if norm == "linf" else f"{e:.4g} ({norm.upper()})"
 
 
 TABLES = [
@@ -245,16 +255,213 @@ def comparability_lines(table: Table, models: list[Model]) -> list[str]:
 
 # --- loading ----------------------------------------------------------------
 
+# Bounds far above anything `qrobust score` writes (a summary of the paper's 101-variant corpus with every
+# attack is ~100 kB, ~1000 numbers): no edited summary sizes a table, a figure or a number beyond them.
+SUMMARY_MAX_BYTES = 16 << 20
+MAX_VALUE = 1e9        # accuracies, flip probabilities, top-5 distances, budgets, sample counts
+MAX_NUMBERS = 100_000  # numbers in the measured sections, each a row of results.csv
+MAX_KEYS = 200         # variants, corruptions, attacks or budgets of one entry: a table's columns
+MAX_TEXT = 10_000      # characters of a name, a note or a warning
+MAX_BITS = 64
+SECTIONS = (*tidy.SECTIONS, "intervals")
+
+
+class _Bad(Exception):
+    """A summary field of the wrong kind or size; :func:`_load` names the file."""
+
+
+def _kind(value) -> str:
+    return {dict: "a table", list: "a list", str: "text", bool: "true/false", type(None): "null"}.get(
+        type(value), "a number")
+
+
+def _number(value, where: str, *, integer: bool = False, low: float = -MAX_VALUE, high: float = MAX_VALUE) -> None:
+    """A number (or null) within [low, high]."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        raise _Bad(f"{where}: {_kind(value)} where {'an integer' if integer else 'a number'} belongs")
+    if not low <= value <= high:  # NaN compares false: refused here too
+        raise _Bad(f"{where}: {repr(value)[:40]} is not a number between {low:g} and {high:g}")
+
+
+def _text(value, where: str) -> None:
+    """Text (or null) of a name's or a note's length."""
+    if value is not None and not isinstance(value, str):
+        raise _Bad(f"{where}: {_kind(value)} where text belongs")
+    if value is not None and len(value) > MAX_TEXT:
+        raise _Bad(f"{where}: {len(value)} characters, more than any name or note ({MAX_TEXT})")
+
+
+def _texts(value, where: str) -> None:
+    """A list of text (or null)."""
+    if value is None:
+        return
+    if not isinstance(value, list):
+        raise _Bad(f"{where}: {_kind(value)} where a list of text belongs")
+    if len(value) > MAX_KEYS:
+        raise _Bad(f"{where}: {len(value)} entries, more than the {MAX_KEYS} a report shows")
+    for i, item in enumerate(value):
+        _text(item, f"{where}[{i}]")
+
+
+def _table(value, where: str, *, required: bool = False, keys: int | None = None) -> dict:
+    """A table (or, unless ``required``, null: then {}) of at most ``keys`` entries whose names fit a label."""
+    if value is None and not required:
+        return {}
+    if not isinstance(value, dict):
+        raise _Bad(f"{where}: {_kind(value)} where a table belongs")
+    if keys is not None:
+        if len(value) > keys:
+            raise _Bad(f"{where}: {len(value)} entries, more than the {keys} a report shows")
+        long = next((k for k in value if len(k) > 200), None)
+        if long is not None:
+            raise _Bad(f"{where}: an entry named by {len(long)} characters, not a variant's or budget's name")
+    return value
+
+
+def _numbers(value, where: str) -> None:
+    """A table of numbers by variant, corruption or budget: a table's columns."""
+    for key, item in _table(value, where, keys=MAX_KEYS).items():
+        _number(item, f"{where}.{key}")
+
+
+def _level(value, where: str, *, required: bool = False) -> dict:
+    """The sequence entry, or one of its extras or difficulties."""
+    level = _table(value, where, required=required)
+    for key in ("fp", "t5d"):
+        _numbers(level.get(key), f"{where}.{key}")
+    for key in ("mfp", "mt5d"):
+        _number(level.get(key), f"{where}.{key}")
+    return level
+
+
+def _statement(value, where: str) -> None:
+    """One entry of summary["comparability"]."""
+    entry = _table(value, where)
+    if not isinstance(entry.get("comparable", False), bool):
+        raise _Bad(f"{where}.comparable: {_kind(entry['comparable'])} where true/false belongs")
+    _texts(entry.get("reasons"), f"{where}.reasons")
+    _text(entry.get("note"), f"{where}.note")
+
+
+def _finite(s: dict) -> None:
+    """Every number of the measured sections finite and within a float's range (results.csv lists them all),
+    and not more of them than any summary holds."""
+    count, stack = 0, [(s.get(key), key) for key in SECTIONS]
+    while stack:
+        node, where = stack.pop()
+        if isinstance(node, dict):
+            stack.extend((v, f"{where}.{k}") for k, v in node.items())
+        elif isinstance(node, list):
+            stack.extend((v, f"{where}[{i}]") for i, v in enumerate(node))
+        elif isinstance(node, (int, float)) and not isinstance(node, bool):
+            count += 1
+            if count > MAX_NUMBERS:
+                raise _Bad(f"more than {MAX_NUMBERS} numbers, more than any summary holds")
+            if not -1e300 <= node <= 1e300:
+                raise _Bad(f"{where[:300]}: {repr(node)[:40]} is not a finite number")
+
+
+def _check(s: dict) -> None:
+    """The kinds and sizes of every field the report reads (tables, figures, findings, comparisons,
+    results.csv), so that none of them meets a string where a number belongs; raises :class:`_Bad`."""
+    _finite(s)
+    model = _table(s.get("model"), "model", required=True)
+    for key in ("name", "arch", "sha256", "state_sha256"):
+        _text(model.get(key), f"model.{key}")
+    quant = _table(model.get("quant"), "model.quant")
+    _text(quant.get("method"), "model.quant.method")
+    for key in ("w_bits", "a_bits"):
+        _number(quant.get(key), f"model.quant.{key}", integer=True, low=1, high=MAX_BITS)
+    corpus = _table(s.get("corpus"), "corpus", required=True)
+    for key in ("manifest_sha256", "suite"):
+        _text(corpus.get(key), f"corpus.{key}")
+    _number(corpus.get("samples"), "corpus.samples", integer=True, low=0)
+    prov = _table(corpus.get("provenance"), "corpus.provenance")
+    for key in ("made_by", "release", "suite", "natural_encoding", "sequence_encoding"):
+        _text(prov.get(key), f"corpus.provenance.{key}")
+    _number(prov.get("classes"), "corpus.provenance.classes", integer=True, low=0)
+    for key, value in _table(prov.get("geometry"), "corpus.provenance.geometry").items():
+        _number(value, f"corpus.provenance.geometry.{key}", integer=True, low=0)
+    for key, value in _table(prov.get("libraries"), "corpus.provenance.libraries", keys=MAX_KEYS).items():
+        _text(value, f"corpus.provenance.libraries.{key}")
+    for key, value in _table(prov.get("families"), "corpus.provenance.families", keys=MAX_KEYS).items():
+        family = _table(value, f"corpus.provenance.families.{key}", required=True)
+        for count in ("scored", "of"):
+            _number(family.get(count), f"corpus.provenance.families.{key}.{count}", integer=True, low=0)
+    env = _table(s.get("env"), "env")
+    for key in ("qrobust", "torch", "device"):
+        _text(env.get(key), f"env.{key}")
+    clean = _table(s.get("clean"), "clean", required=True)
+    for key in ("acc", "acc_square"):
+        _number(clean.get(key), f"clean.{key}")
+    natural = _table(s.get("natural"), "natural")
+    for key in ("acc", "acc_by_corruption"):
+        _numbers(natural.get(key), f"natural.{key}")
+    for key in ("mnr", "nci", "mce", "relative_mce"):
+        _number(natural.get(key), f"natural.{key}")
+    extra = _table(natural.get("extra"), "natural.extra")
+    _numbers(extra.get("acc_by_corruption"), "natural.extra.acc_by_corruption")
+    _number(extra.get("mnr"), "natural.extra.mnr")
+    sequence = _level(s.get("sequence"), "sequence")
+    _level(sequence.get("extra"), "sequence.extra")
+    for d, value in _table(sequence.get("difficulty"), "sequence.difficulty", keys=MAX_KEYS).items():
+        _level(_level(value, f"sequence.difficulty.{d}", required=True).get("extra"),
+               f"sequence.difficulty.{d}.extra")
+    systematic = _table(s.get("systematic"), "systematic")
+    _numbers(systematic.get("acc"), "systematic.acc")
+    for key in ("mean", "sni", "sr", "sni_square"):
+        _number(systematic.get(key), f"systematic.{key}")
+    for name, budgets in _table(s.get("attacks"), "attacks", keys=MAX_KEYS).items():
+        if not escape.is_name(f"attack-{name}"):  # it names the attack's table files and HTML anchor
+            raise _Bad(f"attacks: {name[:80]!r} is not an attack's name (letters, digits, '.', '_', '-')")
+        for budget, value in _table(budgets, f"attacks.{name}", required=True, keys=MAX_KEYS).items():
+            entry = _table(value, f"attacks.{name}.{budget}", required=True)
+            for key in ("ar", "aai", "eps"):
+                _number(entry.get(key), f"attacks.{name}.{budget}.{key}")
+            _number(entry.get("n"), f"attacks.{name}.{budget}.n", integer=True, low=0)
+            _text(entry.get("norm"), f"attacks.{name}.{budget}.norm")
+            _table(entry.get("params"), f"attacks.{name}.{budget}.params")
+    for key in ("wcar", "wcar_extra"):
+        _numbers(s.get(key), key)
+    intervals = _table(s.get("intervals"), "intervals")
+    for key, bounds in _table(intervals.get("values"), "intervals.values").items():
+        if bounds is not None and not (isinstance(bounds, list) and len(bounds) == 2):
+            raise _Bad(f"intervals.values.{key[:200]}: {_kind(bounds)} where a [low, high] pair belongs")
+        for bound in bounds or ():
+            _number(bound, f"intervals.values.{key[:200]}")
+    checks = _table(s.get("checks"), "checks")
+    for key in ("gradient_masking", "warnings"):
+        _texts(checks.get(key), f"checks.{key}")
+    for key, value in _table(s.get("comparability"), "comparability", keys=MAX_KEYS).items():
+        entry = _table(value, f"comparability.{key}")
+        if "comparable" in entry or key != "wcar":
+            _statement(entry, f"comparability.{key}")
+        else:  # one statement per budget
+            for budget, statement in _table(entry, "comparability.wcar", keys=MAX_KEYS).items():
+                _statement(statement, f"comparability.wcar.{budget}")
+
+
+def _read(path: Path):
+    """The parsed summary.json at ``path``, within the size and nesting bounds, or a ReportError naming it."""
+    if path.is_symlink():  # a link could make the report show (and send on) a file of this machine
+        raise ReportError(f"{path}: a link, which `qrobust score` never writes; copy the file in its place")
+    if not path.is_file():
+        raise ReportError(f"{path.parent}: no summary.json there; pass results folders written by `qrobust score`")
+    try:
+        with reading(path.parent):  # not while a `score` rewrites it
+            return load_json(path, max_bytes=SUMMARY_MAX_BYTES)
+    except (BoundsError, ResultsError) as e:  # each names the file; a ReportError keeps it to one line
+        raise ReportError(str(e)) from None
+    except (OSError, ValueError) as e:
+        raise ReportError(f"{path}: not readable JSON ({' '.join(str(e).split())[:200]})") from None
+
+
 def _load(folder, nc_threshold: float) -> Model:
     folder = Path(folder)
     path = folder if folder.name == "summary.json" else folder / "summary.json"
-    if not path.is_file():
-        raise ReportError(f"{folder}: no summary.json there; pass results folders written by `qrobust score`")
-    try:
-        with reading(path.parent):  # not while a `score` rewrites it
-            s = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ReportError(f"{path}: not readable JSON ({' '.join(str(e).split())})") from None
+    s = _read(path)
     schema = s.get("schema") if isinstance(s, dict) else None
     if schema in OLD_SCHEMAS:
         try:
@@ -264,17 +471,23 @@ def _load(folder, nc_threshold: float) -> Model:
                               f"{' '.join(str(e).split())[:200]}); rescore the model") from None
     elif schema != SUMMARY_SCHEMA:
         readable = ", ".join([*OLD_SCHEMAS, SUMMARY_SCHEMA])
-        raise ReportError(f"{path}: schema {schema!r}, this qrobust reads {readable}; rescore with this version")
+        shown = repr(schema[:80]) if isinstance(schema, str) else repr(schema)[:80]
+        raise ReportError(f"{path}: schema {shown}, this qrobust reads {readable}; rescore with this version")
     for need in (("model", "arch"), ("corpus", "manifest_sha256"), ("clean",)):
         if not isinstance(s.get(need[0]), dict) or (need[1:] and s[need[0]].get(need[1]) is None):
             raise ReportError(f"{path}: {'.'.join(need)} is missing; the file is incomplete, rescore the model")
+    try:
+        _check(s)
+    except _Bad as e:
+        raise ReportError(f"{path}: {str(e)[:500]} (not what `qrobust score` writes: rescore the model)") from None
     q = s["model"].get("quant") or {}
     w = q.get("w_bits", 32 if not q else None)  # as ModelSpec writes it
     a = q.get("a_bits", w)
     if not isinstance(w, int) or not isinstance(a, int):
         raise ReportError(f"{path}: model.quant has no integer weight bits; the file is incomplete, rescore the model")
     acc = s["clean"].get("acc")  # null when clean/onecrop was not scored: then not NC, ACC shown as missing
-    return Model(path.parent, s, s["model"]["arch"], q.get("method", "fp").lower(), w,
+    method = q.get("method")
+    return Model(path.parent, s, s["model"]["arch"], "fp" if method is None else method.lower(), w,
                  str(w) if w == a else f"{w}/{a}", acc is not None and acc < nc_threshold)
 
 
@@ -357,28 +570,31 @@ def _rows(groups, grid):
 
 
 def _markdown(table: Table, caption: str, cols, groups, grid) -> str:
-    head = ["Model", "Method", "Bits", *(c.label + c.arrow() for c in cols)]
-    lines = [f"**{table.title}.** {caption}", "", "| " + " | ".join(head) + " |",
+    md = escape.markdown
+    head = ["Model", "Method", "Bits", *(md(c.label) + c.arrow() for c in cols)]
+    lines = [f"**{md(table.title)}.** {md(caption)}", "", "| " + " | ".join(head) + " |",
              "|---|---|---:|" + "---:|" * len(cols)]
     for arch, method, bits, cells, _ in _rows(groups, grid):
         text = [(f"**{t}**" if bold else (t or "–")) + mark for t, bold, mark, _ in cells]
-        lines.append("| " + " | ".join([arch, method, bits, *text]) + " |")
+        lines.append("| " + " | ".join([md(arch), md(method), md(bits), *text]) + " |")
     return "\n".join(lines) + "\n"
 
 
 def _csv(table: Table, caption: str, cols, groups, grid) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["Model", "Method", "Bits", *(c.label for c in cols), "NC"])
+    cell = escape.csv_cell
+    w.writerow([cell(h) for h in ("Model", "Method", "Bits", *(c.label for c in cols), "NC")])
     for arch, ms in groups:
-        for m in ms:  # numbers, also for a not-converged model (its mark is the NC column); formula-safe text
-            w.writerow([tidy.cell(x) for x in (ARCHS.get(arch, arch), m.method_label, m.bits_label,
-                                               *(c.text(c.value(m)) or "" for c in cols), "yes" if m.nc else "")])
+        for m in ms:  # numbers, also for a not-converged model (its mark is the NC column); names formula-safe,
+            # the numbers qrobust formatted left as they are (a negative one stays a number)
+            w.writerow([cell(ARCHS.get(arch, arch)), cell(m.method_label), cell(m.bits_label),
+                        *(c.text(c.value(m)) or "" for c in cols), "yes" if m.nc else ""])
     return buf.getvalue()
 
 
 def _tex(text: str) -> str:
-    return "".join("\\" + ch if ch in "&%$#_{}" else ch for ch in text).replace("ACC\\_s", "ACC$_s$")
+    return escape.latex(text).replace("ACC\\_s", "ACC$_s$")
 
 
 def _latex(table: Table, caption: str, cols, groups, grid) -> str:
@@ -388,27 +604,35 @@ def _latex(table: Table, caption: str, cols, groups, grid) -> str:
         body += [r"\midrule"] if first else []
         text = [(f"\\textbf{{{t}}}" if bold else (t or "--")) + ("$^\\dagger$" if mark else "")
                 for t, bold, mark, _ in cells]
-        body.append(" & ".join([_tex(arch), _tex(method), bits, *text]) + r" \\")
+        body.append(" & ".join([_tex(arch), _tex(method), _tex(bits), *text]) + r" \\")
     tabular = [rf"\begin{{tabular}}{{lll{'r' * len(cols)}}}", r"\toprule", " & ".join(head) + r" \\",
                *body, r"\bottomrule", r"\end{tabular}"]
     if len(cols) > 8:  # wide per-variant tables: scale to the text width (graphicx)
         tabular = [r"\resizebox{\linewidth}{!}{%", *tabular, "}"]
     return "\n".join([f"% qrobust {__version__}; needs \\usepackage{{booktabs}} (and graphicx)",
                       r"\begin{table}[t]", r"\centering", rf"\caption{{{_tex(table.title + '. ' + caption)}}}",
-                      rf"\label{{tab:qrobust-{table.name}}}", *tabular, r"\end{table}"]) + "\n"
+                      rf"\label{{tab:qrobust-{checked_name(table.name)}}}", *tabular, r"\end{table}"]) + "\n"
 
 
 def html_table(cols, groups, grid) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>"
+    esc = escape.html
+    head = "".join(f"<th>{esc(h)}</th>"
                    for h in ["Model", "Method", "Bits", *(c.label + c.arrow("\u00a0↑", "\u00a0↓") for c in cols)])
     body = []
     for arch, method, bits, cells, first in _rows(groups, grid):
-        lead = f'</tbody><tbody><tr><th class="arch" rowspan="{first}">{html.escape(arch)}</th>' if first else "<tr>"
-        tds = "".join(f'<td title="{html.escape(ci)}">' + (f"<strong>{t}</strong>" if bold else (t or "–")) + mark
+        lead = f'</tbody><tbody><tr><th class="arch" rowspan="{first}">{esc(arch)}</th>' if first else "<tr>"
+        tds = "".join(f'<td title="{esc(ci)}">' + (f"<strong>{esc(t)}</strong>" if bold else esc(t or "–")) + mark
                       + "</td>" for t, bold, mark, ci in cells)
-        body.append(f'{lead}<td class="m">{html.escape(method)}</td><td>{bits}</td>{tds}</tr>')
+        body.append(f'{lead}<td class="m">{esc(method)}</td><td>{esc(bits)}</td>{tds}</tr>')
     return (f'<div class="scroll"><table><thead><tr>{head}</tr></thead>'
             f'{"".join(body).removeprefix("</tbody>")}</tbody></table></div>')
+
+
+def checked_name(name: str) -> str:
+    """``name`` if it may name a file, an HTML id or a link target as it is; else a ReportError."""
+    if not escape.is_name(name):
+        raise ReportError(f"{name[:80]!r} cannot name a table's files or anchor (letters, digits, '.', '_', '-')")
+    return name
 
 
 WRITERS = {".md": _markdown, ".csv": _csv, ".tex": _latex}

@@ -13,6 +13,8 @@ from __future__ import annotations
 import csv
 import io
 
+from qrobust.score.escape import csv_cell
+
 FIELDS = ("model", "results", "weights_sha256", "state_sha256", "method", "bits", "nc", "family", "metric",
           "variant", "value", "low", "high")
 SECTIONS = ("clean", "natural", "sequence", "systematic", "attacks", "wcar", "wcar_extra")
@@ -75,20 +77,11 @@ def rows(summary: dict, results: str = "", nc: bool = False) -> list[dict]:
     return out
 
 
-def cell(value):
-    """A CSV cell: text that a spreadsheet would run as a formula (=, +, -, @ first) is quoted with '."""
-    if value is None:
-        return ""
-    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
-        return "'" + value
-    return value
-
-
 def to_csv(all_rows: list[dict]) -> str:
     """The rows as CSV text (empty cells for missing interval bounds; names from files made formula-safe)."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, FIELDS, lineterminator="\n")
     writer.writeheader()
     for row in all_rows:
-        writer.writerow({k: cell(row[k]) for k in FIELDS})
+        writer.writerow({k: csv_cell(row[k]) for k in FIELDS})
     return buf.getvalue()

@@ -267,10 +267,11 @@ def manifest_problems(manifest: dict) -> list[tuple[str | None, str]]:
     one-line message naming manifest.json or the variant).
 
     Finds hand edits: the settings no longer match the plan digest recorded at
-    generation; the top-level seed or geometry differ from the suite spec's; a
-    variant's family, name, parameters or encoding differ from what the suite
-    spec defines for that id (or the spec defines no such id); a variant's
-    shard counts disagree with its count or the corpus's sample count.
+    generation; the top-level seed or geometry differ from the suite spec's; the
+    suite spec of a generated corpus lists no family; a variant's family, name,
+    parameters or encoding differ from what the suite spec defines for that id
+    (or the spec defines no such id); a variant's shard counts disagree with its
+    count or the corpus's sample count.
     """
     from qrobust.shared.suites import FAMILIES
 
@@ -291,6 +292,11 @@ def manifest_problems(manifest: dict) -> list[tuple[str | None, str]]:
                 expected.update({v.id: v for v in FAMILIES.get(family)(table)})
     except Exception as e:  # the spec is data from a file: any failure means it is no valid suite
         out.append((None, f"{MANIFEST_NAME}: its suite spec is not a valid suite ({str(e)[:200]})"))
+    # a generated corpus's spec defines its variants; one that lists no family would leave every variant
+    # unchecked below (an imported release is described by its files, and its spec lists none)
+    if "imported_from" not in manifest and not any(family in FAMILIES for family in spec):
+        out.append((None, f"{MANIFEST_NAME}: its suite spec lists no family ({', '.join(FAMILIES.in_order())}), "
+                          "so no variant can be checked against it (edited by hand; regenerate the corpus)"))
     total = manifest["samples"]["count"]
     for vid, entry in sorted(manifest["variants"].items()):
         v = expected.get(vid)

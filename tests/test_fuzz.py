@@ -1,8 +1,11 @@
-"""Fuzzing the two parsers of untrusted input: the shard reader and the manifest parser.
+"""Fuzzing the parsers of untrusted input: the shard reader, the manifest parser, and the report's reading
+of results folders.
 
 Whatever the bytes, the only outcomes allowed are a correct parse or qrobust's own errors
 (:class:`~qrobust.score.stream.CorpusError`, :class:`~qrobust.shared.manifest.ManifestError`,
-:class:`~qrobust.shared.shards.ShardError`): never another exception, a hang or a crash.
+:class:`~qrobust.shared.shards.ShardError`): never another exception, a hang or a crash. ``qrobust
+report`` on edited summaries exits 0 or 2 (one line on stderr), and what it writes holds no hostile
+name unescaped.
 
 Reproducible and bounded for CI: ``derandomize=True`` (examples drawn from a seed fixed per test) and
 ``database=None``; the default example counts keep the module well under a minute on 2 cores. For a
@@ -13,9 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import csv
 import io
 import json
 import os
+import re
 import signal
 import tarfile
 from datetime import timedelta
@@ -27,6 +32,7 @@ from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
 from helpers import small_corpus
+from qrobust.cli import main
 from qrobust.score.stream import Corpus, CorpusError, iter_samples
 from qrobust.shared.manifest import SCHEMA, ManifestError, manifest_problems, parse_manifest
 from qrobust.shared.shards import ShardError, scan_shard
@@ -357,3 +363,133 @@ def test_mutated_manifest_bytes_are_refused_or_parsed_and_verified(manifest, cor
         assert parsed is not None and all(isinstance(p, str) for p in problems)
 
     check()
+
+
+# ---- the report ---------------------------------------------------------------------------------------------
+
+def mean_model():
+    """Logits: the three channel means (differentiable, for the attack; no weights to fit)."""
+    import torch
+
+    class MeanModel(torch.nn.Module):
+        qrobust_normalizes_input = True
+
+        def forward(self, x):
+            return x.mean(dim=(2, 3)) * torch.tensor([1.0, 1.1, 1.2], device=x.device)
+
+    return MeanModel()
+
+
+@pytest.fixture(scope="module")
+def scored(corpus, tmp_path_factory) -> dict[str, tuple[Path, dict]]:
+    """A real results folder (every family of the fuzz corpus and an attack), and a copy made a quantized model
+    of the same architecture, so that the report compares the two from their per-sample columns."""
+    import shutil
+
+    tmp = tmp_path_factory.mktemp("scored")
+    assert main(["-q", "score", "--corpus", str(corpus), "--model", "test_fuzz:mean_model", "--out",
+                 str(tmp / "fp"), "--workers", "0", "--attacks", "fgsm-linf", "--budgets", "small"]) == 0
+    shutil.copytree(tmp / "fp", tmp / "q")
+    out = {}
+    for name in ("fp", "q"):
+        summary = json.loads((tmp / name / "summary.json").read_text())
+        if name == "q":
+            summary["model"]["quant"] = {"method": "lsq", "w_bits": 4, "a_bits": 4}
+        out[name] = (tmp / name, summary)
+    return out
+
+
+HOSTILE_TEXT = ["<script>alert(1)</script>", '"onload="alert(1)', "\\input{/etc/passwd}", "^^5cinput",
+                '=HYPERLINK("http://evil.example")', "+1+1", "@SUM(1)", "-2+3", "a|b\nc", "x\x1b[2J\u202ey",
+                "$\\frac{$", "{nc}{0:>99999999}", "../../x", "](javascript:alert(1))"]
+RETYPES = [None, True, -1, 0, 0.5, 1e300, -(10 ** 30), float("nan"), float("inf"), "", "0.5", [], {}, [1, 2],
+           {"x": 1}, [[[[[[[[[[0]]]]]]]]]]]
+
+
+def deep(levels: int):
+    value = 0
+    for _ in range(levels):
+        value = {"x": value}
+    return value
+
+
+@st.composite
+def summary_edits(draw, summary: dict) -> dict:
+    """1-3 edits of a real summary: a field deleted or of another type, a name or key made hostile, absurd
+    nesting."""
+    doc = copy.deepcopy(summary)
+    for _ in range(draw(st.integers(1, 3))):
+        where = draw(st.sampled_from(list(paths(doc))[1:]))
+        parent = doc
+        for step in where[:-1]:
+            parent = parent[step]
+        key, value = where[-1], parent[where[-1]]
+        op = draw(st.sampled_from(("delete", "retype", "hostile", "rename", "deep")))
+        if op == "delete":
+            del parent[key]
+        elif op == "retype":
+            parent[key] = copy.deepcopy(draw(st.sampled_from(RETYPES)))  # later edits must not reach it
+        elif op == "hostile" or (op == "rename" and isinstance(parent, list)):
+            text = draw(st.sampled_from(HOSTILE_TEXT))
+            parent[key] = text + value if isinstance(value, str) and draw(st.booleans()) else text
+        elif op == "rename":  # a key made hostile: a corruption, budget, attack or family name
+            parent[draw(st.sampled_from(HOSTILE_TEXT)) + str(key)] = parent.pop(key)
+        else:
+            parent[key] = deep(draw(st.sampled_from((5, 20, 40))))
+        if not (isinstance(doc, dict) and list(paths(doc))[1:]):
+            break
+    return doc
+
+
+def check_outputs(out: Path) -> None:
+    """What a report wrote holds no hostile name that its format would run or misread."""
+    page = (out / "index.html").read_text(encoding="utf-8")
+    assert "<script" not in page.lower() and '"onload=' not in page and "\x1b" not in page
+    for path in out.rglob("*"):
+        if path.suffix == ".tex":
+            tex = path.read_text(encoding="utf-8")
+            assert "\\input" not in tex and "^^" not in tex, path.name
+        elif path.suffix == ".csv":
+            with open(path, newline="", encoding="utf-8") as f:
+                for cell in (c for row in csv.reader(f) for c in row):
+                    assert cell[:1] not in ("=", "+", "@", "\t", "\r", "\n"), (path.name, cell[:40])
+                    if cell.startswith("-"):
+                        float(cell)  # a negative number qrobust wrote; a name would have been quoted
+        elif path.suffix == ".md":
+            assert "<" not in path.read_text(encoding="utf-8"), path.name
+        elif path.suffix == ".svg":
+            assert "<script" not in path.read_text(encoding="utf-8"), path.name
+    findings = (out / "findings.txt").read_text(encoding="utf-8")
+    assert not re.search("[\x00-\x09\x0b-\x1f\x7f\u2028\u2029\u202a-\u202e]", findings)
+
+
+def test_edited_summaries_are_reported_or_refused_in_one_line(scored, tmp_path, capsys):
+    """Edits of a real summary.json (beside its real per-sample columns): ``qrobust report`` exits 0 with every
+    output escaped, or 2 with one line naming the summary; never a traceback, never a hang."""
+    (fp, fp_summary), (q, q_summary) = scored["fp"], scored["q"]
+    outcomes = {0: 0, 2: 0}
+
+    @fuzz(30, 20)
+    @given(doc=summary_edits(q_summary), which=st.sampled_from(("fp", "q")))
+    def check(doc, which):
+        folder = fp if which == "fp" else q
+        (folder / "summary.json").write_text(json.dumps(doc))
+        out = tmp_path / f"out{sum(outcomes.values())}"
+        try:
+            with time_limit(HANG_S):
+                code = main(["-q", "report", str(fp), str(q), "--out", str(out)])
+        finally:
+            for path, summary in ((fp, fp_summary), (q, q_summary)):
+                (path / "summary.json").write_text(json.dumps(summary))
+        err = capsys.readouterr().err
+        assert code in (0, 2) and "Traceback" not in err, err
+        outcomes[code] += 1
+        if code == 2:
+            assert err.count("\n") == 1 and err.startswith("qrobust report: error: "), err
+            assert "summary.json" in err or "scored on different corpora" in err, err  # which file(s)
+        else:
+            check_outputs(out)
+
+    check()
+    print(outcomes)
+    assert outcomes[0] > 0 and outcomes[2] > 0  # the edits reach both the checks and the writers

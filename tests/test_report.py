@@ -245,3 +245,15 @@ def test_summaries_of_schema_1_are_read_with_what_changed_recomputed(tmp_path):
     assert "WCAR small" not in wcar and float(wcar["WCAR incl. extras small"]) == pytest.approx(1.30)
     page = index.read_text()
     assert "rescore for the paper&#x27;s PGD-L1 and WCAR" in page and "not recorded (results of qrobust 0.1" in page
+
+
+def test_negative_numbers_stay_numbers_in_every_csv(tmp_path):
+    """Names are made formula-safe with a leading ', the numbers qrobust formats are not: a negative SNI (a
+    model more accurate under the systematic variants than on the reference crop) stays a number."""
+    s = make_summary("r18-fp")
+    s["systematic"]["sni"] = -0.0123
+    out = build_report(write_results(tmp_path, {"r": s}), tmp_path / "out").parent
+    assert read_csv(out, "systematic")[0]["SNI"] == "-1.23"
+    with open(out / "results.csv", newline="") as f:
+        sni = [r for r in csv.DictReader(f) if r["metric"] == "sni"]
+    assert [float(r["value"]) for r in sni] == [-0.0123]
