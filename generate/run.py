@@ -23,7 +23,7 @@ from qrobust.generate import executors, jobs, outdir, parts
 from qrobust.generate.writer import encoding_record
 from qrobust.shared import manifest as mf
 from qrobust.shared.card import write_card
-from qrobust.shared.files import partial_path, write_atomic
+from qrobust.shared.files import create_new, partial_path, write_atomic
 from qrobust.shared.verify import local_shard_problem
 from qrobust.shared.versions import library_versions, pixel_libraries
 from qrobust.shared.errors import QrobustError
@@ -187,6 +187,7 @@ def generate(suite: str, source: str, out: str, *, labels: str | None = None, cl
         r = listed.rejected[0]
         raise GenerateError(f"--strict: {r.path}: {r.reason}")
     out_path = outdir.create(out, GenerateError)
+    outdir.check_tree(out_path, GenerateError)  # before the plan is recorded in it
     versions = library_versions()
     plan = {"suite": the_suite.spec, "source": listed.fingerprint(), "classes": listed.classes,
             "selection": {"limit": limit, "per_class": per_class},
@@ -330,8 +331,9 @@ def _record_scan(cache: Path, fingerprint: dict, bad: dict[str, str], binding: b
         write_atomic(cache, text)
         return
     tmp = partial_path(cache)
-    tmp.write_text(text)
     try:
+        with open(create_new(tmp), "w") as f:  # never through a link planted under the partial's name
+            f.write(text)
         os.link(tmp, cache)  # create only if absent, atomically, also on NFS
     except FileExistsError:
         first = _read_scan(cache, fingerprint)

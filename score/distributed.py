@@ -16,7 +16,11 @@ How the work is shared, and why:
   (:class:`~qrobust.score.results.PartStore`): never two writers into one zarr
   chunk, which would lose data. After every rank is done, rank 0 merges the
   parts into ``OUT/predictions.zarr`` and progress.json, deletes them, and
-  writes summary.json, as one process would have.
+  writes summary.json, as one process would have. Each part records the
+  digests of its finished units' chunks, as the main store does, and is checked
+  against them before it is merged; ``OUT/parts`` holding anything but the
+  ranks' own folders (a link, a file, a folder of another name) is refused,
+  never merged or deleted.
 * Any run on a folder (one process or several, of any number) first merges
   parts left by an interrupted distributed run, then deals out what is still to
   do. So a restart resumes with the same number of processes, another number,

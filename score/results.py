@@ -14,6 +14,8 @@
                                   holds the corpus rows attacked, group attributes each job's settings
     RESULTS/progress.json         the (variant, shard) units and (attack job, batch) units written
     RESULTS/summary.json          every metric, recomputed from the stored predictions
+    RESULTS/digests.json          the sha256 of every file above and in predictions.zarr that a finished
+                                  unit or run vouches for (:func:`check_folder`)
     RESULTS/.lock                 held by the one `qrobust score` writing the folder (:func:`writing`);
                                   `report` reads a folder only while no run holds it (:func:`reading`)
     RESULTS/parts/rank-R-of-W/    only during a distributed run (or after one was interrupted): rank R's
@@ -27,25 +29,54 @@ writes each chunk to a temporary file and renames it). The store has one writer
 own parts: two writers into one zarr chunk would lose data); a unit is recorded
 in progress.json only after its rows are written, so an interrupted run redoes
 at most the units in flight.
+
+The folder is tamper-evident. When a unit is marked done, the sha256 of the
+zarr chunk files holding its rows (its variant's, and the labels' and sample
+keys') go into digests.json, before the unit goes into progress.json; a
+finished run adds those of results.json, progress.json, summary.json,
+results.csv, the zarr metadata and the per-sample columns, which the next run
+rewrites (they leave the record when it opens the folder). A run, and
+``report`` (:func:`check_folder`), refuse a folder whose files differ from
+their recorded digests, naming the array or file: its summary would not be the
+one its predictions give. Nothing is decoded to check it.
+
+Everything qrobust writes there is a plain file or folder, and it renames,
+overwrites, merges and deletes inside the folder; a folder holding a link, a
+FIFO or a device, or one of its own names as the wrong kind of entry, is
+refused when opened, so nothing is written, merged or deleted through a link
+or outside the folder.
 """
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
+import os
+import re
 import shutil
+import stat
 from pathlib import Path
 
 import numpy as np
 
+from qrobust.shared.bounded import BoundsError, load_json
 from qrobust.shared.errors import QrobustError
-from qrobust.shared.files import locked, remove_dead_partials, remove_store_partials, write_atomic
+from qrobust.shared.files import (PARTIAL_SUFFIX, file_sha256, locked, odd_entry, remove_dead_partials,
+                                  remove_store_partials, write_atomic)
 
 RESULTS_SCHEMA = "qrobust.results/1"
 TOPK = 5
 PARTS = "parts"  # RESULTS/parts/rank-R-of-W: the stores of the ranks of a distributed run
 SAMPLES = "columns"  # predictions.zarr/columns: the per-sample columns of the summary's intervals
 LOCK = ".lock"  # RESULTS/.lock: the one writer's lock
+DIGESTS = "digests.json"  # RESULTS/digests.json: the sha256 of the files, by path relative to the folder
+DIGESTS_SCHEMA = "qrobust.digests/1"
+STORE = "predictions.zarr"
+# what qrobust writes at the top of a results folder (and of a part), and whether each is a folder
+OWN = {"results.json": False, "progress.json": False, "summary.json": False, "results.csv": False,
+       DIGESTS: False, LOCK: False, STORE: True, PARTS: True}
+PART_NAME = re.compile(r"rank-(0|[1-9][0-9]*)-of-([1-9][0-9]*)")
 KEYS = "sample"  # predictions.zarr/sample: the sample keys, the coordinate of every array's first dimension
 # what the stored numbers mean, for anyone opening the store without qrobust (xarray, zarr)
 CODES = {"top5": "class ids (indices into the root attribute 'classes'), best first: rank 0 is the top-1; "
@@ -74,6 +105,8 @@ def writing(path: str | Path):
     killed run half-wrote inside the zarr store (those files name no process).
     """
     path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise ResultsError(f"--out {path} is a link to {os.readlink(path)}, which does not exist; give a folder")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
@@ -84,8 +117,45 @@ def writing(path: str | Path):
         raise ResultsError(f"{path / LOCK} is a link, which `qrobust score` never writes; use a new --out")
     with locked(path / LOCK, error=ResultsError,
                 busy=f"another `qrobust score` is writing {path}; wait for it, or give this run its own --out"):
+        check_tree(path)  # before anything is cleaned: a folder with a link is refused, not tidied
         remove_store_partials(path)
         yield path
+
+
+def check_place(out: str | Path, corpus: str | Path) -> None:
+    """:class:`ResultsError` if the results folder ``out`` would be the local corpus folder ``corpus``, lie
+    inside it, or hold it (links resolved): a run writes, renames and deletes inside its folder, and a corpus
+    is read as it was published."""
+    try:
+        place, source = Path(out).resolve(), Path(corpus).resolve()
+    except (OSError, RuntimeError) as e:  # a loop of links
+        raise ResultsError(f"--out {out}: cannot resolve it ({e})") from None
+    if place == source or place.is_relative_to(source):
+        raise ResultsError(f"--out {out} lies inside the corpus folder {corpus}; give the results a folder "
+                           "outside the corpus")
+    if source.is_relative_to(place):
+        raise ResultsError(f"--out {out} holds the corpus folder {corpus}; give the results a folder of their own")
+
+
+def check_tree(path: str | Path) -> None:
+    """:class:`ResultsError` if the results folder ``path`` holds a link, a FIFO or a device anywhere, or one
+    of qrobust's own names (results.json, parts/, ...) as the wrong kind of entry; ``path`` itself may be
+    a link to a folder (the user named it)."""
+    path = Path(path)
+    try:
+        odd = odd_entry(path)
+        kinds = {name: os.lstat(path / name).st_mode for name in OWN if os.path.lexists(path / name)}
+    except OSError as e:
+        raise ResultsError(f"cannot read {e.filename or path}: {e.strerror or e}") from None
+    if odd is not None:
+        raise ResultsError(f"{odd[0]} is {odd[1]}, which `qrobust score` never writes into a results folder; "
+                           "it is refused so that nothing is written, merged or deleted through it: remove it, "
+                           "or use a new --out")
+    for name, mode in sorted(kinds.items()):
+        if stat.S_ISDIR(mode) != OWN[name]:
+            raise ResultsError(f"{path / name} is {'a folder' if stat.S_ISDIR(mode) else 'a file'}, where "
+                               f"`qrobust score` writes {'a folder' if OWN[name] else 'a file'}; it is not a "
+                               "results folder qrobust wrote: use a new --out")
 
 
 @contextlib.contextmanager
@@ -104,21 +174,168 @@ def reading(path: str | Path):
 def _read_json(path: Path):
     """A results-folder JSON file, or :class:`ResultsError` naming it (never a traceback)."""
     try:
-        return json.loads(path.read_bytes())
-    except (OSError, ValueError, RecursionError) as e:
+        return load_json(path)  # within a size and nesting bound: the folder may come from anyone
+    except BoundsError as e:
+        raise ResultsError(f"{e}; it is not what `qrobust score` wrote: use a new --out") from None
+    except (OSError, ValueError) as e:
         raise ResultsError(f"{path}: unreadable ({str(e)[:120]}); it is not what `qrobust score` wrote: "
                            "use a new --out, or delete the file to start over") from None
 
 
+def _covered(lo: int, hi: int, ranges: list[tuple[int, int]]) -> bool:
+    """Whether the row ranges ``ranges`` cover rows lo..hi."""
+    for start, stop in sorted(ranges):
+        if start > lo:
+            return False
+        lo = max(lo, stop)
+        if lo >= hi:
+            return True
+    return lo >= hi
+
+
+def _final(rel: str) -> bool:
+    """Whether the recorded file ``rel`` is one a run rewrites without finishing a unit (recorded by
+    :meth:`ResultsStore.seal`), not a unit's chunk."""
+    return not rel.startswith(f"{STORE}/") or rel.rpartition("/")[2] == "zarr.json" \
+        or rel.startswith(f"{STORE}/{SAMPLES}/")
+
+
+def _digest(path: Path) -> str | None:
+    """The sha256 of the file at ``path``; None if there is none (zarr stores no chunk that is all fill)."""
+    try:
+        return file_sha256(path)
+    except FileNotFoundError:
+        return None
+    except IsADirectoryError:
+        return "a folder"
+
+
+def _what(rel: str) -> str:
+    """A recorded file, as a reader knows it: the array a chunk belongs to, or the file."""
+    if not rel.startswith(f"{STORE}/"):
+        return rel
+    inner = rel.removeprefix(f"{STORE}/")
+    if inner.rpartition("/")[2] == "zarr.json":
+        node = inner.rpartition("/")[0]
+        return f"the metadata of {'array or group ' + node if node else 'the store'} ({rel})"
+    array, sep, _ = inner.rpartition("/c/") if "/c/" in inner else (inner, "", "")
+    return f"array {array} ({rel})" if sep else rel
+
+
+def _read_record(folder: Path) -> dict[str, str | None] | None:
+    """The digests recorded in ``folder``'s digests.json ({path: sha256 or None}); None if it has none."""
+    path = folder / DIGESTS
+    if not path.is_file():
+        return None
+    record = _read_json(path)
+    files = record.get("files") if isinstance(record, dict) and record.get("schema") == DIGESTS_SCHEMA else None
+    if not isinstance(files, dict) or not all(isinstance(v, str) or v is None for v in files.values()) \
+            or not all(_safe(rel) for rel in files):
+        raise ResultsError(f"{path}: not a record of digests qrobust writes; the folder cannot be checked: "
+                           "score the model again into a new --out")
+    return files
+
+
+def _safe(rel: str) -> bool:
+    """Whether ``rel`` names a file inside the folder (a record from elsewhere must not make us read outside)."""
+    parts = rel.split("/")
+    return bool(rel) and not rel.startswith("/") and "\\" not in rel and all(p not in ("", ".", "..") for p in parts)
+
+
+def _verify(folder: Path, record: dict[str, str | None]) -> None:
+    """:class:`ResultsError` naming the first recorded file (in path order) that differs from its digest."""
+    for rel in sorted(record):
+        try:
+            got = _digest(folder / rel)
+        except OSError as e:
+            raise ResultsError(f"{folder / rel}: unreadable ({e.strerror or e}); the folder cannot be checked "
+                               "against its digests") from None
+        if got != record[rel]:
+            how = f"is missing, though {DIGESTS} records it" if got is None else \
+                f"is there, though {DIGESTS} records none" if record[rel] is None else \
+                f"differs from its digest in {DIGESTS}"
+            raise ResultsError(f"{folder}: {_what(rel)} {how} (edited after qrobust wrote it?); its results "
+                               "cannot be trusted: score the model again into a new --out")
+
+
+def _check_part(part: Path) -> None:
+    """:class:`ResultsError` unless the part folder ``part`` holds only what a rank writes there (its
+    results.json, progress.json, digests.json and their partial files, predictions.zarr/), no link."""
+    files = {"results.json", "progress.json", DIGESTS}
+    for entry in sorted(os.scandir(part), key=lambda e: e.name):
+        partial = PARTIAL_SUFFIX in entry.name  # write_atomic's, of a rank killed mid-write
+        name = entry.name.partition(PARTIAL_SUFFIX)[0]
+        want_folder = name == STORE and not partial
+        if entry.is_symlink() or name not in (files if partial else files | {STORE}) or \
+                entry.is_dir(follow_symlinks=False) != want_folder:
+            raise ResultsError(f"{entry.path}: not something qrobust writes into a part of a distributed run, "
+                               "which it deletes once merged; it refuses to merge or delete the part: move it "
+                               "away")
+    try:
+        odd = odd_entry(part)
+    except OSError as e:
+        raise ResultsError(f"cannot read {e.filename or part}: {e.strerror or e}") from None
+    if odd is not None:
+        raise ResultsError(f"{odd[0]} is {odd[1]}, which qrobust never writes into a part; it refuses to merge "
+                           "or delete the part: remove it")
+
+
+def check_folder(folder: str | Path) -> list[str]:
+    """Check a results folder (or its summary.json) before its summary is used; returns warnings.
+
+    Raises :class:`ResultsError` (one line, naming the array or file) if the
+    folder holds a link, a FIFO or a device, if its digests.json is malformed,
+    or if a file it records (a finished unit's chunk, the metadata, summary.json,
+    progress.json, ...) differs from its digest or is missing, and if a
+    ``qrobust score`` is writing the folder now. Returns a warning when the
+    summary cannot be checked against the predictions: a folder scored by a
+    qrobust that recorded no digests, or one whose last run did not finish
+    (its summary.json is an earlier run's). Reads every recorded file once,
+    decodes nothing.
+
+    ``folder`` itself may be a link to a folder; nothing is written.
+    """
+    folder = Path(folder)
+    if folder.name == "summary.json" and not folder.is_dir():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ResultsError(f"{folder}: no such results folder")
+    with reading(folder):
+        check_tree(folder)
+        record = _read_record(folder)
+        summary = (folder / "summary.json").is_file()
+        if record is None:
+            return [(f"{folder}: scored by a qrobust that recorded no digests ({DIGESTS}): its summary cannot be "
+                     "checked against its predictions")] if summary else []
+        _verify(folder, record)
+        if summary and "summary.json" not in record:
+            return [(f"{folder}: its last `qrobust score` did not finish, so its summary.json is an earlier run's "
+                     "and cannot be checked against the predictions now stored; rerun it to finish")]
+        return []
+
+
 class ResultsStore:
-    def __init__(self, path: str | Path, identity: dict, layout: dict[str, tuple[int, ...]], chunk_rows: int):
+    def __init__(self, path: str | Path, identity: dict, layout: dict[str, tuple[int, ...]], chunk_rows: int,
+                 *, units: dict | None = None, writer: bool = True):
         """Open (or create) the store at ``path`` for ``identity``; ``layout`` maps
         variant id -> array shape. Raises :class:`ResultsError` if the folder was made for another
-        identity."""
+        identity, holds a link (:func:`check_tree`), or differs from its recorded digests.
+
+        ``units`` maps unit id -> :class:`~qrobust.score.stream.Unit` (the rows
+        of each (variant, shard) unit), so a finished unit's chunk files can be
+        told; without it a unit is taken to be one chunk. ``writer`` False
+        opens the folder of another process's run (the other ranks of a
+        distributed run read rank 0's): nothing is checked or recorded then.
+        """
         import zarr
 
         self.path = Path(path)
+        self.units = dict(units or {})
+        self.writer = writer
         self.path.mkdir(parents=True, exist_ok=True)
+        if writer:
+            check_tree(self.path)
+            self.part_paths()  # refused before anything is written, not when the parts are merged
         remove_dead_partials(self.path)  # what a run killed mid-write left (it never becomes a result)
         ident_path = self.path / "results.json"
         identity = {"schema": RESULTS_SCHEMA, **identity}
@@ -133,7 +350,17 @@ class ResultsStore:
         else:
             write_atomic(ident_path, json.dumps(identity, indent=1, sort_keys=True))
         self.identity = identity
-        self.root = zarr.open_group(str(self.path / "predictions.zarr"), mode="a")
+        record = _read_record(self.path)
+        self.digests: dict[str, str | None] = dict(record or {})
+        if writer and record is not None:
+            _verify(self.path, record)  # before this run builds on what is stored
+            # what this run rewrites without finishing a unit (the metadata, the summary) leaves the record,
+            # before anything is written, until the run is finished (:meth:`seal`): a run killed in between
+            # leaves nothing stale in it
+            self.digests = {rel: d for rel, d in record.items() if not _final(rel)}
+            if self.digests != record:
+                self._write_digests()
+        self.root = zarr.open_group(str(self.path / STORE), mode="a")
         if dict(self.root.attrs) != identity:  # the store describes itself too, if copied without results.json
             self.root.attrs.update(identity)
         n = next(iter(layout.values()))[0] if layout else 0
@@ -148,6 +375,11 @@ class ResultsStore:
         if not isinstance(done, list) or not all(isinstance(u, str) for u in done):
             raise ResultsError(f"{progress}: not a list of finished units; delete it to score every unit again")
         self.done = set(done)
+        if writer and record is None and self.done:
+            log.warning("%s was scored by a qrobust that recorded no digests: its %d finished units are kept "
+                        "as they are, and their digests recorded from now on", self.path, len(self.done))
+            self._record(self.done)
+            self._write_digests()
 
     def _array(self, name: str, shape: tuple[int, ...], chunk_rows: int):
         if name in self.root:
@@ -179,19 +411,127 @@ class ResultsStore:
         self.labels[start:start + len(labels)] = labels
 
     def mark_done(self, unit_ids: list[str]) -> None:
+        """Record ``unit_ids`` as finished: their chunk files' digests first, then progress.json (so a
+        finished unit's chunks always have digests, whenever the run is killed)."""
         self.done.update(unit_ids)
-        write_atomic(self.path / "progress.json", json.dumps(sorted(self.done)))
+        self._record(unit_ids)
+        self._write_digests()
+        write_atomic(self.path / "progress.json", json.dumps(sorted(self._listed())))
+
+    def _listed(self) -> set[str]:
+        """The units this store's progress.json lists (and whose rows its arrays hold)."""
+        return self.done
+
+    # --- digests ----------------------------------------------------------------
+
+    def _record(self, unit_ids) -> None:
+        """Put the digests of the chunk files of ``unit_ids`` in :attr:`digests` (not written yet)."""
+        for uid in sorted(unit_ids):
+            try:
+                files = self._unit_files(uid)
+            except (KeyError, ValueError):  # a name zarr refuses (from an edited progress.json): nothing stored
+                continue
+            for rel in files:
+                self.digests[rel] = _digest(self.path / rel)
+
+    def _unit_files(self, uid: str) -> list[str]:
+        """The chunk files (relative to the folder) holding unit ``uid``'s rows whose every row belongs to a
+        finished unit: those are final (a chunk shared with an unfinished unit would still change)."""
+        if uid.startswith("attack/"):  # an attack batch is one chunk of its job's outcome and pred arrays
+            job_id, _, b = uid.removeprefix("attack/").rpartition("#")
+            group = self.root.get("attacks")
+            if group is None or not b.isdigit() or "rows" not in group:
+                return []
+            files = []
+            for name in ("outcome", "pred"):
+                array = group.get(f"{job_id}/{name}") if job_id else None
+                if array is not None and hasattr(array, "chunks"):
+                    files += self._chunk_files(array, int(b) * array.chunks[0], (int(b) + 1) * array.chunks[0])
+            return files + self._chunk_files(group["rows"], 0, group["rows"].shape[0]) if files else []
+        import zarr
+
+        variant, _, index = uid.rpartition("#")
+        array = self.arrays.get(variant) if variant in self.arrays else self.root.get(variant) if variant else None
+        if not isinstance(array, zarr.Array) or not index.isdigit():
+            return []
+        unit = self.units.get(uid)
+        lo, hi = (unit.start, unit.start + unit.count) if unit is not None else \
+            (int(index) * array.chunks[0], (int(index) + 1) * array.chunks[0])
+
+        def finished(same_variant: bool):  # row ranges of the finished units (only for a chunk shared by units)
+            listed = self._listed()
+            return lambda: [(u.start, u.start + u.count) for k, u in self.units.items()
+                            if k in listed and (u.variant == variant or not same_variant)]
+
+        return (self._chunk_files(array, lo, hi, finished(True)) + self._chunk_files(self.labels, lo, hi,
+                                                                                   finished(False))
+                + self._chunk_files(self.keys, lo, hi, finished(False)))
+
+    @staticmethod
+    def _chunk_files(array, lo: int, hi: int, finished=None) -> list[str]:
+        """The chunk files of ``array`` holding rows lo..hi, those whose rows all lie in lo..hi, or in the
+        row ranges ``finished()`` gives."""
+        n, step = array.shape[0], array.chunks[0]
+        hi = min(hi, n)
+        if hi <= lo:
+            return []
+        rest = [range(-(-size // c)) for size, c in zip(array.shape[1:], array.chunks[1:])]
+        out = []
+        for k in range(lo // step, (hi - 1) // step + 1):
+            first, last = k * step, min((k + 1) * step, n)
+            if not lo <= first <= last <= hi and (finished is None or not _covered(first, last, finished())):
+                continue
+            for more in itertools.product(*rest):
+                out.append(f"{STORE}/{array.path}/{array.metadata.encode_chunk_key((k, *more))}")
+        return out
+
+    def _write_digests(self) -> None:
+        write_atomic(self.path / DIGESTS, json.dumps({"schema": DIGESTS_SCHEMA, "files": self.digests},
+                                                     indent=1, sort_keys=True))
+
+    def seal(self) -> None:
+        """Record the digests of what a finished run wrote besides its units' chunks: results.json,
+        progress.json, summary.json and results.csv, the zarr metadata and the per-sample columns. Called
+        after summary.json and results.csv are written; the next run to open the folder drops them again."""
+        files = {rel: d for rel, d in self.digests.items() if not _final(rel)}
+        for name in ("results.json", "progress.json", "summary.json", "results.csv"):
+            if (self.path / name).is_file():
+                files[name] = _digest(self.path / name)
+        for top, dirs, names in os.walk(self.path / STORE):
+            dirs.sort()
+            for name in sorted(names):
+                rel = Path(top, name).relative_to(self.path).as_posix()
+                if _final(rel):
+                    files[rel] = _digest(self.path / rel)
+        self.digests = files
+        self._write_digests()
 
     def part_paths(self) -> list[Path]:
-        """The part stores of ranks of a distributed run not merged yet, rank 0 first."""
+        """The part stores of ranks of a distributed run not merged yet, rank 0 first.
+
+        They are deleted once merged, so ``parts/`` must hold nothing but
+        ``rank-R-of-W`` folders holding nothing but what a rank writes, none of
+        them a link: anything else is refused (:class:`ResultsError`), never
+        followed, merged or deleted.
+        """
         folder = self.path / PARTS
-        parts = [p for p in folder.iterdir() if p.is_dir()] if folder.is_dir() else []
-
-        def rank(p: Path) -> tuple:
-            head, _, world = p.name.removeprefix("rank-").partition("-of-")
-            return (int(head), int(world)) if head.isdigit() and world.isdigit() else (1 << 62, 0, p.name)
-
-        return sorted(parts, key=rank)
+        if not os.path.lexists(folder):
+            return []
+        if folder.is_symlink() or not folder.is_dir():
+            raise ResultsError(f"{folder} is {'a link' if folder.is_symlink() else 'a file'}, where qrobust keeps "
+                               "the parts of a distributed run; it is refused, never followed or deleted: remove "
+                               "it, or use a new --out")
+        parts = []
+        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+            match = PART_NAME.fullmatch(entry.name)
+            if not match or int(match[1]) >= int(match[2]) or entry.is_symlink() or \
+                    not entry.is_dir(follow_symlinks=False):
+                raise ResultsError(f"{entry.path}: {folder} holds only the rank-R-of-W folders of a distributed "
+                                   "run, which qrobust deletes once merged; it refuses to merge or delete anything "
+                                   "else there: move it away")
+            _check_part(Path(entry.path))
+            parts.append(((int(match[1]), int(match[2])), Path(entry.path)))
+        return [p for _, p in sorted(parts)]
 
     def absorb_parts(self, units: dict) -> int:
         """Merge every part store (rank 0's first) into this one, then delete them; returns how many units.
@@ -201,12 +541,15 @@ class ResultsStore:
         run, and at the start of any run on this folder (one process or several,
         of any number), so the units finished by an interrupted distributed run
         are kept. A part is deleted only after its units are in progress.json,
-        so a merge that is itself interrupted is simply done again.
+        so a merge that is itself interrupted is simply done again. A part is
+        checked against its own digests before it is merged, and anything in
+        ``parts/`` that qrobust did not write is refused (:meth:`part_paths`).
         """
+        self.units.update(units)
         count = 0
         for part in self.part_paths():
             count += self._absorb(part, units)
-            shutil.rmtree(part)
+            shutil.rmtree(part)  # checked by part_paths: a folder of plain files and folders, no link
         if (self.path / PARTS).is_dir() and not any((self.path / PARTS).iterdir()):
             (self.path / PARTS).rmdir()
         return count
@@ -224,7 +567,17 @@ class ResultsStore:
         done = _read_json(progress) if progress.is_file() else []
         if not isinstance(done, list) or not all(isinstance(u, str) for u in done):
             raise ResultsError(f"{progress}: not a list of finished units; delete {part} to redo its units")
-        root = zarr.open_group(str(part / "predictions.zarr"), mode="r")
+        record = _read_record(part)
+        if record is not None:
+            _verify(part, record)  # what is merged is what the rank wrote
+        elif done:
+            log.warning("%s was written by a qrobust that recorded no digests; merged unchecked", part)
+        if not (part / STORE).is_dir():
+            if done:
+                raise ResultsError(f"{part}: progress.json lists finished units but there is no {STORE}; "
+                                   f"delete {part} to redo its units")
+            return 0
+        root = zarr.open_group(str(part / STORE), mode="r")
         merged = []
         for uid in sorted(u for u in done if not u.startswith("attack/")):
             unit = units.get(uid)
@@ -341,15 +694,19 @@ class PartStore(ResultsStore):
     def __init__(self, main: ResultsStore, rank: int, world: int, layout: dict[str, tuple[int, ...]],
                  chunk_rows: int):
         identity = {k: v for k, v in main.identity.items() if k != "schema"}
-        super().__init__(main.path / PARTS / f"rank-{rank}-of-{world}", identity, layout, chunk_rows)
+        self.own = set()  # until the part's own progress is read
+        super().__init__(main.path / PARTS / f"rank-{rank}-of-{world}", identity, layout, chunk_rows,
+                         units=main.units)
         self.main = main
         self.own = set(self.done)
         self.done = self.own | main.done
 
     def mark_done(self, unit_ids: list[str]) -> None:
         self.own.update(unit_ids)
-        self.done.update(unit_ids)
-        write_atomic(self.path / "progress.json", json.dumps(sorted(self.own)))
+        super().mark_done(unit_ids)
+
+    def _listed(self) -> set[str]:
+        return self.own
 
     def open_attacks(self, rows: np.ndarray, jobs: dict[str, dict], batch_size: int) -> None:
         super().open_attacks(rows, jobs, batch_size)

@@ -22,8 +22,8 @@ from qrobust.score import distributed as dist
 from qrobust.score import input_check, tidy
 from qrobust.score import adversarial, summary as summaries
 from qrobust.score import logits
-from qrobust.score.results import PartStore, ResultsStore, writing
-from qrobust.score.stream import Corpus, CorpusError, Failure, Unit, UnitStream
+from qrobust.score.results import PartStore, ResultsStore, check_place, writing
+from qrobust.score.stream import Corpus, CorpusError, Failure, Unit, UnitStream, is_url
 from qrobust.shared.files import write_atomic
 
 log = logging.getLogger("qrobust.score")
@@ -137,6 +137,8 @@ def _score(corpus, model, out, ctx, *, weights, only, exclude, device, batch_siz
     if batch_size < 1 or (workers is not None and workers < 0) or (limit is not None and limit < 1):
         raise CorpusError("--batch-size and --limit must be at least 1, --workers at least 0")
     source = Corpus(corpus)
+    if not is_url(source.location):  # before anything is created or written: never into the corpus
+        check_place(out, source.location)
     manifest = source.manifest
     variants = sorted(manifest["variants"])
     if attacks and only and "clean/onecrop" not in only:
@@ -193,7 +195,7 @@ def _score(corpus, model, out, ctx, *, weights, only, exclude, device, batch_siz
         held.enter_context(writing(out))
     with held:
         def open_store() -> ResultsStore:  # and keep what an interrupted distributed run left in its parts
-            store = ResultsStore(out, identity, layout, chunk)
+            store = ResultsStore(out, identity, layout, chunk, units=by_id)
             store.describe(manifest.get("classes") or [])
             if store.absorb_parts(by_id):
                 log.info("merged the parts of an interrupted distributed run")
@@ -201,7 +203,7 @@ def _score(corpus, model, out, ctx, *, weights, only, exclude, device, batch_siz
 
         store = dist.step(ctx, open_store, root_only=True)
         if ctx is not None and ctx.rank:  # rank 0 made (or merged) it; the others only read it from here on
-            store = ResultsStore(out, identity, layout, chunk)
+            store = ResultsStore(out, identity, layout, chunk, units=by_id, writer=False)
         writer = PartStore(store, ctx.rank, ctx.world, layout, chunk) if ctx is not None else store
         todo = [u for u in units if store.unit_id(u.variant, u.index) not in store.done]
         mine = ctx.split(todo) if ctx is not None else todo
@@ -252,6 +254,7 @@ def _score(corpus, model, out, ctx, *, weights, only, exclude, device, batch_siz
         # for pandas; the `results` column stays empty here (the file's place names its folder, and a folder's
         # bytes do not depend on its name): `report` fills it for its models
         write_atomic(store.path / "results.csv", tidy.to_csv(tidy.rows(summary)))
+        store.seal()  # the digests of the summary and of what it was computed from, last
         return summary
 
 

@@ -11,7 +11,7 @@ import pytest
 import zarr
 
 from qrobust.cli import main
-from qrobust.score.results import LOCK
+from qrobust.score.results import LOCK, ResultsError, check_folder
 from tests.helpers import fitted_checkpoint, small_corpus
 
 
@@ -43,10 +43,13 @@ def test_second_writer_is_refused_and_the_first_loses_nothing(setup, tmp_path, c
         assert main(["-q", "report", str(out), "--out", str(tmp_path / "report")]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "is writing it" in err[0], err
+        with pytest.raises(ResultsError, match="is writing it"):  # nor is it checked against its digests mid-write
+            check_folder(out)
     assert score(corpus, checkpoint, out, "--only", "clean/square") == 0  # released: it runs
     done = json.loads((out / "progress.json").read_text())
     assert set(before) < set(done) and any(u.startswith("clean/square") for u in done)
     assert main(["-q", "report", str(out), "--out", str(tmp_path / "report")]) == 0
+    assert check_folder(out) == []
 
 
 def test_a_link_as_the_lock_is_refused(setup, tmp_path, capsys):
@@ -58,6 +61,20 @@ def test_a_link_as_the_lock_is_refused(setup, tmp_path, capsys):
     assert score(corpus, checkpoint, out) == 2
     assert "is a link" in capsys.readouterr().err
     assert victim.read_text() == "keep"
+
+
+def test_a_lock_that_is_a_fifo_or_a_folder_is_refused_without_blocking(setup, tmp_path, capsys):
+    import os
+
+    corpus, checkpoint = setup
+    for kind in ("fifo", "folder"):
+        out = tmp_path / kind
+        out.mkdir()
+        os.mkfifo(out / LOCK) if kind == "fifo" else (out / LOCK).mkdir()
+        assert score(corpus, checkpoint, out) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and str(out / LOCK) in err[0], err
+        assert sorted(p.name for p in out.iterdir()) == [LOCK]  # nothing else written
 
 
 def test_partial_zarr_writes_of_a_killed_run_are_cleared(setup, tmp_path):
