@@ -23,12 +23,22 @@ the original corpus:
   digest changes: ``generate`` will not mistake the packed corpus for a
   resumable run of the full one).
 
+Every kept shard, linked or re-sharded, is read and checked before it is
+published: its size and sha256 against the source manifest, its tar structure
+(bounded parsing, :func:`~qrobust.shared.shards.scan_shard`), its samples and,
+for every payload, the header against the corpus's declared geometry
+(:func:`~qrobust.shared.shards.check_payload`: image size; a video's frame
+count and the frame size of its container and of every parameter set in its
+stream), so a hostile payload is refused here, not passed on under a new
+manifest. No pixel is decoded.
+
 The packed manifest records where it came from under ``packed_from`` (the
 source manifest's sha256 and the selection) and is written last, after the
 packed corpus's own dataset card; it passes ``qrobust verify``. It holds no
 local path, even when the source corpus (written before) recorded some. The
-output folder must be new or empty; after a failure the files this run wrote
-are removed again.
+output folder must be new or empty (so no link inside it can be written
+through: pack creates every file and folder it writes to); after a failure the
+files this run wrote are removed again.
 """
 from __future__ import annotations
 
@@ -36,22 +46,21 @@ import fnmatch
 import hashlib
 import logging
 import os
-import re
 import shutil
 from pathlib import Path
 
 from qrobust.generate import outdir
 from qrobust.generate.writer import ShardFile
 from qrobust.shared import manifest as mf
+from qrobust.shared.bounded import check_depth, read_at_most
 from qrobust.shared.card import CARD_NAME, write_card
-from qrobust.shared.files import file_sha256, partial_path, write_atomic
-from qrobust.shared.verify import local_shard_problem
 from qrobust.shared.errors import QrobustError
-from qrobust.shared.shards import LABEL_EXT, ShardError, keys_digest, scan_shard
+from qrobust.shared.files import partial_path, write_atomic
+from qrobust.shared.shards import (LABEL, LABEL_EXT, ShardError, check_payload, keys_digest, payload_shape,
+                                   scan_shard, shown)
+from qrobust.shared.verify import local_shard_problem
 
 log = logging.getLogger("qrobust.pack")
-
-LABEL = re.compile(rb"\s*([0-9]{1,9})\s*")  # a cls member, as the scorer reads it
 
 
 class PackError(QrobustError, ValueError):
@@ -69,8 +78,10 @@ def pack(corpus: str, out: str, *, only: list[str] | None = None, exclude: list[
     the first N samples, in corpus order. Raises :class:`PackError` for a
     selection that matches nothing, an ``out`` that is not new or empty, or a
     damaged source (a manifest with problems, a shard whose sha256, structure
-    or keys differ from the manifest's), and
-    :class:`~qrobust.shared.manifest.ManifestError` for an unreadable manifest.
+    or keys differ from the manifest's, a payload whose header disagrees with
+    the corpus's geometry), and
+    :class:`~qrobust.shared.manifest.ManifestError` for an unreadable manifest
+    (:class:`~qrobust.shared.bounded.BoundsError` for one nested too deep).
     """
     if "://" in str(corpus):
         raise PackError(f"{corpus}: pack reads a local corpus folder; copy the corpus here first")
@@ -81,7 +92,9 @@ def pack(corpus: str, out: str, *, only: list[str] | None = None, exclude: list[
         if value is not None and value < 1:
             raise PackError(f"{name} must be at least 1")
     manifest = mf.load_manifest(root)
-    raw = (root / mf.MANIFEST_NAME).read_bytes()
+    check_depth(manifest, str(root / mf.MANIFEST_NAME))  # it is deep-copied below
+    with open(root / mf.MANIFEST_NAME, "rb") as f:  # load_manifest refused anything but a regular file
+        raw = read_at_most(f, mf.MAX_MANIFEST_BYTES + 1)
     kept = select_variants(sorted(manifest["variants"]), only, exclude, corpus)
     _check_source(root, manifest, kept)
     target = _empty_folder(out)
@@ -168,16 +181,18 @@ def _pack(root: Path, manifest: dict, kept: list[str], target: Path, written: li
     subset = None
     if limit is not None or per_class is not None:
         reference = min(kept, key=lambda v: sum(s["bytes"] for s in manifest["variants"][v]["shards"]))
+        shape = payload_shape(manifest, reference)
         samples = [(key, label) for shard in manifest["variants"][reference]["shards"]
-                   for key, label, _ in _read_shard(root, shard)]
+                   for key, label, _ in _read_shard(root, shard, shape)]
         wanted = _select(samples, limit, per_class)
         if len(wanted) < len(samples):
             subset = (samples, wanted)
     if subset is None:
         with _bar(n_shards, progress) as bar:
             for vid in kept:
+                shape = payload_shape(manifest, vid)
                 for shard in manifest["variants"][vid]["shards"]:
-                    _link_or_copy(root, target, shard, written)
+                    _link_or_copy(root, target, shard, shape, written)
                     bar.update(1)
         log.info("packed %d variants, %d shards linked or copied", len(kept), n_shards)
         return result
@@ -186,7 +201,8 @@ def _pack(root: Path, manifest: dict, kept: list[str], target: Path, written: li
         per = manifest["suite"]["spec"].get("shards", {}).get("samples", 1000)
         for vid in kept:
             result["variants"][vid]["shards"] = _reshard(root, target, vid, manifest["variants"][vid]["shards"],
-                                                         samples, wanted, per, written, bar)
+                                                         payload_shape(manifest, vid), samples, wanted, per,
+                                                         written, bar)
             result["variants"][vid]["count"] = len(wanted)
     keys = [key for key, _ in samples if key in wanted]
     result["samples"] = {"count": len(keys), "keys_sha256": keys_digest(keys)}
@@ -212,18 +228,29 @@ def _select(samples: list[tuple[str, int]], limit: int | None, per_class: int | 
     return set(keys[:limit] if limit is not None else keys)
 
 
-def _read_shard(root: Path, shard: dict):
-    """(key, label, (payload extension, payload bytes)) of every sample of a source shard, after its sha256,
-    structure, sample count and keys are checked against the manifest (a damaged shard raises PackError)."""
-    name = shard["name"]
+def _read_shard(root: Path, shard: dict, shape: tuple[int, ...]):
+    """(key, label, (payload extension, payload bytes)) of every sample of a source shard, checked
+    (:func:`_checked_samples`)."""
     try:
-        data = (root / name).read_bytes()
+        with open(root / shard["name"], "rb") as f:
+            data = read_at_most(f, shard["bytes"] + 1)
     except OSError as e:
-        raise PackError(f"cannot read {root / name}: {e.strerror or e}") from None
+        raise PackError(f"cannot read {root / shard['name']}: {e.strerror or e}") from None
+    return _checked_samples(root, shard, data, shape)
+
+
+def _checked_samples(root: Path, shard: dict, data: bytes, shape: tuple[int, ...]):
+    """(key, label, (payload extension, payload bytes)) of every sample of a shard's bytes ``data``, after
+    its size, sha256, structure, sample count and keys are checked against the manifest and every
+    payload's header against the declared geometry ``shape`` (a damaged shard raises PackError)."""
+    name = shard["name"]
 
     def damaged(what: str) -> PackError:
         return PackError(f"{root}: {name}: {what}; `qrobust verify {root}` lists every problem")
 
+    if len(data) != shard["bytes"]:
+        got = f"more than {shard['bytes']}" if len(data) > shard["bytes"] else len(data)
+        raise damaged(f"{got} bytes, manifest says {shard['bytes']}")
     if hashlib.sha256(data).hexdigest() != shard["sha256"]:
         raise damaged("sha256 differs from the manifest (content changed)")
     try:
@@ -240,13 +267,18 @@ def _read_shard(root: Path, shard: dict):
         if not match:
             raise damaged(f"member {s.key}.{LABEL_EXT} is not an integer label")
         ext = next(e for e in s.members if e != LABEL_EXT)
-        _, offset, size = s.members[ext]
-        out.append((s.key, int(match.group(1)), (ext, data[offset:offset + size])))
+        member, offset, size = s.members[ext]
+        payload = data[offset:offset + size]
+        try:
+            check_payload(ext, payload, shape)
+        except ShardError as e:
+            raise damaged(f"member {shown(member)}: {e}") from None
+        out.append((s.key, int(match.group(1)), (ext, payload)))
     return out
 
 
-def _reshard(root: Path, target: Path, vid: str, shards: list[dict], samples: list[tuple[str, int]],
-             wanted: set[str], per: int, written: list[Path], bar) -> list[dict]:
+def _reshard(root: Path, target: Path, vid: str, shards: list[dict], shape: tuple[int, ...],
+             samples: list[tuple[str, int]], wanted: set[str], per: int, written: list[Path], bar) -> list[dict]:
     """Copy the ``wanted`` samples of one variant, in order, into new shards of ``per`` samples."""
     expected = iter(samples)
     out: list[dict] = []
@@ -258,7 +290,7 @@ def _reshard(root: Path, target: Path, vid: str, shards: list[dict], samples: li
 
     try:
         for shard in shards:
-            for key, label, (ext, payload) in _read_shard(root, shard):
+            for key, label, (ext, payload) in _read_shard(root, shard, shape):
                 if next(expected, None) != (key, label):  # every variant holds the same samples and labels
                     raise PackError(f"{root}: {vid}: sample {key!r} differs from the other variants' (keys or "
                                     f"labels); `qrobust verify {root}` lists every problem")
@@ -283,9 +315,9 @@ def _reshard(root: Path, target: Path, vid: str, shards: list[dict], samples: li
     return out
 
 
-def _link_or_copy(root: Path, target: Path, shard: dict, written: list[Path]) -> None:
+def _link_or_copy(root: Path, target: Path, shard: dict, shape: tuple[int, ...], written: list[Path]) -> None:
     """Put a source shard into ``target`` (a hard link, or a copy across file systems), atomically, after
-    checking that its sha256 is the manifest's."""
+    checking the very bytes it links (:func:`_checked_samples`)."""
     source, dest = root / shard["name"], target / shard["name"]
     dest.parent.mkdir(parents=True, exist_ok=True)
     partial = partial_path(dest)
@@ -296,8 +328,14 @@ def _link_or_copy(root: Path, target: Path, shard: dict, written: list[Path]) ->
         shutil.copyfile(source, partial)
         with open(partial, "rb+") as f:
             os.fsync(f.fileno())
-    if file_sha256(partial) != shard["sha256"]:
+    try:
+        try:
+            with open(partial, "rb") as f:
+                data = read_at_most(f, shard["bytes"] + 1)
+        except OSError as e:
+            raise PackError(f"cannot read {partial}: {e.strerror or e}") from None
+        _checked_samples(root, shard, data, shape)
+    except BaseException:
         partial.unlink(missing_ok=True)
-        raise PackError(f"{root}: {shard['name']}: sha256 differs from the manifest (content changed); "
-                        f"`qrobust verify {root}` lists every problem")
+        raise
     os.replace(partial, dest)

@@ -31,12 +31,20 @@ another frame count than the other videos of its perturbation.
 does. Shards are written atomically and skipped when present (an interrupted
 import resumes; a rerun gives identical bytes); probe results are cached in
 ``OUT/.qrobust``; the dataset card and then the manifest are written last.
+Every payload written or kept is checked against the corpus's geometry
+(:func:`~qrobust.shared.shards.check_payload`: for a video, its frame count and
+the frame size of every parameter set in its stream, which probing does not
+read); a shard already there is read with bounds and rebuilt unless it passes.
+Nothing is written through a link: an ``--out`` holding one (or a FIFO, a
+device) is refused before anything is written (:func:`qrobust.generate.outdir.locked`),
+and a shard is replaced, never written into.
 The manifest holds no local path (see :func:`_manifest`). Listing keeps about
 200 bytes per file in memory (some 1 GB for the 3.75 million files of
 ImageNet-C).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import multiprocessing
@@ -51,11 +59,12 @@ from qrobust.generate.release_tree import (KINDS, MEMBER, SAMPLES_PER_SHARD, Lis
 from qrobust.generate.release_tree import fingerprint as release_fingerprint
 from qrobust.generate.writer import ShardFile
 from qrobust.shared import manifest as mf
+from qrobust.shared.bounded import BoundsError, check_depth, load_json, read_at_most
 from qrobust.shared.card import write_card
 from qrobust.shared.files import write_atomic
 from qrobust.shared.versions import library_versions, pixel_libraries
 from qrobust.shared.noises import is_noise_sequence
-from qrobust.shared.shards import keys_digest, shard_summary
+from qrobust.shared.shards import ShardError, check_payload, keys_digest, scan_shard, shown
 from qrobust.shared.sources import Rejected, read_class_list
 
 log = logging.getLogger("qrobust.import")
@@ -126,7 +135,7 @@ def import_release(kind: str, root: str, out: str, *, classes: str | None = None
         if not keys:
             raise ReleaseError(f"no usable samples in {root} (see the rejected files above)")
         spec = dict(spec, geometry={"crop": crop})
-        summaries = _write_all(kind, top, target, listing, keys, labels, per, old, workers, progress)
+        summaries = _write_all(kind, top, target, listing, keys, labels, per, old, crop, frames, workers, progress)
         manifest = _manifest(kind, top, spec, class_list, keys, listing, frames, summaries, plan, versions, classes)
         write_card(target, manifest)
         write_atomic(target / mf.MANIFEST_NAME, mf.dumps(manifest))
@@ -137,10 +146,11 @@ def import_release(kind: str, root: str, out: str, *, classes: str | None = None
 
 
 def _read_state(path: Path) -> dict:
-    """A JSON object this import recorded in OUT/.qrobust, or a one-line error saying to delete it."""
+    """A JSON object this import recorded in OUT/.qrobust (read within bounds), or a one-line error saying
+    to delete it."""
     try:
-        state = json.loads(path.read_text())
-    except (OSError, ValueError, RecursionError):
+        state = load_json(path)
+    except (OSError, ValueError, BoundsError):
         state = None
     if not isinstance(state, dict):
         raise ReleaseError(f"{path}: unreadable; delete it (the import records it again)")
@@ -155,7 +165,8 @@ def _check_plan(target: Path, plan: dict) -> dict | None:
     if (target / mf.MANIFEST_NAME).is_file():
         try:
             old_manifest = mf.load_manifest(target)
-        except mf.ManifestError as e:
+            check_depth(old_manifest, str(target / mf.MANIFEST_NAME))
+        except (mf.ManifestError, BoundsError) as e:
             raise ReleaseError(f"{e}; move it away to import again") from None
     if path.is_file():
         old = _read_state(path)
@@ -287,34 +298,75 @@ def _map(fn, tasks: list, make, sizes: list[int], workers: int, desc: str, progr
 # ---- shards and manifest -----------------------------------------------------------------------------
 
 
-def _write_shard(ext: str, path: str, samples: list[tuple[str, int, str, int]], expected: str | None) -> dict:
-    """Write one shard of ``(key, label, file path, listed bytes)`` (the files' bytes as they are), or
-    keep the one already there if it holds these keys (and the sha256 an earlier manifest recorded)."""
+def _write_shard(ext: str, path: str, samples: list[tuple[str, int, str, int]], expected: str | None,
+                 shape: tuple[int, ...]) -> dict:
+    """Write one shard of ``(key, label, file path, listed bytes)`` (the files' bytes as they are, each
+    checked against the corpus's geometry ``shape``), or keep the one already there if it holds these keys,
+    payloads of the listed sizes that pass the same check, and the sha256 an earlier manifest recorded."""
     target = Path(path)
-    keys = [s[0] for s in samples]
+    if target.is_symlink() or (target.exists() and not target.is_file()):  # never written or read through
+        raise ReleaseError(f"{target}: not a plain file where a shard goes; remove it, or import into a new --out")
     if target.is_file():
-        try:
-            summary = shard_summary(target)
-        except (OSError, ValueError) as e:
-            log.warning("rebuilding %s: %s", target, e)
-        else:
-            if summary["keys_sha256"] == keys_digest(keys) and expected in (None, summary["sha256"]):
-                return summary
-            log.warning("rebuilding %s: it holds other samples or bytes than this import's", target)
-        target.unlink(missing_ok=True)
+        problem, summary = _kept_shard_problem(target, samples, expected, shape)
+        if problem is None:
+            return summary
+        log.warning("rebuilding %s: %s", target, problem)
+    target.unlink(missing_ok=True)
     with ShardFile(target) as writer:
         for key, label, file, size in samples:
-            data = Path(file).read_bytes()
+            with open(file, "rb") as f:
+                data = read_at_most(f, size + 1)
             if len(data) != size:
-                raise ReleaseError(f"{file}: {len(data)} bytes, {size} when listed (changed during the import); "
-                                   "delete --out and import again")
+                got = f"more than {size}" if len(data) > size else len(data)
+                raise ReleaseError(f"{file}: {got} bytes, {size} when listed (changed during the import); delete "
+                                   "--out and import again")
+            try:
+                check_payload(ext, data, shape)
+            except ShardError as e:
+                raise ReleaseError(f"{file}: {e}; leave it out of the release tree (or its variant, with --only) "
+                                   "and import again") from None
             writer.add(key, label, ext, data)
         return writer.publish()
 
 
+def _kept_shard_problem(target: Path, samples: list[tuple[str, int, str, int]], expected: str | None,
+                        shape: tuple[int, ...]) -> tuple[str | None, dict | None]:
+    """(why the shard already at ``target`` cannot be kept, or None; its summary). It is read once, its
+    structure with bounds (:func:`~qrobust.shared.shards.scan_shard`)."""
+    # the files, their headers (a label, a name and pax records for each member) and the end of the archive
+    most = sum(s[3] for s in samples) + 4096 * len(samples) + 20480
+    try:
+        with open(target, "rb") as f:
+            data = read_at_most(f, most + 1)
+        if len(data) > most:
+            return f"larger than the {most} bytes its samples take", None
+        found = scan_shard(data)
+    except (OSError, ShardError) as e:
+        return str(e), None
+    keys = [s[0] for s in samples]
+    summary = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "count": len(found),
+               "keys_sha256": keys_digest([s.key for s in found])}
+    if summary["keys_sha256"] != keys_digest(keys) or expected not in (None, summary["sha256"]):
+        return "it holds other samples or bytes than this import's", None
+    for sample, (key, label, _, size) in zip(found, samples):
+        for ext, (member, offset, length) in sample.members.items():
+            payload = data[offset:offset + length]
+            if ext != "cls" and length != size:
+                return f"member {shown(member)} holds {length} bytes, the released file {size}", None
+            try:
+                check_payload(ext, payload, shape)
+            except ShardError as e:
+                return f"member {shown(member)}: {e}", None
+            if ext == "cls" and int(payload) != label:
+                return f"member {shown(member)}: label {int(payload)}, this import's is {label}", None
+    return None, summary
+
+
 def _write_all(kind: str, root: Path, target: Path, listing: Listing, keys: list[str], labels: dict[str, int],
-               per: int, old: dict | None, workers: int, progress: bool) -> dict[str, list[dict]]:
-    """Write (or keep) every shard; returns variant id -> shard summaries with their names, in order."""
+               per: int, old: dict | None, crop: int, frames: dict[str, int], workers: int,
+               progress: bool) -> dict[str, list[dict]]:
+    """Write (or keep) every shard; returns variant id -> shard summaries with their names, in order.
+    ``crop`` and ``frames`` (per sequence variant) are the geometry every payload is checked against."""
     recorded = {s["name"]: s["sha256"] for v in (old or {}).get("variants", {}).values() for s in v["shards"]}
     shards = [(vid, i) for vid in sorted(listing.files) for i in range(-(-len(keys) // per))]
 
@@ -323,7 +375,8 @@ def _write_all(kind: str, root: Path, target: Path, listing: Listing, keys: list
         name = mf.shard_name(vid, i)
         samples = [(k, labels[k], str(listing.path(root, vid, k)), listing.files[vid][k][2])
                    for k in keys[i * per:(i + 1) * per]]
-        return MEMBER[kind], str(target / name), samples, recorded.get(name)
+        shape = (frames[vid], crop, crop, 3) if kind == "imagenet-p" else (crop, crop, 3)
+        return MEMBER[kind], str(target / name), samples, recorded.get(name), shape
 
     done = _map(_write_shard, shards, task, [len(keys[i * per:(i + 1) * per]) for _, i in shards], workers,
                 "import", progress)

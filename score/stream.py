@@ -3,20 +3,27 @@
 A corpus is a local folder or a URL (http(s), s3, gs, ...: :data:`URL_SCHEMES`)
 holding ``manifest.json`` and the shards it lists; ``pipe:`` locations, chained
 fsspec URLs and other schemes are refused. Each shard is read whole (at most
-the manifest's byte count plus one: a larger file is refused, not slurped), its
-sha256 and byte size checked against the manifest, then its tar structure is
-checked before any member is decoded (:func:`~qrobust.shared.shards.scan_shard`:
+the manifest's byte count plus one: a larger file is refused, not slurped; a
+remote one is read on until that count or its end, however the server sends
+it), its sha256 and byte size checked against the manifest, then its tar
+structure is checked before any member is decoded
+(:func:`~qrobust.shared.shards.scan_shard`, with bounded header parsing:
 regular files with plain names only, no member beyond the shard's end, samples
 in strictly increasing key order, one label and one payload each), and its
 sample count and keys are checked against the manifest. A local shard must be a
-regular file inside the corpus (no link out of it, no FIFO or device).
+regular file inside the corpus (no link out of it, no FIFO or device). HTTP(S)
+is read with the standard library (:func:`read_url`), not fsspec: its HTTP
+client may buffer a whole response, and inflates compressed bodies unasked.
 
 Only qrobust's own decoders run on members: images (jpg, png: Pillow limited to
 that one format, the header's size checked against the corpus's before
-decoding), sequences (mp4, mkv: FFmpeg held to that container, frame size and
-count checked from it before decoding), uint8 ``npy`` (header checked; never ``allow_pickle``) and the
-integer label (cls); any other member is an error naming the shard and the
-member, so nothing from a shard is ever unpickled or executed.
+decoding), sequences (mp4, mkv: FFmpeg held to that container; the frame size of
+the container and of every parameter set in the stream, each decoded frame's
+size and the frame count held to the corpus's:
+:func:`~qrobust.shared.video.decode_video`), uint8 ``npy`` (header checked;
+never ``allow_pickle``) and the integer label (cls); any other member is an
+error naming the shard and the member, so nothing from a shard is ever
+unpickled or executed.
 
 qrobust does not use webdataset's reader here: it opens URLs through its own
 ``gopen`` (shell pipes for some schemes), and the hashes would have to be
@@ -24,28 +31,34 @@ computed on a second pass. One read, verified, is both safer and cheaper.
 """
 from __future__ import annotations
 
+import base64
 import hashlib
+import http.client
 import io
-import re
 import stat
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import numpy as np
 import torch.utils.data
 
+from qrobust.shared.bounded import BoundsError, check_depth, read_at_most
 from qrobust.shared.errors import QrobustError
 from qrobust.shared.manifest import (MANIFEST_NAME, MAX_MANIFEST_BYTES, ManifestError, manifest_problems,
                                      parse_manifest, safe_relative)
+from qrobust.shared.shards import (LABEL, PIL_FORMATS, ShardError, keys_digest, npy_header, open_image,
+                                   payload_shape, scan_shard)
 from qrobust.shared.verify import extra_files, inside, local_shard_problem
-from qrobust.shared.shards import ShardError, keys_digest, scan_shard
-from qrobust.shared.video import rgb_frames
+from qrobust.shared.video import CONTAINERS, VideoError, decode_video
 
-IMAGE_EXTS = ("jpg", "png")
-VIDEO_EXTS = ("mp4", "mkv")
-PIL_FORMATS = {"jpg": ("JPEG",), "png": ("PNG",)}  # Pillow tries only this plugin (never EPS/Ghostscript & co.)
+IMAGE_EXTS = tuple(PIL_FORMATS)
+VIDEO_EXTS = tuple(CONTAINERS)
 # remote corpora: fsspec protocols that only read a store; `pipe:`, chained (`a::b`) and the rest are refused
 URL_SCHEMES = ("http", "https", "s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "hf")
+HTTP_TIMEOUT_S = 120  # a server silent this long (no byte at all) is down; a slow one is waited for
 
 
 class CorpusError(QrobustError):
@@ -71,6 +84,51 @@ def check_location(location: str) -> str:
     return text
 
 
+def _without_credentials(url: str) -> str:
+    """A URL fit for a message: no user name or password."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+def read_url(url: str, limit: int) -> bytes:
+    """At most ``limit`` bytes of the file at ``url``, read on until that or its end (see
+    :func:`~qrobust.shared.bounded.read_at_most`) whatever its Content-Length, chunking or pace.
+
+    HTTP(S) goes through :mod:`urllib` without proxies (as fsspec did),
+    redirects only to HTTP(S), no compression asked for (a compressed body
+    is read as the bytes it is, and fails the sha256), credentials in the
+    URL sent as basic authentication; other schemes through fsspec. Raises
+    ``OSError`` (``urllib.error.URLError``, a timeout) or
+    ``http.client.HTTPException`` for a failed transfer."""
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in ("http", "https"):
+        import fsspec
+
+        with fsspec.open(url, "rb") as f:
+            return read_at_most(f, limit)
+    headers = {"Accept-Encoding": "identity"}
+    if "@" in parts.netloc:
+        user, _, password = parts.netloc.rpartition("@")[0].partition(":")
+        token = base64.b64encode(f"{unquote(user)}:{unquote(password)}".encode()).decode()
+        headers["Authorization"] = f"Basic {token}"
+        url = _without_credentials(url)
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _HTTPRedirects())
+    with opener.open(urllib.request.Request(url, headers=headers), timeout=HTTP_TIMEOUT_S) as response:
+        return read_at_most(response, limit)
+
+
+class _HTTPRedirects(urllib.request.HTTPRedirectHandler):
+    """Redirects followed to HTTP(S) URLs only (urllib's own handler also follows one to ftp://)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if urlsplit(newurl).scheme.lower() not in ("http", "https"):
+            raise urllib.error.HTTPError(_without_credentials(newurl), code,
+                                         "redirect to a URL that is not HTTP(S), refused", headers, fp)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
 class Corpus:
     """A corpus at a local path or URL: its manifest, and the bytes of its shards."""
 
@@ -78,26 +136,25 @@ class Corpus:
         self.location = check_location(location).rstrip("/")
         raw = self._read(MANIFEST_NAME, what="manifest", limit=MAX_MANIFEST_BYTES + 1)
         self.manifest_sha256 = hashlib.sha256(raw).hexdigest()
+        where = f"{_without_credentials(self.location)}/{MANIFEST_NAME}"
         try:  # the same checks for a folder and a URL, on the very bytes that are used
-            self.manifest = parse_manifest(raw, f"{self.location}/{MANIFEST_NAME}")
-        except ManifestError as e:
+            self.manifest = parse_manifest(raw, where)
+            check_depth(self.manifest, where)  # what the scorer copies or walks recursively stays shallow
+        except (ManifestError, BoundsError) as e:
             raise CorpusError(str(e)) from None
 
-    def _read(self, name: str, what: str = "shard", limit: int | None = None) -> bytes:
+    def _read(self, name: str, what: str = "shard", *, limit: int) -> bytes:
         """At most ``limit`` bytes of the corpus file ``name`` (never one outside the corpus)."""
         try:
             safe_relative(Path("."), name)  # never a path or URL outside the corpus
         except ManifestError as e:
             raise CorpusError(str(e)) from None
         if is_url(self.location):
-            import fsspec
-
             url = f"{self.location}/{name}"
             try:
-                with fsspec.open(url, "rb") as f:
-                    return f.read(limit) if limit is not None else f.read()
-            except (OSError, ValueError, ImportError) as e:
-                raise CorpusError(f"cannot read {what} {url}: {e}") from None
+                return read_url(url, limit)
+            except (OSError, ValueError, ImportError, http.client.HTTPException) as e:
+                raise CorpusError(f"cannot read {what} {_without_credentials(url)}: {e}") from None
         root = Path(self.location)
         path = root / name
         try:  # a regular file inside the corpus: not a link out of it, not a FIFO or device that never ends
@@ -107,7 +164,7 @@ class Corpus:
             if not inside(root, path):
                 raise CorpusError(f"{what} {name} resolves outside the corpus ({path.resolve()}); refused")
             with open(path, "rb") as f:
-                return f.read(limit) if limit is not None else f.read()
+                return read_at_most(f, limit)
         except OSError as e:
             if what == "manifest" and isinstance(e, FileNotFoundError):
                 raise CorpusError(f"{path} not found: is {root} a qrobust corpus (made by `qrobust generate`)?") \
@@ -147,22 +204,17 @@ class Corpus:
 
     def payload_shape(self, variant: str) -> tuple[int, ...]:
         """The shape every decoded payload of ``variant`` must have: (crop, crop, 3), or (frames, crop, crop, 3)."""
-        crop = self.manifest["suite"]["spec"]["geometry"]["crop"]
-        entry = self.manifest["variants"][variant]
-        if entry["family"] == "sequence":
-            return (entry["params"]["frames"], crop, crop, 3)
-        return (crop, crop, 3)
-
-
-LABEL = re.compile(rb"\s*([0-9]{1,9})\s*")
+        return payload_shape(self.manifest, variant)
 
 
 def decode_member(ext: str, payload: bytes, shape: tuple[int, ...] | None = None):
     """qrobust's safe decoders (the label, images, videos, uint8 npy); anything else is refused.
 
-    ``shape`` is the payload's expected shape: images and videos whose headers
-    claim another size are refused before any pixel is decoded. Raises
-    :class:`CorpusError` (callers prefix shard and member).
+    ``shape`` is the payload's expected shape: an image whose header claims
+    another size is refused before any pixel is decoded; a video whose
+    container or any parameter set in its stream claims another frame size, or
+    that holds more frames, is refused before the decoder meets that parameter
+    set or frame. Raises :class:`CorpusError` (callers prefix shard and member).
     """
     if ext == "cls":
         match = LABEL.fullmatch(payload)
@@ -179,88 +231,38 @@ def decode_member(ext: str, payload: bytes, shape: tuple[int, ...] | None = None
 
 
 def _decode_image(ext: str, payload: bytes, shape):
-    from PIL import Image
-
+    """Pixels of a jpg/png payload, its header's size checked against ``shape`` before any is decoded."""
     try:
-        with Image.open(io.BytesIO(payload), formats=PIL_FORMATS[ext]) as image:
-            if shape is not None and (image.size[1], image.size[0], 3) != tuple(shape):
-                raise CorpusError(f"image of {image.size[0]}x{image.size[1]} pixels, the corpus's are "
-                                  f"{shape[1]}x{shape[0]}")
+        with open_image(ext, payload, shape) as image:
             return np.asarray(image.convert("RGB"))
-    except CorpusError:
-        raise
+    except ShardError as e:
+        raise CorpusError(str(e)) from None
     except Exception as e:  # Pillow on untrusted bytes: any failure means a bad payload, said in one line
         raise CorpusError(f"not a decodable {ext} image: {type(e).__name__}: {str(e)[:200]}") from None
 
 
-VIDEO_FORMATS = {"mp4": "mp4", "mkv": "matroska"}  # FFmpeg demuxes only this container (never a playlist)
-
-
 def _decode_video(ext: str, payload: bytes, shape):
-    """Frames of an H.264 payload, as :func:`qrobust.shared.video.decode_frames` makes them, with FFmpeg held
-    to the container its extension names (no format probing: no HLS/concat playlist that would open other
-    files) and, before any frame is decoded, the frame size and number of packets checked against the
-    corpus's: a few bytes of H.264 can claim gigabytes of frames."""
-    import av
-
-    def opened():
-        return av.open(io.BytesIO(payload), format=VIDEO_FORMATS[ext])
-
+    """Frames of an H.264 payload, within the corpus's frame count and size for every frame
+    (:func:`~qrobust.shared.video.decode_video`)."""
+    if shape is not None and len(shape) != 4:
+        raise CorpusError(f"a {ext} video, the corpus's payloads are images of {shape[1]}x{shape[0]} pixels")
+    frames, height, width = shape[:3] if shape is not None else (None, None, None)
     try:
-        with opened() as container:
-            if not container.streams.video or container.streams.video[0].codec_context.name != "h264":
-                raise CorpusError("not an H.264 sequence payload")
-            codec = container.streams.video[0].codec_context
-            if shape is not None:
-                if (codec.height, codec.width) != tuple(shape[1:3]):
-                    raise CorpusError(f"video of {codec.width}x{codec.height} pixels, the corpus's are "
-                                      f"{shape[2]}x{shape[1]}")
-                packets = 0
-                for packet in container.demux(video=0):
-                    packets += packet.size > 0
-                    if packets > shape[0]:
-                        raise CorpusError(f"video of more than the corpus's {shape[0]} frames")
-        with opened() as container:
-            frames = rgb_frames(container)
-    except CorpusError:
-        raise
-    except Exception as e:  # FFmpeg on untrusted bytes: any failure means a bad payload, said in one line
-        raise CorpusError(f"not a decodable {ext} video: {type(e).__name__}: {str(e)[:200]}") from None
-    if not frames or (shape is not None and len(frames) != shape[0]):
-        raise CorpusError(f"the video holds {len(frames)} frames, expected {shape[0] if shape else 'some'}")
-    frames = np.stack(frames)
-    if shape is not None and frames.shape != tuple(shape):
-        raise CorpusError(f"video frames of shape {frames.shape}, the corpus's are {tuple(shape)}")
-    return frames
+        return decode_video(payload, ext, frames, height, width)
+    except VideoError as e:
+        raise CorpusError(str(e)) from None
 
 
 def decode_npy(payload: bytes, shape: tuple[int, ...] | None = None) -> np.ndarray:
-    """A uint8 array stored as ``.npy``, its header checked before the data is read: any other dtype
-    (object arrays are pickles) is refused, and ``np.load`` runs with ``allow_pickle=False``."""
-    f = io.BytesIO(payload)
+    """A uint8 array stored as ``.npy``, its header checked before the data is read
+    (:func:`~qrobust.shared.shards.npy_header`: any other dtype, object arrays (pickles) included, is
+    refused), and ``np.load`` runs with ``allow_pickle=False``."""
     try:
-        version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            found, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-        elif version == (2, 0):
-            found, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-        else:
-            raise CorpusError(f"npy format version {version} is not read (1.0 or 2.0 only)")
-    except CorpusError:
-        raise
-    except Exception as e:  # numpy parses the header literal safely; anything malformed ends here
-        raise CorpusError(f"not a valid npy array: {str(e)[:200]}") from None
-    if dtype.hasobject:
-        raise CorpusError(f"npy of dtype {dtype} holds Python objects (a pickle); refused, never unpickled")
-    if dtype != np.uint8 or fortran:
-        raise CorpusError(f"npy of dtype {dtype}{' (Fortran order)' if fortran else ''}; qrobust reads C-order uint8")
-    if shape is not None and tuple(found) != tuple(shape):
-        raise CorpusError(f"npy of shape {tuple(found)}, the corpus's payloads are {tuple(shape)}")
-    if len(payload) - f.tell() != int(np.prod(found, dtype=np.int64)):
-        raise CorpusError(f"npy data holds {len(payload) - f.tell()} bytes, its header claims shape {tuple(found)}")
-    f.seek(0)
+        npy_header(payload, shape)
+    except ShardError as e:
+        raise CorpusError(str(e)) from None
     try:
-        return np.load(f, allow_pickle=False)
+        return np.load(io.BytesIO(payload), allow_pickle=False)
     except Exception as e:
         raise CorpusError(f"not a valid npy array: {str(e)[:200]}") from None
 

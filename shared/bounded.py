@@ -4,7 +4,11 @@ JSON from a collaborator (a manifest, a summary, a results folder's records, a
 checkpoint's metadata) is read through :func:`load_json`: refused above a size
 limit before it is parsed, and refused when nested deeper than any file qrobust
 writes, with one line naming the file, instead of a ``RecursionError``
-traceback or a parse that takes minutes.
+traceback or a parse that takes minutes. A document parsed elsewhere is held to
+the same nesting bound by :func:`check_depth` (code that copies or walks it
+recursively would otherwise fail deep inside). A stream (a file, an HTTP
+response) is read by :func:`read_at_most`: until its end or a byte limit,
+whatever the sizes of the pieces it arrives in, never past the limit.
 """
 from __future__ import annotations
 
@@ -42,9 +46,31 @@ def load_json(source: bytes | str | os.PathLike, what: str | None = None, *, max
         value = json.loads(raw)
     except RecursionError:
         raise BoundsError(f"{name}: JSON nested deeper than {max_depth} levels") from None
-    if depth(value, max_depth) > max_depth:
-        raise BoundsError(f"{name}: JSON nested deeper than {max_depth} levels")
+    check_depth(value, name, max_depth)
     return value
+
+
+def check_depth(value, what: str, max_depth: int = JSON_MAX_DEPTH) -> None:
+    """:class:`BoundsError` naming ``what`` if the parsed JSON ``value`` nests deeper than ``max_depth``."""
+    if depth(value, max_depth) > max_depth:
+        raise BoundsError(f"{what}: JSON nested deeper than {max_depth} levels")
+
+
+def read_at_most(stream, limit: int) -> bytes:
+    """The bytes of a binary ``stream`` up to its end or ``limit`` bytes, whichever comes first.
+
+    A ``read(n)`` may return fewer than ``n`` bytes before the end (a socket, an
+    HTTP body in chunks, a slow server): this reads on until ``limit`` or an
+    empty read, and never asks for more than ``limit`` in all, so a source
+    sending more than it should is cut off, never buffered."""
+    parts, n = [], 0
+    while n < limit:
+        block = stream.read(limit - n)
+        if not block:
+            break
+        parts.append(block)
+        n += len(block)
+    return b"".join(parts)
 
 
 def depth(value, limit: int) -> int:

@@ -52,6 +52,9 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 ACCEPTED_FORMATS = ("JPEG", "PNG", "PPM", "BMP", "DIB", "TIFF", "WEBP")
 LABEL_FILE_NAMES = ("LOC_val_solution.csv", "val.txt")
 MAX_SOURCE_BYTES = 1 << 30  # a bigger file is no photograph; reading it whole could exhaust memory
+# the most pixels decoded from one file, checked from its header whatever Pillow's own decompression-bomb
+# limit is set to (code that imports qrobust may raise or disable Image.MAX_IMAGE_PIXELS): Pillow's default
+MAX_SOURCE_PIXELS = 89_478_485
 # the longer side at most this many times the shorter: the resize of the shorter side to the suite's size
 # would otherwise blow a thin image (1 x 80,000 px is a 20 kB PNG) up to gigabytes
 MAX_ASPECT = 100
@@ -365,7 +368,7 @@ def _flat_with_labels(root: Path, children: list[Path], label_file: Path, class_
     return dataset
 
 
-def decode_rgb(data: bytes) -> Image.Image:
+def decode_rgb(data: bytes, size: tuple[int, int] | None = None) -> Image.Image:
     """Decode image bytes with Pillow into an RGB image, with one policy for odd inputs.
 
     Policy (the one ImageNet pipelines use, and every decoder of qrobust
@@ -384,8 +387,10 @@ def decode_rgb(data: bytes) -> Image.Image:
     Raises :class:`BadImage` with a one-line reason for anything else: an empty
     file, a format that is not accepted or not an image, a truncated or damaged
     file, more pixels than Pillow's decompression-bomb limit
-    (``Image.MAX_IMAGE_PIXELS``, checked from the header before any pixel is
-    decoded), a side over :data:`MAX_ASPECT` times the other.
+    (``Image.MAX_IMAGE_PIXELS``) or :data:`MAX_SOURCE_PIXELS` (whichever is
+    lower), a side over :data:`MAX_ASPECT` times the other, or a size other
+    than ``size`` (width, height) when one is declared (images of a corpus's
+    shards); sizes are checked from the header, before any pixel is decoded.
     """
     if not data:
         raise BadImage("empty file")
@@ -394,6 +399,11 @@ def decode_rgb(data: bytes) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
             w, h = image.size
+            if size is not None and (w, h) != tuple(size):
+                raise BadImage(f"image of {w}x{h} pixels, the corpus's are {size[0]}x{size[1]}")
+            if w * h > MAX_SOURCE_PIXELS:
+                raise BadImage(f"decompression bomb refused: {w}x{h} pixels, more than the {MAX_SOURCE_PIXELS} "
+                               "qrobust decodes from one file")
             if max(w, h) > MAX_ASPECT * min(w, h):
                 raise BadImage(f"{w}x{h} pixels: one side is over {MAX_ASPECT} times the other (the resize of the "
                                "shorter side would blow it up)")
@@ -424,15 +434,22 @@ def _unidentified(data: bytes) -> str:
     decoder is run: the plugins' ``accept`` functions only look at the first bytes)."""
     prefix = data[:16]
     Image.init()
+
+    def accepts(accept) -> bool:
+        try:
+            return accept is not None and accept(prefix) is True
+        except Exception:  # some plugins' checks fail on a prefix shorter than they read (struct.error)
+            return False
+
     for fmt in ACCEPTED_FORMATS:
         factory, accept = Image.OPEN.get(fmt, (None, None))
-        if factory is not None and accept is not None and accept(prefix) is True:
+        if factory is not None and accepts(accept):
             try:  # the format's own complaint, e.g. "no marker found" for a JPEG with a bad marker
                 factory(io.BytesIO(data), None)
             except Exception as e:
                 return f"not a readable image: a damaged {fmt} file ({e or type(e).__name__})"
     for fmt, (_, accept) in Image.OPEN.items():
-        if fmt not in ACCEPTED_FORMATS and accept is not None and accept(prefix) is True:
+        if fmt not in ACCEPTED_FORMATS and accepts(accept):
             return f"not a readable image: {fmt} format, not one of {', '.join(ACCEPTED_FORMATS)}"
     return f"not a readable image (format not recognised; accepted: {', '.join(ACCEPTED_FORMATS)})"
 

@@ -2,7 +2,8 @@
 
 Every shard's presence, size, sha256, structure, sample count and keys are
 checked (:mod:`qrobust.shared.shards` reads the structure without extracting
-anything), so is the dataset card (``README.md``) where the manifest records one
+anything, its headers with bounds; a shard is read no further than the
+manifest's byte count plus one), so is the dataset card (``README.md``) where the manifest records one
 (corpora written before cards were record none), and files the manifest does
 not name are reported.
 """
@@ -14,6 +15,7 @@ import stat
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from qrobust.shared.bounded import check_depth, read_at_most
 from qrobust.shared.files import file_sha256
 from qrobust.shared.manifest import MANIFEST_NAME, load_manifest, manifest_problems
 from qrobust.shared.shards import ShardError, keys_digest, scan_shard
@@ -56,9 +58,14 @@ def _check_shard(corpus: Path, shard: dict, rehash: bool) -> tuple[list[str], li
     if not rehash:
         return [], None
     try:
-        data = (corpus / name).read_bytes()
+        with open(corpus / name, "rb") as f:
+            data = read_at_most(f, shard["bytes"] + 1)  # grown since it was sized: not read further
     except OSError as e:
         return [f"{name}: cannot read: {e.strerror or e}"], None
+    if len(data) > shard["bytes"]:
+        return [f"{name}: larger than the manifest's {shard['bytes']} bytes (grown while verified)"], None
+    if len(data) < shard["bytes"]:
+        return [f"{name}: {len(data)} bytes, manifest says {shard['bytes']}"], None
     problems = []
     if hashlib.sha256(data).hexdigest() != shard["sha256"]:
         problems.append(f"{name}: sha256 mismatch (content changed)")
@@ -121,10 +128,12 @@ def verify_corpus(corpus: str | os.PathLike, *, rehash: bool = True, workers: in
     or unexpected members (see :func:`scan_shard`), shards that are links out
     of the corpus, a manifest edited by hand (see :func:`manifest_problems`),
     and variants whose counts disagree with the manifest. An empty list means
-    the corpus is intact. Raises :class:`ManifestError` if the manifest itself is unusable.
+    the corpus is intact. Raises :class:`ManifestError` if the manifest itself is unusable
+    (:class:`~qrobust.shared.bounded.BoundsError` if it nests deeper than any manifest qrobust writes).
     """
     corpus = Path(corpus)
     manifest = load_manifest(corpus)
+    check_depth(manifest, str(corpus / MANIFEST_NAME))
     problems = [message for _, message in manifest_problems(manifest)]
     samples = manifest["samples"]
     shards = [s for entry in manifest["variants"].values() for s in entry["shards"]]

@@ -1,8 +1,9 @@
-"""Hostile corpora: pickles in shards, object npy, absurd sizes, path traversal, links, FIFOs, pipe: URLs.
+"""Hostile corpora: pickles in shards, object npy, absurd sizes, path traversal, links, FIFOs, pipe: URLs,
+manifests nested without end; and output folders holding links for ``pack`` and ``import``.
 
 Each is refused with a clear error naming the file (and member); nothing executes, nothing outside the
-corpus is read. Where a test plants content in a shard it also rewrites the manifest's size and sha256 to
-match, so the hash check passes and the reader itself must refuse.
+corpus is read, nothing outside an output folder is written. Where a test plants content in a shard it also
+rewrites the manifest's size and sha256 to match, so the hash check passes and the reader itself must refuse.
 """
 from __future__ import annotations
 
@@ -431,3 +432,134 @@ def test_manifest_too_large_is_refused_unread(corpus, capsys):
     assert "larger than 64 MiB" in capsys.readouterr().err
     with pytest.raises(CorpusError, match="larger than 64 MiB"):
         Corpus(str(corpus))
+
+
+def nested(levels: int):
+    value: list = []
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+def test_a_manifest_nested_too_deep_is_refused_in_one_line(corpus, tmp_path, capsys):
+    """A key no check reads, nested 600 deep: JSON parses it, but copying or walking it recursively fails deep
+    inside (pack copies the manifest). Every reader refuses it in one line, exit 2, naming the manifest."""
+    manifest = json.loads((corpus / "manifest.json").read_text())
+    manifest["extra"] = nested(600)
+    (corpus / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    for command in (["pack", corpus, "--out", tmp_path / "packed"], ["verify", corpus],
+                    ["score", "--corpus", corpus, "--model", MODEL, "--out", tmp_path / "r", "--workers", 0]):
+        assert run(*command) == 2, command
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "manifest.json: JSON nested deeper than 32 levels" in err, (command, err)
+    assert not (tmp_path / "packed" / "manifest.json").exists()
+
+
+def test_pack_writes_nothing_through_a_link_in_its_out(corpus, tmp_path, capsys):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out = tmp_path / "packed"
+    out.mkdir()
+    (out / "clean").symlink_to(elsewhere, target_is_directory=True)
+    capsys.readouterr()
+    assert run("pack", corpus, "--out", out) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--out {out} is not empty" in err
+    assert not list(elsewhere.iterdir()) and (out / "clean").is_symlink()
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+    """A released ImageNet-C tree (made in its layout) and a finished import of it."""
+    from qrobust.generate.release_import import import_release
+    from test_import import make_c
+
+    tmp = tmp_path_factory.mktemp("imported")
+    tree = make_c(tmp / "ImageNet-C", corruptions=("fog",), severities=(1,))
+    out = tmp / "c"
+    import_release("imagenet-c", str(tree), str(out), workers=1, progress=False, samples_per_shard=2)
+    return tree, out
+
+
+def snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder): (p.is_symlink(), p.read_bytes() if p.is_file() and not p.is_symlink() else None)
+            for p in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.parametrize("where", ["a shard", "a variant folder", "the state folder", "a partial file"])
+def test_import_writes_nothing_through_a_link_in_its_out(imported, tmp_path, capsys, where):
+    """An --out holding a link, as an interrupted import handed over could: a shard linked to a file outside,
+    a variant folder or .qrobust linked to a folder outside, a link named like a partial file. The import
+    is refused in one line naming the link, before it writes, removes or reads anything through it."""
+    tree, done = imported
+    out = tmp_path / "c"
+    shutil.copytree(done, out, symlinks=True)
+    (out / "manifest.json").unlink()  # interrupted: the shards are checked and kept or rebuilt
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    victim = outside / "precious.tar"
+    victim.write_bytes(b"not a shard: rebuilding it would overwrite it")
+    if where == "a shard":
+        link = out / "natural/fog-1/fog-1-000000.tar"
+        link.unlink()
+        link.symlink_to(victim)
+    elif where == "a variant folder":
+        link = out / "natural/fog-1"
+        shutil.move(link, outside / "fog-1")
+        link.symlink_to(outside / "fog-1", target_is_directory=True)
+    elif where == "the state folder":
+        link = out / ".qrobust"
+        shutil.move(link, outside / "state")
+        link.symlink_to(outside / "state", target_is_directory=True)
+    else:
+        link = out / "natural/fog-1/fog-1-000000.tar.partial-host-1"
+        link.symlink_to(victim)
+    before = snapshot(outside)
+    capsys.readouterr()
+    assert run("import", "imagenet-c", tree, "--out", out, "--workers", 1) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(link) in err and "link" in err, err
+    assert snapshot(outside) == before and link.is_symlink()
+    assert not (out / "manifest.json").exists()
+
+
+def test_import_rebuilds_a_kept_shard_whose_payloads_break_the_geometry(imported, tmp_path, caplog):
+    """A shard left in --out with the right keys but a payload whose header claims another size (no manifest
+    records its sha256 yet) is rebuilt from the released files, not kept."""
+    from qrobust.generate.release_import import import_release
+
+    tree, done = imported
+    out = tmp_path / "c"
+    shutil.copytree(done, out)
+    (out / "manifest.json").unlink()
+    name = "natural/fog-1/fog-1-000000.tar"
+    items = members(out / name)
+    released = bytearray(items[1][1])  # the released JPEG, its frame header (SOF0) claiming 9000 x 9000
+    sof = released.index(b"\xff\xc0")
+    released[sof + 5:sof + 9] = struct.pack(">HH", 9000, 9000)
+    items[1] = (items[1][0].name, bytes(released))
+    (out / name).write_bytes(tar_bytes(items))
+    import_release("imagenet-c", str(tree), str(out), workers=1, progress=False, samples_per_shard=2)
+    assert (out / name).read_bytes() == (done / name).read_bytes()
+    assert f"rebuilding {out / name}: member {items[1][0]!r}: image of 9000x9000 pixels, the corpus's are 32x32" \
+        in caplog.text
+    assert (out / "manifest.json").read_bytes() == (done / "manifest.json").read_bytes()
+
+
+def test_import_refuses_a_released_video_that_changes_size_mid_stream(tmp_path, capsys):
+    """Probing a released file reads its container; the parameter sets inside the stream are checked as the
+    file is written into its shard: one line naming the file, exit 2."""
+    from test_bounded_decoders import annexb, contained
+    from test_import import make_p
+
+    tree = make_p(tmp_path / "ImageNet-P", perturbations=("rotate",), size=64, frames=4)
+    victim = sorted(tree.rglob("*.mp4"))[1]
+    frames = np.zeros((3, 64, 64, 3), np.uint8)
+    victim.write_bytes(contained(annexb(frames) + annexb(np.zeros((1, 512, 512, 3), np.uint8)), "mp4", 64, 64))
+    capsys.readouterr()
+    assert run("import", "imagenet-p", tree, "--out", tmp_path / "p", "--workers", 1) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(victim) in err, err
+    assert "a parameter set in the stream sets frames of 512x512 pixels" in err
+    assert not (tmp_path / "p" / "manifest.json").exists()

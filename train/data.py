@@ -6,12 +6,17 @@ Two inputs, one map-style dataset (:class:`ImageData`):
   reads: class folders, or a flat folder with a label file);
 * **WebDataset shards**: a folder of ``.tar`` files, a glob, or one ``.tar``.
   Each sample is ``<key>.cls`` (the integer label, as text) plus ``<key>.jpg``
-  / ``.jpeg`` / ``.png``. The shards are indexed once (tar headers only: the
-  byte range of each payload) and read by random access, so shuffling,
+  / ``.jpeg`` / ``.png``. The shards are indexed once (tar headers only, read
+  with bounds by :func:`~qrobust.shared.shards.iter_tar`: the byte range of
+  each payload) and read by random access, so shuffling,
   ``DistributedSampler`` and resumption work exactly as for a folder. Members
-  are read as bytes with :mod:`tarfile` and decoded only by
+  are read as bytes and decoded only by
   :func:`~qrobust.shared.sources.decode_rgb`; every other extension is ignored
-  and nothing is ever unpickled. Shards must be local files.
+  and nothing is ever unpickled. Shards must be local files. Shards of a
+  qrobust corpus (listed by the ``manifest.json`` two folders up) hold images
+  of its declared crop: one of another size is refused from its header, before
+  it is decoded, as any image over
+  :data:`~qrobust.shared.sources.MAX_SOURCE_PIXELS` is.
 
 Images are never dropped silently. Samples unusable at indexing time (no
 label, no image, unreadable shard) are in ``dataset.rejected``; an image that
@@ -31,7 +36,6 @@ import hashlib
 import logging
 import os
 import random
-import tarfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -40,9 +44,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision.transforms import v2
 
+from qrobust.shared.bounded import BoundsError, check_depth
 from qrobust.shared.errors import QrobustError
-from qrobust.shared.shards import member_key
+from qrobust.shared.manifest import MANIFEST_NAME, ManifestError, load_manifest
 from qrobust.shared.seeding import sample_seed
+from qrobust.shared.shards import ShardError, iter_tar, member_key
 from qrobust.shared.sources import BadImage, decode_rgb, open_source
 
 log = logging.getLogger("qrobust.train.data")
@@ -64,6 +70,7 @@ class Item:
     path: str
     offset: int = -1  # -1: the whole file (size is then its size when listed)
     size: int = -1
+    crop: int | None = None  # the side of the images a corpus's manifest declares for this shard
 
     def read(self) -> bytes:
         with open(self.path, "rb") as f:
@@ -148,7 +155,7 @@ class ImageData(Dataset):
     def __getitem__(self, index: int):
         item = self.items[index]
         try:
-            image = decode_rgb(item.read())
+            image = decode_rgb(item.read(), None if item.crop is None else (item.crop, item.crop))
         except (BadImage, OSError) as e:
             where = item.key if item.offset < 0 else f"{os.path.basename(item.path)}:{item.key}"
             return BadSample(where, str(e) if isinstance(e, BadImage) else f"cannot read: {e}")
@@ -193,15 +200,46 @@ def shard_paths(root: str | os.PathLike) -> list[Path]:
     return paths
 
 
-def index_shard(path: Path) -> tuple[list[Item], list[tuple[str, str]]]:
-    """The samples of one shard (byte ranges of their images) and the rejected ones with reasons."""
-    groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+def corpus_crops(paths: list[Path]) -> dict[Path, int]:
+    """The declared crop of every shard among ``paths`` that a qrobust corpus's manifest lists (the
+    corpus folder is two levels above a shard: ``<corpus>/<family>/<name>/<name>-000000.tar``).
+    Raises :class:`DataError` for a manifest that cannot be read: a corpus whose geometry is unknown
+    is not trained on."""
+    crops: dict[Path, int] = {}
+    manifests: dict[Path, dict | None] = {}
+    for path in paths:
+        if len(path.parents) < 3:
+            continue
+        root = path.parents[2]
+        if root not in manifests:
+            manifests[root] = None
+            if (root / MANIFEST_NAME).exists():
+                try:
+                    manifest = load_manifest(root)
+                    check_depth(manifest, str(root / MANIFEST_NAME))
+                except (ManifestError, BoundsError) as e:
+                    raise DataError(f"shards of the corpus {root}: {e}") from None
+                manifests[root] = manifest
+        manifest = manifests[root]
+        if manifest is None:
+            continue
+        listed = {s["name"] for entry in manifest["variants"].values() for s in entry["shards"]}
+        if path.relative_to(root).as_posix() in listed:
+            crops[path] = manifest["suite"]["spec"]["geometry"]["crop"]
+    return crops
+
+
+def index_shard(path: Path, crop: int | None = None) -> tuple[list[Item], list[tuple[str, str]]]:
+    """The samples of one shard (byte ranges of their images) and the rejected ones with reasons; ``crop``:
+    the size its images must have (a corpus's declared crop), checked when each is decoded."""
+    groups: dict[str, dict] = {}
     order: list[str] = []
     labels: dict[str, str] = {}
     rejected: list[tuple[str, str]] = []
     try:
-        with tarfile.open(path, mode="r:") as tar:
-            for member in tar:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            for member in iter_tar(f, size):  # headers only, each within bounds; nothing is extracted
                 if not member.isfile():
                     continue
                 key = member_key(member.name)
@@ -211,11 +249,11 @@ def index_shard(path: Path) -> tuple[list[Item], list[tuple[str, str]]]:
                     groups[key] = {}
                     order.append(key)
                 if ext == "cls":
-                    f = tar.extractfile(member)
-                    labels[key] = f.read(64).decode("utf-8", "replace").strip() if f else ""
+                    f.seek(member.offset_data)
+                    labels[key] = f.read(min(member.size, 64)).decode("utf-8", "replace").strip()
                 elif ext in SHARD_IMAGE_EXTENSIONS:
                     groups[key].setdefault(ext, member)
-    except (tarfile.TarError, OSError) as e:
+    except (ShardError, OSError) as e:
         rejected.append((f"{path.name}", f"unreadable shard (samples after this point lost): {e}"))
     size = _file_size(str(path))
     items = []
@@ -240,15 +278,18 @@ def index_shard(path: Path) -> tuple[list[Item], list[tuple[str, str]]]:
         if image.offset_data + image.size > size:
             rejected.append((where, "image member truncated"))
             continue
-        items.append(Item(key=key, label=label, path=str(path), offset=image.offset_data, size=image.size))
+        items.append(Item(key=key, label=label, path=str(path), offset=image.offset_data, size=image.size,
+                          crop=crop))
     return items, rejected
 
 
 def open_shards(root: str | os.PathLike, num_classes: int | None = None, **kw) -> ImageData:
     """Index WebDataset shards (see the module docstring)."""
     items, rejected = [], []
-    for path in shard_paths(root):
-        found, bad = index_shard(path)
+    paths = shard_paths(root)
+    crops = corpus_crops(paths)
+    for path in paths:
+        found, bad = index_shard(path, crops.get(path))
         items += found
         rejected += bad
     for where, reason in rejected:
