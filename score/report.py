@@ -22,6 +22,7 @@ import base64
 import importlib.util
 import io
 import json
+import logging
 import os
 import stat
 import warnings
@@ -37,6 +38,7 @@ from qrobust.shared.files import fsync_dir, partial_path, remove_dead_partials
 MARKER = "report.json"  # written first into every report folder: what a rerun may overwrite
 MARKER_SCHEMA = "qrobust.report/1"
 SUBFOLDERS = ("tables", "figures")
+log = logging.getLogger("qrobust.report")
 
 # --- figures ------------------------------------------------------------------
 
@@ -304,6 +306,11 @@ def build_report(results: list[str | Path], out: str | Path, nc_threshold: float
         _rehearse(m, nc_threshold)
     paired = {id(m): m for a, b, _ in comparisons.pairs(groups_of(models)) for m in (a, b)}
     sampled, notes = comparisons.load(list(paired.values()))  # only the models some comparison needs
+    for m in models:  # said on the page and on stderr: its numbers are shown, but they are the folder's word
+        for why in m.unchecked:
+            log.warning("%s", escape.visible(why))
+            # the page names the folder, never a local path
+            notes.append(f"{m.folder.name}: {why.removeprefix(str(m.folder)).lstrip(': ')}")
     compared = comparisons.compare_all(groups_of(models), sampled, notes)
     significant = comparisons.significance(compared)
 

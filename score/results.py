@@ -254,7 +254,9 @@ def _verify(folder: Path, record: dict[str, str | None]) -> None:
             how = f"is missing, though {DIGESTS} records it" if got is None else \
                 f"is there, though {DIGESTS} records none" if record[rel] is None else \
                 f"differs from its digest in {DIGESTS}"
-            raise ResultsError(f"{folder}: {_what(rel)} {how} (edited after qrobust wrote it?); its results "
+            what = _what(rel)  # an array by its name; a file by its path, as every other error names it
+            where = f"{folder}: {what} {how}" if what != rel else f"{folder / rel}: {how}"
+            raise ResultsError(f"{where} (edited after qrobust wrote it?); its results "
                                "cannot be trusted: score the model again into a new --out")
 
 

@@ -32,7 +32,7 @@ from typing import Iterable
 from qrobust._version import __version__
 from qrobust.score import escape, tidy
 from qrobust.score.comparability import PAPER_ATTACKS
-from qrobust.score.results import ResultsError, reading
+from qrobust.score.results import ResultsError, check_folder, reading
 from qrobust.score.summary import OLD_SCHEMAS, SUMMARY_SCHEMA, upgrade
 from qrobust.shared import noises
 from qrobust.shared.architectures import ARCHITECTURES
@@ -66,6 +66,7 @@ class Model:
     bits_label: str  # "4", or "4/8" when weight and activation bits differ
     nc: bool
     tag: str = ""    # the results folder's name, where two models would otherwise look the same
+    unchecked: tuple = ()  # why its summary could not be checked against its predictions (digests)
 
     def get(self, *path):
         """The value at ``path`` in the summary; None where a step is missing or null."""
@@ -461,6 +462,8 @@ def _read(path: Path):
 def _load(folder, nc_threshold: float) -> Model:
     folder = Path(folder)
     path = folder if folder.name == "summary.json" else folder / "summary.json"
+    # an edited prediction or summary is refused (naming the array) before any number of it is read
+    unchecked = tuple(check_folder(path.parent)) if path.is_file() else ()
     s = _read(path)
     schema = s.get("schema") if isinstance(s, dict) else None
     if schema in OLD_SCHEMAS:
@@ -488,7 +491,7 @@ def _load(folder, nc_threshold: float) -> Model:
     acc = s["clean"].get("acc")  # null when clean/onecrop was not scored: then not NC, ACC shown as missing
     method = q.get("method")
     return Model(path.parent, s, s["model"]["arch"], "fp" if method is None else method.lower(), w,
-                 str(w) if w == a else f"{w}/{a}", acc is not None and acc < nc_threshold)
+                 str(w) if w == a else f"{w}/{a}", acc is not None and acc < nc_threshold, unchecked=unchecked)
 
 
 def load_all(results, nc_threshold: float) -> list[Model]:

@@ -312,6 +312,38 @@ def test_check_folder_passes_a_finished_folder_and_warns_where_it_cannot_check(s
     assert len(warnings) == 1 and "did not finish" in warnings[0]
 
 
+@pytest.mark.parametrize("edit, named", [
+    (lambda out: edit_chunk(out, "clean/onecrop", 5), "array clean/onecrop"),
+    (lambda out: edit_json(out / "summary.json", lambda s: s["clean"].update(acc=s["clean"]["acc"] / 2)),
+     "summary.json"),
+])
+def test_report_refuses_results_edited_after_the_fact_naming_what(setup, tmp_path, capsys, edit, named):
+    _, _, reference = setup
+    out = copy(reference, tmp_path / "r")
+    edit(out)
+    capsys.readouterr()
+    assert main(["-q", "report", str(out), "--out", str(tmp_path / "report")]) == 2
+    line = one_line(capsys)
+    assert named in line and DIGESTS in line, line
+    assert not (tmp_path / "report" / "index.html").exists()  # no page shows the edited numbers
+
+
+def test_report_says_where_a_summary_cannot_be_checked(setup, tmp_path, caplog):
+    _, _, reference = setup
+    old = copy(reference, tmp_path / "old-model")
+    (old / DIGESTS).unlink()  # as a qrobust that recorded no digests left it
+    assert main(["report", str(old), "--out", str(tmp_path / "report")]) == 0
+    assert "cannot be checked against its predictions" in caplog.text  # the log: stderr
+    page = (tmp_path / "report" / "index.html").read_text()
+    findings = (tmp_path / "report" / "findings.txt").read_text()
+    for text in (page, findings):
+        assert "old-model: scored by a qrobust that recorded no digests" in text
+        assert str(tmp_path) not in text  # the folder by its name, not a local path
+    caplog.clear()
+    assert main(["report", str(reference), "--out", str(tmp_path / "report2")]) == 0
+    assert "cannot be checked" not in caplog.text
+
+
 @pytest.mark.parametrize("files", [{"../reference/summary.json": None}, {"/etc/hostname": None}, ["x"],
                                    {"summary.json": 3}])
 def test_a_malformed_digest_record_is_refused_and_reads_nothing_outside(setup, tmp_path, capsys, files):
