@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from qrobust.cli.common import globs, print_json, resolve, subparser
+from qrobust.cli.common import globs, print_json, printable, resolve, subparser
 
 
 def add_score(sub) -> None:
@@ -81,9 +81,10 @@ def _cmd_score(args) -> int:
             parts.append(f"{family} {key} {value:.2%}")
     if summary.get("wcar"):
         parts.append("WCAR " + " ".join(f"{b} {v:.2%}" for b, v in summary["wcar"].items()))
-    print(f"{args.out}/summary.json: {summary['model']['name']}: " + ", ".join(parts))
+    # a model's name can come from a checkpoint someone else wrote: no control character reaches the terminal
+    print(printable(f"{args.out}/summary.json: {summary['model']['name']}: " + ", ".join(parts)))
     for warning in (summary["checks"].get("gradient_masking") or []) + (summary["checks"].get("warnings") or []):
-        print(f"warning: {warning}", file=sys.stderr)
+        print(printable(f"warning: {warning}"), file=sys.stderr)
     return 0
 
 

@@ -52,7 +52,8 @@ def load(models) -> tuple[dict[int, Sampled], list[str]]:
     out, notes = {}, []
     for m in models:
         try:
-            found = read_samples(m.folder)
+            rows = (m.s.get("corpus") or {}).get("samples")
+            found = read_samples(m.folder, rows if isinstance(rows, int) else None)
         except ResultsError as e:
             notes.append(f"{m.name}: not compared ({e})")
             continue

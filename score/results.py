@@ -720,9 +720,13 @@ class PartStore(ResultsStore):
         return super().fooled_by_others(job_id, start, count) | self.main.fooled_by_others(job_id, start, count)
 
 
-def read_samples(folder: str | Path) -> tuple[list[str], np.ndarray] | None:
+MAX_COLUMNS = 4096  # far above the ~140 columns of the full benchmark
+
+
+def read_samples(folder: str | Path, rows: int | None = None) -> tuple[list[str], np.ndarray] | None:
     """``(column names, (N, columns) values)`` of a results folder, read only; None if it has none (a folder
-    written before intervals were computed)."""
+    written before intervals were computed). The array's declared shape is checked (``rows``: the summary's
+    sample count) before anything is read: a few bytes of metadata can declare billions of rows."""
     import zarr
 
     path = Path(folder) / "predictions.zarr"
@@ -733,8 +737,14 @@ def read_samples(folder: str | Path) -> tuple[list[str], np.ndarray] | None:
         if SAMPLES not in root:
             return None
         array = root[SAMPLES]
+        shape = tuple(array.shape)
+        if len(shape) != 2 or shape[1] > MAX_COLUMNS or (rows is not None and shape[0] != rows):
+            raise ResultsError(f"{path}: per-sample columns of shape {shape}, expected ({rows}, at most "
+                               f"{MAX_COLUMNS})")
         names = array.attrs.get("columns")
         values = np.asarray(array[...], dtype=np.float32)
+    except ResultsError:
+        raise
     except Exception as e:  # a damaged store: the caller reports it cannot pair this model
         raise ResultsError(f"{path}: cannot read its per-sample columns ({type(e).__name__}: {e})") from None
     if not isinstance(names, list) or values.ndim != 2 or values.shape[1] != len(names):

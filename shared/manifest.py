@@ -27,6 +27,7 @@ import stat
 from collections import Counter
 from pathlib import Path
 
+from qrobust.shared.bounded import BoundsError, load_json
 from qrobust.shared.card import CARD_NAME
 from qrobust.shared.errors import QrobustError
 from qrobust.shared.shards import keys_digest
@@ -190,8 +191,10 @@ def parse_manifest(raw: bytes, path: str) -> dict:
     if len(raw) > MAX_MANIFEST_BYTES:
         raise ManifestError(f"{path}: larger than {MAX_MANIFEST_BYTES >> 20} MiB, not a qrobust manifest")
     try:
-        manifest = json.loads(raw)
-    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, too-long integers, nesting
+        manifest = load_json(raw, path, max_bytes=MAX_MANIFEST_BYTES)
+    except BoundsError as e:  # nesting too deep: refused before a recursive check could overflow
+        raise ManifestError(str(e)) from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, too-long integers
         raise ManifestError(f"{path}: cannot read: {str(e)[:200]}") from None
     if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
         found = manifest.get("schema") if isinstance(manifest, dict) else None
