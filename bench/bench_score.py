@@ -54,12 +54,12 @@ def device_name(device: str) -> str:
 def in_memory(model, images: np.ndarray, batch_size: int, device: str = "cpu") -> float:
     import torch
 
-    from qrobust.score.run import _top5
+    from qrobust.score.logits import top5
 
     synchronize(device)
     start = time.perf_counter()
     with torch.inference_mode():
-        _top5(model, images, batch_size, device)
+        top5(model, images, batch_size, device)
     synchronize(device)
     return time.perf_counter() - start
 

@@ -91,12 +91,14 @@ def run_demo(out: str, *, workers: int | None = None, progress: bool = True, qui
     return 0
 
 
-def _score_one(corpus: str, ckpt: str, folder: str, quick: bool, workers: int | None, progress: bool) -> str:
-    score = importlib.import_module("qrobust.score.run").score
-    score(corpus, ckpt, folder, workers=workers, progress=progress, attacks=ATTACKS,
-          attack_limit=12 if quick else ATTACK_ROWS,
-          attack_config={"autoattack-linf": {"limit": 6 if quick else AUTOATTACK_ROWS}})
-    return folder
+def _score_group(corpus: str, ckpts: list[str], root: str, quick: bool, workers: int | None,
+                 progress: bool) -> list[str]:
+    """Score ``ckpts`` in one pass (each shard decoded once for all of them) into ``root/<checkpoint name>``."""
+    score_many = importlib.import_module("qrobust.score.run").score_many
+    found = score_many(corpus, ckpts, root, workers=workers, progress=progress, attacks=ATTACKS,
+                       attack_limit=12 if quick else ATTACK_ROWS,
+                       attack_config={"autoattack-linf": {"limit": 6 if quick else AUTOATTACK_ROWS}})
+    return list(found)
 
 
 def _one_thread() -> None:
@@ -108,29 +110,30 @@ def _one_thread() -> None:
 
 
 def _score_all(out: Path, checkpoints: list, *, quick: bool, workers: int | None, progress: bool) -> list[Path]:
-    """Score every model; on several cores, several models at once (a tiny model cannot use 2 threads well)."""
+    """Score every model: one pass per process over its share of the models (a tiny model cannot use 2
+    threads well, so on several cores the models are split among processes; within each, a shard is
+    decoded once for all its models)."""
     import os
 
-    corpus = str(out / "corpus")
-    folders = [out / "results" / Path(c).stem for c in checkpoints]
+    corpus, root = str(out / "corpus"), out / "results"
+    folders = [root / Path(c).stem for c in checkpoints]
     procs = min(len(checkpoints), workers or os.cpu_count() or 1)
     if procs <= 1:
-        for ckpt, folder in zip(checkpoints, folders):
-            _score_one(corpus, str(ckpt), str(folder), quick, workers, progress)
+        _score_group(corpus, [str(c) for c in checkpoints], str(root), quick, workers, progress)
         return folders
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     from qrobust.shared.progress import bar as progress_bar
 
-    log.info("demo: scoring %d models, %d at a time", len(checkpoints), procs)
+    # round robin: the FP model and each method's bits spread over the processes (their attack costs differ)
+    groups = [[str(c) for c in checkpoints[i::procs]] for i in range(procs)]
+    log.info("demo: scoring %d models in %d processes, each one pass over the corpus", len(checkpoints), procs)
     with ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn"), initializer=_one_thread) as pool:
-        futures = [pool.submit(_score_one, corpus, str(c), str(f), quick, 0, False)
-                   for c, f in zip(checkpoints, folders)]
-        with progress_bar(len(futures), "score models", "model", enabled=progress) as bar:
+        futures = [pool.submit(_score_group, corpus, g, str(root), quick, 0, False) for g in groups]
+        with progress_bar(len(checkpoints), "score models", "model", enabled=progress) as bar:
             for future in as_completed(futures):
-                future.result()  # an error in one model stops the demo with that error
-                bar.update(1)
+                bar.update(len(future.result()))  # an error in one model stops the demo with that error
     return folders
 
 

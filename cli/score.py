@@ -12,13 +12,18 @@ def add_score(sub) -> None:
                   "is refused (a damaged variant can be left out with --exclude); a model whose logits are NaN, "
                   "infinite or not one per class stops the run.",
                   "qrobust score --corpus demo-out/corpus --model tiny_cnn --out results/tiny --limit 16 "
-                  "--exclude 'natural/fog-*'   # --exclude: leave out variants that `qrobust verify` reports damaged",
+                  "--exclude 'natural/fog-*'   # --exclude: leave out variants that `qrobust verify` reports damaged\n"
+                  "  qrobust score --corpus demo-out/corpus --model demo-out/models --out results   "
+                  "# every checkpoint of a folder in one pass: results/<checkpoint name>/",
                   json_output=True)
     p.add_argument("--corpus", required=True, help="corpus folder, or a URL of one (http(s)://, s3://, gs://, az://, "
                    "hf://; pipe: and chained URLs are refused)")
-    p.add_argument("--model", required=True,
+    p.add_argument("--model", required=True, action="append",
                    help="checkpoint.safetensors | ARCH (with --weights FILE) | ARCH:TORCHVISION_WEIGHTS | "
-                        "module:callable; `qrobust ls models` lists architectures")
+                        "module:callable; `qrobust ls models` lists architectures. Several models in one pass "
+                        "(each shard decoded once): repeat --model, or give a folder of checkpoints or @LIST "
+                        "(a file, one model per line); --out is then a folder holding one results folder per "
+                        "model, named after it")
     p.add_argument("--weights", help="state dict (.pth/.pt loaded with weights_only=True, or .safetensors)")
     p.add_argument("--normalize", choices=("none", "imagenet"),
                    help="input convention of a module:callable model: none (default: it gets RGB in [0, 1] and "
@@ -56,23 +61,40 @@ def add_score(sub) -> None:
 
 
 def _cmd_score(args) -> int:
-    score = resolve("qrobust.score.run:score")
     only = globs(args.only)
     attacks = globs(args.attacks)
     config = resolve("qrobust.score.adversarial:attack_config")(args.attack_config, args.attack_set) \
         if attacks else None
-    summary = score(args.corpus, args.model, args.out, weights=args.weights, only=only,
-                    exclude=globs(args.exclude) or None, device=args.device,
-                    batch_size=args.batch_size, workers=args.workers, limit=args.limit, verify=not args.no_verify,
-                    progress=not args.quiet and not args.json, attacks=attacks or None, budgets=globs([args.budgets]),
-                    attack_limit=args.attack_limit, attack_config=config, budget_scale=args.budget_scale,
-                    cascade=args.cascade, transfer_from=args.transfer_from, distributed=args.distributed,
-                    normalize=args.normalize)
+    common = dict(only=only, exclude=globs(args.exclude) or None, device=args.device, batch_size=args.batch_size,
+                  workers=args.workers, limit=args.limit, verify=not args.no_verify,
+                  progress=not args.quiet and not args.json, attacks=attacks or None, budgets=globs([args.budgets]),
+                  attack_limit=args.attack_limit, attack_config=config, budget_scale=args.budget_scale,
+                  cascade=args.cascade, transfer_from=args.transfer_from, normalize=args.normalize)
+    models, many = resolve("qrobust.score.run:expand_models")(args.model)
+    if many:
+        if args.weights or args.distributed:
+            print("qrobust score: error: --weights and --distributed take one --model (a checkpoint holds its "
+                  "weights; torchrun splits one model's units)", file=sys.stderr)
+            return 2
+        found = resolve("qrobust.score.run:score_many")(args.corpus, models, args.out, **common)
+        if args.json:
+            print_json(found)
+            return 0
+        for name, summary in found.items():
+            _print_summary(f"{args.out}/{name}", summary)
+        return 0
+    summary = resolve("qrobust.score.run:score")(args.corpus, models[0], args.out, weights=args.weights,
+                                                 distributed=args.distributed, **common)
     if summary is None:  # a rank other than 0 of a distributed run: rank 0 reports
         return 0
     if args.json:
         print_json(summary)
         return 0
+    _print_summary(args.out, summary)
+    return 0
+
+
+def _print_summary(out: str, summary: dict) -> None:
     acc = summary["clean"]["acc"]
     parts = [f"ACC {acc:.2%}" if acc is not None else "ACC -"]
     for family, key in (("natural", "mnr"), ("sequence", "mfp"), ("systematic", "mean")):
@@ -82,10 +104,9 @@ def _cmd_score(args) -> int:
     if summary.get("wcar"):
         parts.append("WCAR " + " ".join(f"{b} {v:.2%}" for b, v in summary["wcar"].items()))
     # a model's name can come from a checkpoint someone else wrote: no control character reaches the terminal
-    print(printable(f"{args.out}/summary.json: {summary['model']['name']}: " + ", ".join(parts)))
+    print(printable(f"{out}/summary.json: {summary['model']['name']}: " + ", ".join(parts)))
     for warning in (summary["checks"].get("gradient_masking") or []) + (summary["checks"].get("warnings") or []):
         print(printable(f"warning: {warning}"), file=sys.stderr)
-    return 0
 
 
 def add_report(sub) -> None:

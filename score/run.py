@@ -15,7 +15,11 @@ import fnmatch
 import json
 import logging
 import os
+import re
 import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
 
 from qrobust.score import distributed as dist
@@ -126,19 +130,159 @@ def score(corpus: str, model, out: str, *, weights: str | None = None, only: lis
 def _score(corpus, model, out, ctx, *, weights, only, exclude, device, batch_size, workers, limit, verify,
            progress, attacks, budgets, attack_limit, attack_config, budget_scale, cascade, transfer_from,
            normalize):
-    import torch
-
-    from qrobust._version import __version__
-    from qrobust.shared.models import from_module, load_model, state_digest
-
-    run_device = ctx.device if ctx is not None else device  # the summary records the device as given
     if ctx is not None and ctx.rank:
         progress = False  # one progress bar (rank 0's share), not one per rank
+    source, variants = _select(corpus, [out], ctx, only=only, exclude=exclude, attacks=attacks,
+                               batch_size=batch_size, workers=workers, limit=limit)
+    with contextlib.ExitStack() as held:
+        job = _open(source, variants, model, out, ctx, held, weights=weights, normalize=normalize, limit=limit,
+                    batch_size=batch_size, device=device)
+        workers = _workers(workers, ctx)
+
+        def score_units() -> None:
+            failed = _run_units([job], source, batch_size, workers, job.device, verify, progress)
+            if failed:
+                raise failed[0][1]
+
+        dist.step(ctx, score_units)
+        return _finish(job, ctx, source, corpus, device=device, batch_size=batch_size, verify=verify,
+                       progress=progress, workers=workers, attacks=attacks, budgets=budgets,
+                       attack_limit=attack_limit, attack_config=attack_config, budget_scale=budget_scale,
+                       cascade=cascade, transfer_from=transfer_from)
+
+
+def score_many(corpus: str, models: list, out: str, *, names: list[str] | None = None, device: str = "cpu",
+               batch_size: int = 64, workers: int | None = None, only: list[str] | None = None,
+               exclude: list[str] | None = None, limit: int | None = None, verify: bool = True,
+               progress: bool = True, attacks: list[str] | None = None, budgets: list[str] | None = None,
+               attack_limit: int | None = None, attack_config: dict | None = None, budget_scale: str = "dims",
+               cascade: bool = False, transfer_from: str | None = None,
+               normalize: str | None = None) -> dict[str, dict]:
+    """Score several models on ``corpus`` in one pass: each shard is read, verified and decoded once and its
+    batches go through every model that still needs them; returns ``{folder name: summary}``.
+
+    Each model gets its own results folder ``out/NAME`` (``names``, or :func:`folder_names` of the models),
+    byte-identical to scoring that model alone with :func:`score`, and resumable the same way. Attacks run
+    per model after the corpus pass. A model whose logits go bad is dropped from the pass (its finished
+    units are kept) while the others go on; the run then ends with that model's one-line error.
+    Memory: every model stays loaded; the decoded batches in flight (each loader worker's prefetch) are
+    shared by the models, not multiplied by them. One process: torchrun splits one model's units instead.
+    """
+    if not models:
+        raise CorpusError("no model to score")
+    names = list(names) if names is not None else folder_names(models)
+    if len(set(names)) != len(names) or len(names) != len(models):
+        raise CorpusError("every model needs its own results folder name; two are the same")
+    outs = [Path(out) / n for n in names]
+    source, variants = _select(corpus, outs, None, only=only, exclude=exclude, attacks=attacks,
+                               batch_size=batch_size, workers=workers, limit=limit)
+    summaries_ = {}
+    clock = time.perf_counter()
+    with contextlib.ExitStack() as held:
+        jobs = [_open(source, variants, m, o, None, held, weights=None, normalize=normalize, limit=limit,
+                      batch_size=batch_size, device=device) for m, o in zip(models, outs)]
+        workers = _workers(workers, None)
+        opened = time.perf_counter()
+        failed = _run_units(jobs, source, batch_size, workers, jobs[0].device, verify, progress)
+        passed = time.perf_counter()
+        bad = {id(job) for job, _ in failed}
+        for name, job in zip(names, jobs):
+            if id(job) not in bad:
+                summaries_[name] = _finish(job, None, source, corpus, device=device, batch_size=batch_size,
+                                           verify=verify, progress=progress, workers=workers, attacks=attacks,
+                                           budgets=budgets, attack_limit=attack_limit, attack_config=attack_config,
+                                           budget_scale=budget_scale, cascade=cascade,
+                                           transfer_from=transfer_from)
+    log.info("%d models: loading and opening %.1f s, the corpus pass %.1f s, attacks and summaries %.1f s",
+             len(jobs), opened - clock, passed - opened, time.perf_counter() - passed)
+    if failed:
+        raise failed[0][1]
+    return summaries_
+
+
+def folder_names(models: list) -> list[str]:
+    """A results folder name per model: a checkpoint's file name without its suffix, an architecture's name,
+    ``module-callable``; where two would be the same, each gets the start of its spec's sha256 too."""
+    import hashlib
+
+    def base(m) -> str:
+        text = os.fspath(m) if isinstance(m, (str, os.PathLike)) else type(m).__name__
+        stem = Path(text).name if os.sep in text or text.endswith(_CHECKPOINT_SUFFIXES) else text
+        stem = stem.removesuffix(next((x for x in _CHECKPOINT_SUFFIXES if stem.endswith(x)), ""))
+        return re.sub(r"[^A-Za-z0-9._-]+", "-", stem.replace(":", "-")).strip(".-")[:64] or "model"
+
+    specs = [os.fspath(m) if isinstance(m, (str, os.PathLike)) else f"module#{i}" for i, m in enumerate(models)]
+    if len(set(specs)) != len(specs):
+        raise CorpusError("a model is listed twice")
+    names = [base(m) for m in models]
+    return [n if names.count(n) == 1 else f"{n}-{hashlib.sha256(spec.encode()).hexdigest()[:8]}"
+            for n, spec in zip(names, specs)]
+
+
+_CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")
+MAX_MODELS = 1000
+
+
+def expand_models(specs: list[str]) -> tuple[list[str], bool]:
+    """The models named by ``--model`` values: a folder stands for its checkpoint files (sorted), ``@FILE`` for
+    the specs in FILE (one per line; blank and ``#`` lines skipped), anything else for itself. Returns the
+    models and whether the run is a many-model one (several, or a folder or list, even of one)."""
+    out, many = [], len(specs) > 1
+    for spec in specs:
+        if spec.startswith("@"):
+            many = True
+            path = Path(spec[1:])
+            try:
+                if path.stat().st_size > 1 << 20:
+                    raise CorpusError(f"{path}: more than 1 MiB; a model list holds one model per line")
+                lines = path.read_text(encoding="utf-8").splitlines()
+            except (OSError, UnicodeDecodeError) as e:
+                raise CorpusError(f"--model {spec}: cannot read the list ({getattr(e, 'strerror', None) or e})") \
+                    from None
+            out += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        elif os.path.isdir(spec):
+            many = True
+            found = sorted(str(p) for p in Path(spec).iterdir() if p.suffix in _CHECKPOINT_SUFFIXES and p.is_file())
+            if not found:
+                raise CorpusError(f"--model {spec}: a folder without checkpoints ({', '.join(_CHECKPOINT_SUFFIXES)})")
+            out += found
+        else:
+            out.append(spec)
+    if not out:
+        raise CorpusError("--model names no model")
+    if len(out) > MAX_MODELS:
+        raise CorpusError(f"{len(out)} models in one run; at most {MAX_MODELS}")
+    return out, many
+
+
+@dataclass
+class _Job:
+    """One model of a run: the model, its results store, and the units it still needs."""
+
+    model: object
+    out: Path
+    net: object
+    spec: object
+    sha: str | None
+    state_sha: str
+    store: ResultsStore
+    writer: ResultsStore
+    device: str
+    units: list      # the planned units of the selected variants
+    all_units: list  # and those of the other variants, whose earlier results join the summary
+    rows: int
+    mine: list       # the units this process scores
+    named: str
+
+
+def _select(corpus, outs, ctx, *, only, exclude, attacks, batch_size, workers, limit):
+    """The corpus, checked, and the variants to score (sorted)."""
     if batch_size < 1 or (workers is not None and workers < 0) or (limit is not None and limit < 1):
         raise CorpusError("--batch-size and --limit must be at least 1, --workers at least 0")
     source = Corpus(corpus)
     if not is_url(source.location):  # before anything is created or written: never into the corpus
-        check_place(out, source.location)
+        for out in outs:
+            check_place(out, source.location)
     manifest = source.manifest
     variants = sorted(manifest["variants"])
     if attacks and only and "clean/onecrop" not in only:
@@ -160,6 +304,16 @@ def _score(corpus, model, out, ctx, *, weights, only, exclude, device, batch_siz
     problems = source.problems(variants)
     if problems:
         raise CorpusError(_refusal(problems, str(corpus)))
+    return source, variants
+
+
+def _open(source, variants, model, out, ctx, held: contextlib.ExitStack, *, weights, normalize, limit,
+          batch_size, device) -> _Job:
+    """Load ``model``, take its results folder (the lock is held until ``held`` closes) and open its store."""
+    from qrobust.shared.models import from_module, load_model, state_digest
+
+    manifest = source.manifest
+    run_device = ctx.device if ctx is not None else device  # the summary records the device as given
     n_classes = len(manifest.get("classes") or []) or None
     fp32_kernels(run_device)
     if isinstance(model, (str, os.PathLike)):
@@ -189,73 +343,80 @@ def _score(corpus, model, out, ctx, *, weights, only, exclude, device, batch_siz
     chunk = manifest.get("suite", {}).get("spec", {}).get("shards", {}).get("samples", 1000)
     layout = _layout(manifest, variants, rows)
     by_id = {ResultsStore.unit_id(u.variant, u.index): u for u in all_units}
-
-    held = contextlib.ExitStack()
     if ctx is None or not ctx.rank:  # one writer per results folder: this run (rank 0 for a distributed one)
         held.enter_context(writing(out))
-    with held:
-        def open_store() -> ResultsStore:  # and keep what an interrupted distributed run left in its parts
-            store = ResultsStore(out, identity, layout, chunk, units=by_id)
-            store.describe(manifest.get("classes") or [])
-            if store.absorb_parts(by_id):
-                log.info("merged the parts of an interrupted distributed run")
-            return store
 
-        store = dist.step(ctx, open_store, root_only=True)
-        if ctx is not None and ctx.rank:  # rank 0 made (or merged) it; the others only read it from here on
-            store = ResultsStore(out, identity, layout, chunk, units=by_id, writer=False)
-        writer = PartStore(store, ctx.rank, ctx.world, layout, chunk) if ctx is not None else store
-        todo = [u for u in units if store.unit_id(u.variant, u.index) not in store.done]
-        mine = ctx.split(todo) if ctx is not None else todo
-        log.info("%s on %s: %d variants x %d samples, %d of %d units to score%s", spec.name, corpus, len(variants),
-                 rows, len(todo), len(units), f", {len(mine)} by rank {ctx.rank} of {ctx.world}" if ctx else "")
-        if workers is None:  # the cores are shared by the ranks of a node
-            per_rank = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world if ctx else 1))
-            workers = min(4, max(0, per_rank - 1))
-        named = spec.name if spec.name == str(model) or not isinstance(model, (str, os.PathLike)) \
-            else f"{spec.name} ({model})"
+    def open_store() -> ResultsStore:  # and keep what an interrupted distributed run left in its parts
+        store = ResultsStore(out, identity, layout, chunk, units=by_id)
+        store.describe(manifest.get("classes") or [])
+        if store.absorb_parts(by_id):
+            log.info("merged the parts of an interrupted distributed run")
+        return store
 
-        def score_units() -> None:
-            if mine:
-                try:
-                    _run_units(net, writer, source, mine, batch_size, workers, run_device, verify, progress,
-                               spec.num_classes)
-                except logits.ModelOutputError as e:
-                    raise logits.ModelOutputError(f"model {named} {e}") from None
+    store = dist.step(ctx, open_store, root_only=True)
+    if ctx is not None and ctx.rank:  # rank 0 made (or merged) it; the others only read it from here on
+        store = ResultsStore(out, identity, layout, chunk, units=by_id, writer=False)
+    writer = PartStore(store, ctx.rank, ctx.world, layout, chunk) if ctx is not None else store
+    todo = [u for u in units if store.unit_id(u.variant, u.index) not in store.done]
+    mine = ctx.split(todo) if ctx is not None else todo
+    log.info("%s on %s: %d variants x %d samples, %d of %d units to score%s", spec.name, source.location,
+             len(variants), rows, len(todo), len(units),
+             f", {len(mine)} by rank {ctx.rank} of {ctx.world}" if ctx else "")
+    named = spec.name if spec.name == str(model) or not isinstance(model, (str, os.PathLike)) \
+        else f"{spec.name} ({model})"
+    return _Job(model, Path(out), net, spec, sha, state_sha, store, writer, run_device, units, all_units, rows,
+                mine, named)
 
-        dist.step(ctx, score_units)
-        jobs_run = None
-        if attacks:
-            jobs_run = adversarial.attack(net, store, writer, ctx, source, manifest, all_units, rows, attacks=attacks,
-                               budgets=budgets, limit=attack_limit, config=attack_config, rule=budget_scale,
-                               cascade=cascade, transfer_from=transfer_from, n_classes=spec.num_classes,
-                               batch_size=batch_size, device=run_device, verify=verify, progress=progress,
-                               workers=workers, named=named)
-        if ctx is not None:
-            if ctx.rank:
-                return None  # rank 0 merges and reports
-            store.absorb_parts(by_id)
-        predictions = summaries.finished_predictions(store, all_units, manifest)
-        checks = {}
-        if spec.is_callable:  # a user's model: its input convention is the user's choice, and can be wrong
-            checks = input_check.probe(net, spec, source, all_units, predictions, store.labels[...], run_device, verify)
-        summary = summaries.summarize(
-            store, predictions, manifest,
-            model={"name": spec.name, "arch": spec.arch, "quant": spec.quant, "sha256": sha,
-                   "state_sha256": state_sha, "normalize": spec.normalize, "spec": _public_spec(spec)},
-            corpus={"suite": manifest["suite"]["name"], "manifest_sha256": source.manifest_sha256, "samples": rows,
-                    "location": _public_location(str(corpus))},
-            env={"qrobust": __version__, "torch": torch.__version__, "device": device, "batch_size": batch_size,
-                 "seed": manifest.get("seed"), "python": sys.version.split()[0]},
-            checks=checks)
-        if jobs_run is not None:
-            summary["env"]["attacks"] = jobs_run
-        write_atomic(store.path / "summary.json", json.dumps(summary, indent=1, sort_keys=True))
-        # for pandas; the `results` column stays empty here (the file's place names its folder, and a folder's
-        # bytes do not depend on its name): `report` fills it for its models
-        write_atomic(store.path / "results.csv", tidy.to_csv(tidy.rows(summary)))
-        store.seal()  # the digests of the summary and of what it was computed from, last
-        return summary
+
+def _workers(workers: int | None, ctx) -> int:
+    if workers is None:  # the cores are shared by the ranks of a node
+        per_rank = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world if ctx else 1))
+        workers = min(4, max(0, per_rank - 1))
+    return workers
+
+
+def _finish(job: _Job, ctx, source, corpus, *, device, batch_size, verify, progress, workers, attacks, budgets,
+            attack_limit, attack_config, budget_scale, cascade, transfer_from) -> dict | None:
+    """Attack ``job``'s model, then write its summary (rank 0); returns the summary (None on other ranks)."""
+    import torch
+
+    from qrobust._version import __version__
+
+    manifest, spec, store = source.manifest, job.spec, job.store
+    jobs_run = None
+    if attacks:
+        jobs_run = adversarial.attack(job.net, store, job.writer, ctx, source, manifest, job.all_units, job.rows,
+                                      attacks=attacks, budgets=budgets, limit=attack_limit, config=attack_config,
+                                      rule=budget_scale, cascade=cascade, transfer_from=transfer_from,
+                                      n_classes=spec.num_classes, batch_size=batch_size, device=job.device,
+                                      verify=verify, progress=progress, workers=workers, named=job.named)
+    by_id = {ResultsStore.unit_id(u.variant, u.index): u for u in job.all_units}
+    if ctx is not None:
+        if ctx.rank:
+            return None  # rank 0 merges and reports
+        store.absorb_parts(by_id)
+    predictions = summaries.finished_predictions(store, job.all_units, manifest)
+    checks = {}
+    if spec.is_callable:  # a user's model: its input convention is the user's choice, and can be wrong
+        checks = input_check.probe(job.net, spec, source, job.all_units, predictions, store.labels[...], job.device,
+                                   verify)
+    summary = summaries.summarize(
+        store, predictions, manifest,
+        model={"name": spec.name, "arch": spec.arch, "quant": spec.quant, "sha256": job.sha,
+               "state_sha256": job.state_sha, "normalize": spec.normalize, "spec": _public_spec(spec)},
+        corpus={"suite": manifest["suite"]["name"], "manifest_sha256": source.manifest_sha256, "samples": job.rows,
+                "location": _public_location(str(corpus))},
+        env={"qrobust": __version__, "torch": torch.__version__, "device": device, "batch_size": batch_size,
+             "seed": manifest.get("seed"), "python": sys.version.split()[0]},
+        checks=checks)
+    if jobs_run is not None:
+        summary["env"]["attacks"] = jobs_run
+    write_atomic(store.path / "summary.json", json.dumps(summary, indent=1, sort_keys=True))
+    # for pandas; the `results` column stays empty here (the file's place names its folder, and a folder's
+    # bytes do not depend on its name): `report` fills it for its models
+    write_atomic(store.path / "results.csv", tidy.to_csv(tidy.rows(summary)))
+    store.seal()  # the digests of the summary and of what it was computed from, last
+    return summary
 
 
 def _refusal(problems: list[tuple[str | None, str]], corpus: str) -> str:
@@ -286,18 +447,32 @@ def _public_location(location: str) -> str:
     return urlunsplit((parts.scheme, parts.hostname or "", parts.path, "", ""))
 
 
-def _run_units(net, store, source, todo, batch_size, workers, device, verify, progress,
-               num_classes: int | None = None) -> None:
+def _run_units(jobs: list[_Job], source, batch_size, workers, device, verify, progress) -> list[tuple[_Job, Exception]]:
+    """Stream the units the ``jobs`` still need (each read and decoded once) through every job's model that
+    needs it; returns ``[(job, error)]`` for the models whose logits went bad (dropped, their finished units
+    kept), in the order they failed."""
     import torch
     from torch.utils.data import DataLoader
 
-    sequences = {u.variant for u in todo if len(store.arrays[u.variant].shape) == 3}
+    need = [{job.store.unit_id(u.variant, u.index) for u in job.mine} for job in jobs]
+    todo, seen = [], set()
+    for job in jobs:  # the union, in plan order: each unit read once
+        for u in job.mine:
+            uid = job.store.unit_id(u.variant, u.index)
+            if uid not in seen:
+                seen.add(uid)
+                todo.append(u)
+    if not todo:
+        return []
+    shapes = {u.variant: jobs[0].store.arrays[u.variant].shape for u in todo}
+    sequences = {v for v, shape in shapes.items() if len(shape) == 3}
     # a piece holds about one batch of images: batch_size images, or batch_size // T videos
-    pieces = {u.variant: max(1, batch_size // store.arrays[u.variant].shape[1]) if u.variant in sequences
-              else batch_size for u in todo}
+    pieces = {v: max(1, batch_size // shapes[v][1]) if v in sequences else batch_size for v in shapes}
     loader = DataLoader(UnitStream(source, todo, verify, pieces), batch_size=None, num_workers=workers,
                         pin_memory=device.startswith("cuda"), prefetch_factor=2 if workers else None)
-    remaining = {store.unit_id(u.variant, u.index): u.count for u in todo}
+    remaining = [{ResultsStore.unit_id(u.variant, u.index): u.count for u in job.mine} for job in jobs]
+    active = list(range(len(jobs)))
+    failed = []
     bar = None
     if progress:
         from qrobust.shared.progress import bar as progress_bar
@@ -308,25 +483,39 @@ def _run_units(net, store, source, todo, batch_size, workers, device, verify, pr
             for part in loader:
                 if isinstance(part, Failure):
                     raise CorpusError(part.message)
+                uid = ResultsStore.unit_id(part.unit.variant, part.unit.index)
                 pixels = part.pixels
-                if part.unit.variant in sequences:  # (n, T, H, W, 3): every frame is an image
-                    n, t = pixels.shape[:2]
-                    top5 = logits.top5(net, pixels.reshape(n * t, *pixels.shape[2:]), batch_size, device, num_classes,
-                                 lambda i, part=part, t=t: _where(part, i // t, f", frame {i % t}"))
-                    top5 = top5.reshape(n, t, logits.TOPK)
-                else:
-                    top5 = logits.top5(net, pixels, batch_size, device, num_classes,
-                                 lambda i, part=part: _where(part, i))
-                store.write(part.unit.variant, part.start, top5, part.labels, part.keys)
-                uid = store.unit_id(part.unit.variant, part.unit.index)
-                remaining[uid] -= len(part.keys)
-                if remaining[uid] == 0:
-                    store.mark_done([uid])
+                for k in list(active):
+                    if uid not in need[k]:
+                        continue
+                    job = jobs[k]
+                    try:
+                        top5 = _job_top5(job, part, pixels, part.unit.variant in sequences, batch_size, device)
+                    except logits.ModelOutputError as e:
+                        failed.append((job, logits.ModelOutputError(f"model {job.named} {e}")))
+                        active.remove(k)
+                        continue
+                    job.writer.write(part.unit.variant, part.start, top5, part.labels, part.keys)
+                    remaining[k][uid] -= len(part.keys)
+                    if remaining[k][uid] == 0:
+                        job.writer.mark_done([uid])
                 if bar is not None:
                     bar.update(len(part.keys))
+                if not active:
+                    break
     finally:
         if bar is not None:
             bar.close()
+    return failed
+
+
+def _job_top5(job: _Job, part, pixels, sequence: bool, batch_size: int, device: str):
+    if sequence:  # (n, T, H, W, 3): every frame is an image
+        n, t = pixels.shape[:2]
+        top5 = logits.top5(job.net, pixels.reshape(n * t, *pixels.shape[2:]), batch_size, device,
+                           job.spec.num_classes, lambda i, part=part, t=t: _where(part, i // t, f", frame {i % t}"))
+        return top5.reshape(n, t, logits.TOPK)
+    return logits.top5(job.net, pixels, batch_size, device, job.spec.num_classes, lambda i, part=part: _where(part, i))
 
 
 def _where(part, i: int, extra: str = "") -> str:
