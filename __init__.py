@@ -10,16 +10,21 @@ reaches all of them). See README.md and docs/design.md.
 
 from qrobust._version import __version__
 
-__all__ = ["evaluate", "QrobustError", "__version__"]
+__all__ = ["evaluate", "score_many", "QrobustError", "__version__"]
 
 
 def __getattr__(name: str):
-    """``qrobust.evaluate`` (:func:`qrobust.score.api.evaluate`) and ``qrobust.QrobustError`` (the base of the
+    """``qrobust.evaluate`` (:func:`qrobust.score.api.evaluate`), ``qrobust.score_many``
+    (:func:`qrobust.score.run.score_many`) and ``qrobust.QrobustError`` (the base of the
     errors that are the user's to fix), imported on first use so that ``import qrobust`` stays light."""
     if name == "evaluate":
         from qrobust.score.api import evaluate
 
         return evaluate
+    if name == "score_many":  # a model grid in one pass over the corpus
+        from qrobust.score.run import score_many
+
+        return score_many
     if name == "QrobustError":
         from qrobust.shared.errors import QrobustError
 
