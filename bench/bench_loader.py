@@ -12,7 +12,8 @@ Builds (once, in a temporary folder) a corpus of the demo photographs at
   header checks against the corpus geometry, then the same decoder);
 * ``loader``: :func:`~qrobust.score.stream.read_unit` on every shard of the
   variant (shard read and sha256, tar structure scan, key and label checks,
-  decoding, batching into pieces) in this process, no worker.
+  decoding, batching into pieces of one batch of 64 images, as the scorer does) in this
+  process, no worker.
 
 Prints the median time per image (per frame for sequences) and the ratios to
 ``bare``: a ratio near 1.0 means the loader runs at the decoder's speed.
@@ -95,9 +96,11 @@ def main() -> None:
                 for ext, payload in stored:
                     decode_member(ext, payload, shape)
 
+            piece = max(1, 64 // shape[0]) if len(shape) == 4 else 64  # as the scorer cuts them at batch 64
+
             def loader():
                 for unit in units:
-                    for _ in read_unit(corpus, unit, True, 64):
+                    for _ in read_unit(corpus, unit, True, piece):
                         pass
 
             times = {f.__name__: [] for f in (bare, member, loader)}
