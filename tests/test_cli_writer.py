@@ -26,9 +26,11 @@ def test_every_help_ends_with_a_runnable_example(command, capsys):
         main([command, "--help"])
     assert exit_.value.code == 0
     lines = capsys.readouterr().out.rstrip().splitlines()
-    assert lines[-2] == "example:" and lines[-1].strip().startswith(f"qrobust {command}")
-    example = shlex.split(lines[-1], comments=True)[1:]
-    build_parser().parse_args(example)  # the example's arguments parse
+    examples = lines[lines.index("example:") + 1:]
+    assert examples, lines
+    for line in examples:  # one or more, each a command whose arguments parse
+        assert line.strip().startswith(f"qrobust {command}"), line
+        build_parser().parse_args(shlex.split(line, comments=True)[1:])
 
 
 def test_help_is_fast_and_imports_no_program():
