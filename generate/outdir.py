@@ -28,16 +28,7 @@ log = logging.getLogger("qrobust.generate")
 
 def create(out: str | Path, error: type[QrobustError] = QrobustError) -> Path:
     """The folder ``out``, created if needed; ``error`` with a one-line reason if it cannot be."""
-    target = Path(out)
-    if target.is_symlink() and not target.exists():
-        raise error(f"--out {out} is a link to {os.readlink(target)}, which does not exist; give a folder")
-    try:
-        target.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise error(f"--out {out} exists and is not a folder") from None
-    except OSError as e:
-        raise error(f"cannot create --out {out}: {e.strerror or e}") from None
-    return target
+    return files.create_folder(out, error)
 
 
 def check_tree(out: Path, error: type[QrobustError] = QrobustError) -> None:

@@ -62,7 +62,7 @@ import numpy as np
 
 from qrobust.shared.bounded import BoundsError, load_json
 from qrobust.shared.errors import QrobustError
-from qrobust.shared.files import (PARTIAL_SUFFIX, file_sha256, locked, odd_entry, remove_dead_partials,
+from qrobust.shared.files import (PARTIAL_SUFFIX, create_folder, file_sha256, locked, odd_entry, remove_dead_partials,
                                   remove_store_partials, write_atomic)
 
 RESULTS_SCHEMA = "qrobust.results/1"
@@ -104,15 +104,7 @@ def writing(path: str | Path):
     and losing each other's units. Holding the lock, the writer clears what a
     killed run half-wrote inside the zarr store (those files name no process).
     """
-    path = Path(path)
-    if path.is_symlink() and not path.exists():
-        raise ResultsError(f"--out {path} is a link to {os.readlink(path)}, which does not exist; give a folder")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise ResultsError(f"--out {path} exists and is not a folder") from None
-    except OSError as e:
-        raise ResultsError(f"cannot create --out {path}: {e.strerror or e}") from None
+    path = create_folder(path, ResultsError)
     if (path / LOCK).is_symlink():
         raise ResultsError(f"{path / LOCK} is a link, which `qrobust score` never writes; use a new --out")
     with locked(path / LOCK, error=ResultsError,

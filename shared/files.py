@@ -189,6 +189,21 @@ def locked(lock_file: Path, *, shared: bool = False, busy: str, error: type[Exce
         os.close(fd)
 
 
+def create_folder(out: str | os.PathLike, error: type[Exception]) -> Path:
+    """The output folder ``out`` (``--out``), created if needed; ``error`` with a one-line reason if it cannot
+    be: a file there, a dangling link, no permission."""
+    target = Path(out)
+    if target.is_symlink() and not target.exists():
+        raise error(f"--out {out} is a link to {os.readlink(target)}, which does not exist; give a folder")
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise error(f"--out {out} exists and is not a folder") from None
+    except OSError as e:
+        raise error(f"cannot create --out {out}: {e.strerror or e}") from None
+    return target
+
+
 def fsync_dir(folder: Path) -> None:
     """Make a rename in ``folder`` durable (no-op where directories cannot be opened)."""
     try:
