@@ -4,6 +4,7 @@ while the others finish, and the models' folder names never collide."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -92,8 +93,8 @@ def test_an_interrupted_many_model_pass_resumes_to_the_same_bytes(setup, tmp_pat
         proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + 120
         while proc.poll() is None and time.monotonic() < deadline:
-            done = sum(len((p / "progress.json").read_text().split(",")) for p in out.glob("*")
-                       if (p / "progress.json").is_file())
+            done = sum(len(json.loads((p / "progress.json").read_text())) for p in out.glob("*")
+                       if (p / "progress.json").is_file())  # written atomically: never half a list
             if done >= wait_for:
                 os.killpg(proc.pid, signal.SIGKILL)
                 interrupted += 1
