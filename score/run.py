@@ -454,7 +454,6 @@ def _run_units(jobs: list[_Job], source, batch_size, workers, device, verify, pr
     import torch
     from torch.utils.data import DataLoader
 
-    need = [{job.store.unit_id(u.variant, u.index) for u in job.mine} for job in jobs]
     todo, seen = [], set()
     for job in jobs:  # the union, in plan order: each unit read once
         for u in job.mine:
@@ -486,7 +485,7 @@ def _run_units(jobs: list[_Job], source, batch_size, workers, device, verify, pr
                 uid = ResultsStore.unit_id(part.unit.variant, part.unit.index)
                 pixels = part.pixels
                 for k in list(active):
-                    if uid not in need[k]:
+                    if uid not in remaining[k]:  # not a unit this model still needs
                         continue
                     job = jobs[k]
                     try:

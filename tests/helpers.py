@@ -119,3 +119,20 @@ def fitted_checkpoint(corpus: Path, path: Path, arch: str = "tiny_cnn", steps: i
     model.eval()
     save_checkpoint(model, spec, path)
     return path
+
+
+MEAN_MODEL = "helpers:mean_model"  # as `--model` names it (tests/ is on the path of in-process runs)
+
+
+def mean_model():
+    """A model whose logits are the three channel means: no weights to fit, differentiable (for attacks), and
+    predictions that depend on every pixel read, so two reads of a corpus can be compared through it."""
+    import torch
+
+    class MeanModel(torch.nn.Module):
+        qrobust_normalizes_input = True
+
+        def forward(self, x):
+            return x.mean(dim=(2, 3)) * torch.tensor([1.0, 1.1, 1.2], device=x.device)
+
+    return MeanModel()

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import small_corpus, tar_members
+from helpers import MEAN_MODEL, small_corpus, tar_members
 from qrobust.cli import main
 from qrobust.score.stream import Corpus, CorpusError, decode_member
 from qrobust.shared import video
@@ -40,20 +40,7 @@ IMAGES = "clean/onecrop/onecrop-000000.tar"
 VIDEOS = "sequence/rotate/rotate-000000.tar"
 
 
-class MeanModel(torch.nn.Module):
-    """Logits = the three channel means (frames averaged for sequences)."""
-
-    qrobust_normalizes_input = True
-
-    def forward(self, x):
-        return x.mean(dim=(2, 3)) * torch.tensor([1.0, 1.1, 1.2])
-
-
-def mean_model():
-    return MeanModel()
-
-
-MODEL = "test_bounded_decoders:mean_model"
+MODEL = MEAN_MODEL
 
 
 def run(*args) -> int:

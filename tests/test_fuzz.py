@@ -31,7 +31,7 @@ import pytest
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
-from helpers import small_corpus
+from helpers import MEAN_MODEL, small_corpus
 from qrobust.cli import main
 from qrobust.score.stream import Corpus, CorpusError, iter_samples
 from qrobust.shared.manifest import SCHEMA, ManifestError, manifest_problems, parse_manifest
@@ -367,19 +367,6 @@ def test_mutated_manifest_bytes_are_refused_or_parsed_and_verified(manifest, cor
 
 # ---- the report ---------------------------------------------------------------------------------------------
 
-def mean_model():
-    """Logits: the three channel means (differentiable, for the attack; no weights to fit)."""
-    import torch
-
-    class MeanModel(torch.nn.Module):
-        qrobust_normalizes_input = True
-
-        def forward(self, x):
-            return x.mean(dim=(2, 3)) * torch.tensor([1.0, 1.1, 1.2], device=x.device)
-
-    return MeanModel()
-
-
 @pytest.fixture(scope="module")
 def scored(corpus, tmp_path_factory) -> dict[str, tuple[Path, dict]]:
     """A real results folder (every family of the fuzz corpus and an attack), and a copy made a quantized model
@@ -387,7 +374,7 @@ def scored(corpus, tmp_path_factory) -> dict[str, tuple[Path, dict]]:
     import shutil
 
     tmp = tmp_path_factory.mktemp("scored")
-    assert main(["-q", "score", "--corpus", str(corpus), "--model", "test_fuzz:mean_model", "--out",
+    assert main(["-q", "score", "--corpus", str(corpus), "--model", MEAN_MODEL, "--out",
                  str(tmp / "fp"), "--workers", "0", "--attacks", "fgsm-linf", "--budgets", "small"]) == 0
     shutil.copytree(tmp / "fp", tmp / "q")
     out = {}

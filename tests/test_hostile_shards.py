@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from helpers import small_corpus, tar_members as members
+from helpers import MEAN_MODEL, small_corpus
+from helpers import tar_members as members
 from qrobust.score.stream import Corpus, CorpusError, decode_member, decode_npy, iter_samples
 from qrobust.cli import main
 from qrobust.shared.manifest import ManifestError, load_manifest
@@ -37,20 +37,7 @@ def run(*args) -> int:
     return main(["-q", *map(str, args)])
 
 
-class MeanModel(torch.nn.Module):
-    """Logits = the three channel means: predictions that depend on the pixels, for comparisons."""
-
-    qrobust_normalizes_input = True
-
-    def forward(self, x):
-        return x.mean(dim=(2, 3)) * torch.tensor([1.0, 1.1, 1.2])
-
-
-def mean_model():
-    return MeanModel()
-
-
-MODEL = "test_hostile_shards:mean_model"
+MODEL = MEAN_MODEL
 
 
 class Exploit:

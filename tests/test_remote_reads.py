@@ -17,9 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from helpers import small_corpus
+from helpers import MEAN_MODEL, small_corpus
 from qrobust.cli import main
 from qrobust.score.stream import Corpus, CorpusError, read_url
 from qrobust.shared.bounded import read_at_most
@@ -30,20 +29,7 @@ VARIANTS = "clean/onecrop,sequence/rotate"
 ENDLESS_CAP = 256 << 20  # what an endless server sends at most, so that a reader that never stops fails, not hangs
 
 
-class MeanModel(torch.nn.Module):
-    """Logits = the three channel means: predictions that depend on every pixel read."""
-
-    qrobust_normalizes_input = True
-
-    def forward(self, x):
-        return x.mean(dim=(2, 3)) * torch.tensor([1.0, 1.1, 1.2])
-
-
-def mean_model():
-    return MeanModel()
-
-
-MODEL = "test_remote_reads:mean_model"
+MODEL = MEAN_MODEL
 
 
 def run(*args) -> int:
